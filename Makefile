@@ -1,0 +1,70 @@
+# fundus-mtkd: `make all` runs the whole pipeline on the embedded synthetic dataset; `make test` runs
+# the tests. Both create .venv and install the project on first use.
+SHELL := /bin/bash
+PY ?= python3
+VENV ?= .venv
+PYTHON := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+
+CONFIG ?= configs/default.yaml
+DATA_CONFIG ?= configs/data.yaml
+DATA ?= data/synthetic
+# Everything a stage writes lands in the run folder named in the config (runs/<name>/).
+RUN ?= $(shell test -x $(PYTHON) && $(PYTHON) -m train.experiment --config $(CONFIG) --print run_dir 2>/dev/null || echo runs/default)
+OVERRIDES ?=
+
+.PHONY: all venv data validate teachers student experiment-fractions export compress engine bench \
+	predict-demo test lint clean help
+
+all: data teachers student export compress bench  ## the whole pipeline on the default config
+
+help:
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+
+$(STAMP): pyproject.toml
+	@test -x $(PYTHON) || $(PY) -m venv $(VENV)
+	$(PYTHON) -m pip install -q --upgrade pip
+	$(PYTHON) -m pip install -q -e '.[train,dev]'
+	@touch $(STAMP)
+
+venv: $(STAMP)  ## create .venv and install the project
+
+data: $(STAMP)  ## generate the synthetic default dataset + contact sheet (DATA=..., DATA_CONFIG=...)
+	$(PYTHON) -m train.make_data --config $(DATA_CONFIG) --out $(DATA)
+
+validate: $(STAMP)  ## check a dataset folder and list every problem with its row (DATA=...)
+	$(PYTHON) -m train.validate $(DATA)
+
+teachers: $(STAMP)  ## train every teacher of the ensemble (resumes finished/interrupted ones)
+	$(PYTHON) -m train.teachers --config $(CONFIG) $(OVERRIDES)
+
+teacher-%: $(STAMP)  ## train one teacher by name; `make -j N teacher-a teacher-b` runs them in parallel
+	$(PYTHON) -m train.teachers --config $(CONFIG) --only $* $(OVERRIDES)
+
+student: $(STAMP)  ## distill the student and train the labels-only baseline, evaluate all on test
+	$(PYTHON) -m train.student --config $(CONFIG) $(OVERRIDES)
+
+experiment-fractions: $(STAMP)  ## teachers/student/baseline at 15/30/45/60/70% labels: table + plot
+	$(PYTHON) -m train.fractions --config $(CONFIG) $(OVERRIDES)
+
+export: $(STAMP)  ## ONNX FP32 of the student, baseline, teachers and ensemble, verified against PyTorch
+	$(PYTHON) -m compress.export --config $(CONFIG) $(OVERRIDES)
+
+compress: $(STAMP)  ## INT8 (cpu + tensorrt flavours) and FP16 ONNX with the accuracy guard
+	$(PYTHON) -m compress.quantize --config $(CONFIG) $(OVERRIDES)
+
+engine: $(STAMP)  ## TensorRT engines from the ONNX models (needs tensorrt: Jetson / NVIDIA GPU)
+	$(PYTHON) -m deploy.build_engine $(RUN)/onnx/student.int8-tensorrt.onnx --precision int8
+	$(PYTHON) -m deploy.build_engine $(RUN)/onnx/student.fp16.onnx --precision fp16
+
+bench: $(STAMP)  ## accuracy + latency of every artifact: report.md / report.json / plots
+	$(PYTHON) -m benchmarks.bench --config $(CONFIG) $(OVERRIDES)
+
+test: $(STAMP)  ## the test suite (CPU, a few minutes)
+	$(PYTHON) -m pytest -q
+
+lint: $(STAMP)  ## ruff
+	$(VENV)/bin/ruff check deploy train compress benchmarks tests
+
+clean:  ## remove generated data and runs (keeps .venv)
+	rm -rf data runs .pytest_cache .ruff_cache

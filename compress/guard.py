@@ -1,0 +1,210 @@
+"""The INT8 accuracy guard: quantize, compare with FP32 on the validation split, fall back, or fail.
+
+Silent INT8 accuracy collapse (too few or unrepresentative calibration images) is the top complaint
+of people deploying to Jetsons. Every INT8 model is therefore scored against its FP32 model with the
+training metric code; when a drop passes the threshold, the documented fallbacks are tried in order:
+
+1. `method`: the other calibration methods (minmax / entropy / percentile);
+2. `more_images`: twice the calibration images (all the training images there are, at most);
+3. `sensitive_layers`: a per-layer sensitivity pass, then the most sensitive layers kept in float,
+   one more at a time up to `max_float_layers`.
+
+The first attempt that meets every threshold is kept. When none does, GuardFailed carries a report of
+what was tried and what each attempt cost (drops, agreement, float layers, seconds).
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from compress.calibration import calibrate, prepare_for_quantization
+from compress.onnx_eval import evaluate_onnx
+from compress.quantize_flavours import layer_sensitivity, quantize_cpu, quantize_tensorrt
+from compress.settings import CALIBRATION_METHODS, CompressConfig, GuardConfig
+from deploy.contract import TaskSpec
+from train.data.torch_data import FundusImages
+from train.metrics import agreement, headline
+
+QUANTIZERS = {"int8-cpu": quantize_cpu, "int8-tensorrt": quantize_tensorrt}
+
+
+class GuardFailed(RuntimeError):
+    """No attempt kept the INT8 model within the configured accuracy drop."""
+
+    def __init__(self, message: str, attempts: list[Attempt]):
+        super().__init__(message)
+        self.attempts = attempts
+
+
+@dataclass
+class Attempt:
+    step: str
+    method: str
+    images: int
+    float_layers: list[str]
+    drops: dict[str, float]
+    agreement: dict
+    passed: bool
+    seconds: float
+    metrics: dict = field(default_factory=dict, repr=False)
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data.pop("metrics")
+        return data
+
+
+def guarded_metrics(tasks: list[TaskSpec]) -> list[tuple[str, str]]:
+    """(headline key, which threshold): T1 accuracy, other classification top-5, text BLEU."""
+    out, first = [], True
+    for t in tasks:
+        if t.kind == "classification":
+            out.append((f"{t.name}/accuracy", "accuracy") if first else (f"{t.name}/top5", "top5"))
+            first = False
+        else:
+            out.append((f"{t.name}/bleu", "bleu"))
+    return out
+
+
+def metric_drops(reference: dict, candidate: dict, tasks: list[TaskSpec]) -> dict[str, float]:
+    """Drop in points (positive = worse) of each guarded metric; accuracies in %, BLEU as is."""
+    ref, cand = headline(reference, tasks), headline(candidate, tasks)
+    drops = {}
+    for key, kind in guarded_metrics(tasks):
+        scale = 1.0 if kind == "bleu" else 100.0
+        drops[key] = round(scale * (ref.get(key, 0.0) - cand.get(key, 0.0)), 3)
+    return drops
+
+
+def within(drops: dict[str, float], guard: GuardConfig) -> bool:
+    limits = {"accuracy": guard.max_drop_accuracy_points, "top5": guard.max_drop_top5_points,
+              "bleu": guard.max_drop_bleu}
+    return all(drops[k] <= limits[kind] for k, kind in _kinds(drops))
+
+
+def _kinds(drops: dict[str, float]):
+    for key in drops:
+        yield key, ("bleu" if key.endswith("/bleu") else "top5" if key.endswith("/top5") else "accuracy")
+
+
+class Guard:
+    """Quantizes one FP32 ONNX model into one flavour under the accuracy guard."""
+
+    def __init__(self, fp32_path: Path, flavour: str, val: FundusImages, tasks: list[TaskSpec],
+                 calibration_images: Callable[[int], np.ndarray], ccfg: CompressConfig, float_patterns: list[str],
+                 range_cache: dict, reference: tuple[dict, dict]):
+        """`reference` = (outputs, metrics) of the FP32 model on `val`; `range_cache` is shared by flavours."""
+        self.fp32_path, self.flavour, self.val, self.tasks = fp32_path, flavour, val, tasks
+        self.images, self.cfg, self.patterns = calibration_images, ccfg, float_patterns
+        self.ranges = range_cache  # (method, n_images) -> TensorsData, shared by the flavours
+        self.fp32_outputs, self.fp32_metrics = reference
+        self.attempts: list[Attempt] = []
+
+    def _ranges(self, method: str, n: int):
+        key = (method, n)
+        if key not in self.ranges:
+            self.ranges[key] = calibrate(self.fp32_path, self.images(n), method=method,
+                                         percentile=self.cfg.percentile, batch_size=self.cfg.calibration_batch)
+        return self.ranges[key]
+
+    def _try(self, step: str, method: str, n: int, float_layers: list[str], out: Path) -> Attempt:
+        t0 = time.perf_counter()
+        QUANTIZERS[self.flavour](self.fp32_path, out, self._ranges(method, n), nodes_to_exclude=float_layers,
+                                 exclude_patterns=self.patterns)
+        outputs, metrics = evaluate_onnx(out, self.val, self.tasks, self.cfg.threads)
+        drops = metric_drops(self.fp32_metrics, metrics, self.tasks)
+        agree = agreement(outputs, self.fp32_outputs, self.tasks, self.val.dataset.vocabulary)
+        attempt = Attempt(step, method, n, list(float_layers), drops, agree, within(drops, self.cfg.guard),
+                          round(time.perf_counter() - t0, 2), metrics)
+        self.attempts.append(attempt)
+        print(f"  [{self.flavour}] {step}: {method}, {n} images, {len(float_layers)} float layers -> drops "
+              f"{drops} {'OK' if attempt.passed else 'over threshold'}", flush=True)
+        return attempt
+
+    def run(self, out_path: Path, available_images: int) -> Attempt:
+        """Write the first passing model to out_path; raise GuardFailed with every attempt otherwise."""
+        cfg, guard = self.cfg, self.cfg.guard
+        n = min(cfg.calibration_images, available_images)
+        with tempfile.TemporaryDirectory(prefix="guard.") as tmp:
+            candidate = Path(tmp) / "candidate.onnx"
+            best = self._try("configured", cfg.calibration_method, n, [], candidate)
+            if best.passed:
+                return self._keep(best, candidate, out_path)
+            method = cfg.calibration_method
+            for step in guard.fallbacks:
+                if step == "method":
+                    for other in (m for m in CALIBRATION_METHODS if m != cfg.calibration_method):
+                        a = self._try("fallback: method", other, n, [], candidate)
+                        if a.passed:
+                            return self._keep(a, candidate, out_path)
+                        if _worst(a) < _worst(best):
+                            best, method = a, other
+                elif step == "more_images" and available_images > n:
+                    n = min(2 * n, available_images)
+                    a = self._try("fallback: more images", method, n, [], candidate)
+                    if a.passed:
+                        return self._keep(a, candidate, out_path)
+                elif step == "sensitive_layers":
+                    a = self._sensitive(method, n, candidate)
+                    if a is not None and a.passed:
+                        return self._keep(a, candidate, out_path)
+        tried = "\n".join(f"  - {a.step}: {a.method}, {a.images} images, float layers {a.float_layers}: "
+                          f"drops {a.drops}" for a in self.attempts)
+        raise GuardFailed(f"{self.fp32_path.name} [{self.flavour}]: no attempt stayed within the accuracy "
+                          f"guard ({guard.max_drop_accuracy_points} acc / {guard.max_drop_top5_points} top-5 / "
+                          f"{guard.max_drop_bleu} BLEU):\n{tried}\nUse more or more representative "
+                          f"calibration images, or relax compress.guard.", self.attempts)
+
+    def _sensitive(self, method: str, n: int, candidate: Path) -> Attempt | None:
+        """Rank weighted layers by how much keeping each in float helps, then add them one by one."""
+        with tempfile.TemporaryDirectory(prefix="sens.") as tmp:  # names as the quantizer sees them
+            model = onnx.load(str(prepare_for_quantization(self.fp32_path, Path(tmp) / "prepared.onnx")))
+        weighted = [node.name for node in model.graph.node if node.op_type in ("Conv", "Gemm", "MatMul")
+                    and not any(re.search(p, node.name) for p in self.patterns)]
+        guarded = guarded_metrics(self.tasks)
+        limits = self.cfg.guard
+
+        def score(path: Path) -> float:  # negative worst normalized drop: higher is better
+            _, metrics = evaluate_onnx(path, self.val, self.tasks, self.cfg.threads)
+            return -_worst_value(metric_drops(self.fp32_metrics, metrics, self.tasks), guarded, limits)
+
+        # The first and last weighted layers are the usual suspects; bound the pass's cost.
+        k = limits.sensitivity_candidates
+        candidates = list(dict.fromkeys(weighted[: k // 2] + weighted[-(k - k // 2):]))
+        ranked = layer_sensitivity(self.fp32_path, self._ranges(method, n), self.flavour.removeprefix("int8-"),
+                                   score, candidates, max_candidates=max(len(candidates), 1),
+                                   exclude_patterns=self.patterns)
+        attempt = None
+        for m in range(1, min(limits.max_float_layers, len(ranked)) + 1):
+            layers = [name for group, _ in ranked[:m] for name in group.split("+")]
+            attempt = self._try(f"fallback: {m} sensitive layer(s) in float", method, n, layers, candidate)
+            if attempt.passed:
+                break
+        return attempt
+
+    def _keep(self, attempt: Attempt, candidate: Path, out_path: Path) -> Attempt:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out_path.with_suffix(".onnx.tmp")
+        shutil.copyfile(candidate, tmp)
+        tmp.replace(out_path)
+        return attempt
+
+
+def _worst(a: Attempt) -> float:
+    return max(a.drops.values(), default=0.0)
+
+
+def _worst_value(drops: dict[str, float], guarded, limits: GuardConfig) -> float:
+    scale = {"accuracy": limits.max_drop_accuracy_points, "top5": limits.max_drop_top5_points,
+             "bleu": limits.max_drop_bleu}
+    kinds = dict(guarded)
+    return max((drops[k] / max(scale[kinds[k]], 1e-9) for k in drops), default=0.0)

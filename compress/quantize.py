@@ -1,0 +1,168 @@
+"""INT8 (ONNX Runtime CPU and TensorRT flavours) and FP16 models of the student and the baseline.
+
+    python -m compress.quantize --config configs/default.yaml [compress.calibration_method=entropy]
+
+Per model: calibration on real training images (labelled and unlabelled pool, seeded order), run once
+per method and reused by both INT8 flavours; each INT8 model goes through the accuracy guard
+(compress/guard.py) on the validation split; the TensorRT flavour also passes the static TensorRT op
+and Q/DQ check. Outputs next to the FP32 model: <model>.int8-cpu.onnx, <model>.int8-tensorrt.onnx,
+<model>.fp16.onnx, each with its contract sidecar, and onnx/compress_report.{json,md}. The rest of the
+models and flavours are still processed when one fails; the exit code is 1 then.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from compress.guard import Guard, GuardFailed, metric_drops
+from compress.onnx_eval import evaluate_onnx, load_contract, onnx_path
+from compress.quantize_flavours import convert_fp16, qdq_summary
+from compress.settings import CompressConfig, compress_config
+from compress.trt_check import check_model, check_qdq_for_tensorrt
+from deploy.contract import METADATA_KEY, Contract, sidecar_path
+from deploy.fileio import atomic_write_text, sha256_file
+from train.config import ConfigError
+from train.data.manifest import DatasetError
+from train.data.torch_data import FundusImages
+from train.experiment import add_config_args, load_experiment
+from train.stage import Splits, image_set, load_splits
+
+
+def calibration_source(splits: Splits, contract: Contract, seed: int):
+    """n -> [n, 3, S, S] float32: the first n training images (labelled + unlabelled) in a seeded order."""
+    rows = splits.train + splits.unlabeled
+    random.Random(seed).shuffle(rows)
+    data = FundusImages(splits.data, rows, [], contract.preprocessing)
+    cache: list[np.ndarray] = []
+
+    def images(n: int) -> np.ndarray:
+        while len(cache) < min(n, len(rows)):
+            cache.append(data[len(cache)]["image"].numpy())
+        return np.stack(cache[:n])
+
+    return images, len(rows)
+
+
+def stamp_contract(path: Path, contract: Contract, precision: str, extra: dict) -> None:
+    """Same contract as the FP32 model (metadata + sidecar), with the precision and provenance."""
+    c = Contract(contract.model_name, contract.model_version, contract.tasks, contract.preprocessing,
+                 contract.vocabulary, contract.input_name, dict(contract.hashes),
+                 {**contract.extra, "precision": precision, **extra})
+    model = onnx.load(str(path))
+    meta = {p.key: p.value for p in model.metadata_props if p.key != METADATA_KEY}
+    meta[METADATA_KEY] = c.to_json()
+    del model.metadata_props[:]
+    for k, v in meta.items():
+        model.metadata_props.add(key=k, value=v)
+    onnx.save(model, str(path))
+    c.save(sidecar_path(path))
+
+
+def quantize_model(name: str, cfg, ccfg: CompressConfig, splits: Splits) -> dict:
+    fp32 = onnx_path(cfg.run_dir, name)
+    if not fp32.exists():
+        raise FileNotFoundError(f"{fp32}: missing; run `make export` first")
+    contract = load_contract(fp32)
+    tasks = contract.tasks
+    val = image_set(splits, splits.val, tasks, contract.preprocessing)
+    images, available = calibration_source(splits, contract, cfg.seed)
+    text = [t.name for t in tasks if t.kind == "text"]
+    # The decoder (argmax feedback over 24 steps) and Softmax stay float: tiny cost, big accuracy risk.
+    patterns = [f"/heads/{t}/" for t in text]
+    report: dict = {"fp32": str(fp32), "fp32_size_mb": fp32.stat().st_size / 1e6, "flavours": {}}
+    ranges: dict = {}  # one calibration per (method, images), shared by both flavours
+    reference = evaluate_onnx(fp32, val, tasks, ccfg.threads)
+    for flavour in ("int8-cpu", "int8-tensorrt"):
+        out = onnx_path(cfg.run_dir, name, flavour)
+        t0 = time.perf_counter()
+        guard = Guard(fp32, flavour, val, tasks, images, ccfg, patterns, ranges, reference)
+        entry: dict = {"path": str(out)}
+        try:
+            kept = guard.run(out, available)
+            entry.update(status="passed", kept=kept.to_dict(), summary=qdq_summary(out))
+            stamp_contract(out, contract, flavour, {"calibration": {"method": kept.method, "images": kept.images,
+                                                                     "float_layers": kept.float_layers},
+                                                    "fp32_sha256": sha256_file(fp32)})
+            if flavour == "int8-tensorrt":
+                violations = check_model(out) + check_qdq_for_tensorrt(out)
+                errors = [v for v in violations if v.severity == "error"]
+                entry["tensorrt_check"] = [f"{v.severity}: {v.node} {v.op}: {v.message}" for v in violations]
+                if errors:
+                    entry["status"] = "failed: TensorRT static check"
+        except GuardFailed as exc:
+            entry.update(status="failed: accuracy guard", error=str(exc))
+        entry["attempts"] = [a.to_dict() for a in guard.attempts]
+        entry["seconds"] = round(time.perf_counter() - t0, 1)
+        if out.exists():
+            entry["size_mb"] = out.stat().st_size / 1e6
+        report["flavours"][flavour] = entry
+        print(f"[compress] {name} {flavour}: {entry['status']} ({entry['seconds']}s)", flush=True)
+    report["flavours"]["fp16"] = _fp16(fp32, contract, val, tasks, reference[1], ccfg)
+    return report
+
+
+def _fp16(fp32: Path, contract: Contract, val: FundusImages, tasks, fp32_metrics: dict, ccfg: CompressConfig) -> dict:
+    out = fp32.with_name(fp32.stem + ".fp16.onnx")
+    convert_fp16(fp32, out)
+    stamp_contract(out, contract, "fp16", {"fp32_sha256": sha256_file(fp32)})
+    _, metrics = evaluate_onnx(out, val, tasks, ccfg.threads)
+    drops = metric_drops(fp32_metrics, metrics, tasks)
+    print(f"[compress] {fp32.stem} fp16: drops {drops} (CPU run; FP16 is meant for GPUs)", flush=True)
+    return {"path": str(out), "status": "passed", "drops": drops, "size_mb": out.stat().st_size / 1e6}
+
+
+def markdown(reports: dict) -> str:
+    lines = ["# INT8 / FP16 accuracy report (validation split, drop vs FP32 in points)", "",
+             "| model | flavour | status | size MB | drops | calibration | float layers | attempts |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, rep in reports.items():
+        if "error" in rep:
+            lines.append(f"| {name} | — | failed: {rep['error']} | | | | | |")
+            continue
+        for flavour, e in rep["flavours"].items():
+            kept = e.get("kept", {})
+            drops = kept.get("drops", e.get("drops", {}))
+            calib = f"{kept['method']}, {kept['images']} img" if kept else "—"
+            lines.append(f"| {name} | {flavour} | {e['status']} | {e.get('size_mb', 0):.2f} | "
+                         + ", ".join(f"{k} {v:+.2f}" for k, v in drops.items())
+                         + f" | {calib} | {len(kept.get('float_layers', []))} | {len(e.get('attempts', []))} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(parser)
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_experiment(args.config, args.overrides)
+        ccfg = compress_config(cfg)
+        splits = load_splits(cfg)
+    except (ConfigError, DatasetError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    reports, failed = {}, False
+    for name in ccfg.quantize:
+        try:
+            reports[name] = quantize_model(name, cfg, ccfg, splits)
+        except (FileNotFoundError, ValueError, RuntimeError) as exc:
+            reports[name] = {"error": str(exc)}
+            print(f"error: {name}: {exc}", file=sys.stderr)
+        rep = reports[name]
+        failed |= "error" in rep or any(e["status"] != "passed" for e in rep.get("flavours", {}).values())
+    out_dir = cfg.run_dir / "onnx"
+    atomic_write_text(out_dir / "compress_report.json", json.dumps(reports, indent=1, default=str))
+    atomic_write_text(out_dir / "compress_report.md", markdown(reports))
+    print(markdown(reports))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

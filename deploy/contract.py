@@ -1,0 +1,171 @@
+"""The deployment contract: everything a device needs to turn model outputs into a diagnosis.
+
+Task names and kinds, class lists, the diagnosis vocabulary, preprocessing, input/output tensor names,
+model name/version and weight hashes. It is written into the ONNX metadata (key `fundus_mtkd.contract`)
+and into a JSON sidecar next to every model file, and checked against the model when it is loaded.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from deploy.fileio import atomic_write_text
+from deploy.preprocess import PreprocessSpec
+from deploy.vocab import Vocabulary
+
+CONTRACT_VERSION = 1
+METADATA_KEY = "fundus_mtkd.contract"
+INPUT_NAME = "image"
+TASK_KINDS = ("classification", "text")
+
+
+class ContractError(ValueError):
+    """A contract that is malformed or does not match its model."""
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """One prediction task. Classification tasks carry their ordered class list."""
+
+    name: str
+    kind: str
+    classes: tuple[str, ...] = ()
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.name.isidentifier():
+            raise ContractError(f"task name {self.name!r} must be a Python identifier (letters, digits, _)")
+        if self.kind not in TASK_KINDS:
+            raise ContractError(f"task {self.name!r}: kind must be one of {TASK_KINDS}, got {self.kind!r}")
+        if self.kind == "classification":
+            if len(self.classes) < 2:
+                raise ContractError(f"task {self.name!r}: a classification task needs >= 2 classes")
+            if len(set(self.classes)) != len(self.classes):
+                raise ContractError(f"task {self.name!r}: duplicate class names")
+        elif self.classes:
+            raise ContractError(f"task {self.name!r}: a text task has no class list")
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def output_name(self) -> str:
+        """Name of the model output: class probabilities or generated token ids."""
+        return f"{self.name}_probs" if self.kind == "classification" else f"{self.name}_tokens"
+
+    def to_dict(self) -> dict:
+        data = {"name": self.name, "kind": self.kind, "description": self.description}
+        if self.kind == "classification":
+            data["classes"] = list(self.classes)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TaskSpec:
+        unknown = set(data) - {"name", "kind", "classes", "description"}
+        if unknown:
+            raise ContractError(f"task {data.get('name')!r}: unknown keys {sorted(unknown)}")
+        return cls(
+            name=str(data["name"]),
+            kind=str(data["kind"]),
+            classes=tuple(str(c) for c in data.get("classes", ())),
+            description=str(data.get("description", "")),
+        )
+
+
+@dataclass
+class Contract:
+    """The full deployment contract of one model file."""
+
+    model_name: str
+    model_version: str
+    tasks: list[TaskSpec]
+    preprocessing: PreprocessSpec
+    vocabulary: Vocabulary | None = None
+    input_name: str = INPUT_NAME
+    hashes: dict[str, str] = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        names = [t.name for t in self.tasks]
+        if not names:
+            raise ContractError("a contract needs at least one task")
+        if len(set(names)) != len(names):
+            raise ContractError(f"duplicate task names in {names}")
+        if any(t.kind == "text" for t in self.tasks) and self.vocabulary is None:
+            raise ContractError("a model with a text task needs the vocabulary in its contract")
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t.output_name for t in self.tasks]
+
+    def task(self, name: str) -> TaskSpec:
+        for t in self.tasks:
+            if t.name == name:
+                return t
+        raise KeyError(f"no task {name!r}; tasks are {[t.name for t in self.tasks]}")
+
+    def to_dict(self) -> dict:
+        return {
+            "contract_version": CONTRACT_VERSION,
+            "model_name": self.model_name,
+            "model_version": self.model_version,
+            "input_name": self.input_name,
+            "output_names": self.output_names,
+            "tasks": [t.to_dict() for t in self.tasks],
+            "preprocessing": self.preprocessing.to_dict(),
+            "vocabulary": self.vocabulary.to_dict() if self.vocabulary else None,
+            "hashes": dict(self.hashes),
+            "extra": dict(self.extra),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Contract:
+        version = data.get("contract_version")
+        if version != CONTRACT_VERSION:
+            raise ContractError(f"contract version {version!r} is not supported (expected {CONTRACT_VERSION})")
+        known = {"contract_version", "model_name", "model_version", "input_name", "output_names", "tasks",
+                 "preprocessing", "vocabulary", "hashes", "extra"}
+        unknown = set(data) - known
+        if unknown:
+            raise ContractError(f"unknown contract keys {sorted(unknown)}")
+        contract = cls(
+            model_name=str(data["model_name"]),
+            model_version=str(data["model_version"]),
+            tasks=[TaskSpec.from_dict(t) for t in data["tasks"]],
+            preprocessing=PreprocessSpec.from_dict(data["preprocessing"]),
+            vocabulary=Vocabulary.from_dict(data["vocabulary"]) if data.get("vocabulary") else None,
+            input_name=str(data.get("input_name", INPUT_NAME)),
+            hashes=dict(data.get("hashes", {})),
+            extra=dict(data.get("extra", {})),
+        )
+        if "output_names" in data and list(data["output_names"]) != contract.output_names:
+            raise ContractError(f"output_names {data['output_names']} do not match the tasks")
+        return contract
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1, sort_keys=False)
+
+    @classmethod
+    def from_json(cls, text: str, source: str = "contract") -> Contract:
+        try:
+            return cls.from_dict(json.loads(text))
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            raise ContractError(f"{source}: not a valid fundus-mtkd contract ({exc})") from exc
+
+    def save(self, path: str | Path) -> Path:
+        return atomic_write_text(path, self.to_json())
+
+    @classmethod
+    def load(cls, path: str | Path) -> Contract:
+        path = Path(path)
+        if not path.is_file():
+            raise ContractError(f"{path}: contract sidecar not found; re-export the model (make export)")
+        return cls.from_json(path.read_text(encoding="utf-8"), source=str(path))
+
+
+def sidecar_path(model_path: str | Path) -> Path:
+    """The JSON sidecar next to a model file: model.onnx -> model.json, model.engine -> model.json."""
+    return Path(model_path).with_suffix(".json")

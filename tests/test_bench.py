@@ -1,0 +1,281 @@
+"""Tests of the benchmarks wing: latency statistics, MAC counting, floors, Pareto front, and
+`python -m benchmarks.bench` end to end on tiny untrained artifacts built here (no training)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from tiny import make_tiny_dataset, write_tiny_config  # tests/ is on sys.path
+
+from benchmarks import bench
+from benchmarks.accuracy import Floor, floor_violations, parse_floor, retention, unmatched_floors
+from benchmarks.artifacts import discover, onnx_graph_stats
+from benchmarks.latency import decode_outputs, measure, summarize, time_calls
+from benchmarks.report import headline, pareto_front, targets
+from deploy.contract import TaskSpec
+from deploy.vocab import Vocabulary
+
+# --- latency statistics ---------------------------------------------------------------------------
+
+
+def test_summarize_percentiles_and_throughput():
+    times = np.arange(1, 101) / 1000.0  # 1..100 ms
+    stats = summarize(times, batch=8)
+    assert stats.runs == 100 and stats.batch == 8
+    assert stats.p50_ms == pytest.approx(50.5)
+    assert stats.p90_ms == pytest.approx(90.1)
+    assert stats.p99_ms == pytest.approx(99.01)
+    assert (stats.min_ms, stats.max_ms, stats.mean_ms) == pytest.approx((1.0, 100.0, 50.5))
+    assert stats.per_image_ms == pytest.approx(50.5 / 8)
+    assert stats.images_per_s == pytest.approx(8 * 100 / times.sum())  # = batch / mean time
+    assert stats.total_s == pytest.approx(5.05)
+
+
+def test_summarize_rejects_bad_series():
+    with pytest.raises(ValueError, match="at least one"):
+        summarize([], 1)
+    with pytest.raises(ValueError, match="non-negative"):
+        summarize([0.1, -0.1], 1)
+    with pytest.raises(ValueError, match="batch"):
+        summarize([0.1], 0)
+
+
+def test_time_calls_warms_up_then_meets_runs_and_duration():
+    calls = []
+    times = time_calls(lambda: calls.append(1), warmup=3, min_duration_s=0.0, min_runs=7)
+    assert len(times) == 7 and len(calls) == 10  # 3 untimed warm-up calls
+    syncs = []
+    stats = measure(lambda: sum(range(2000)), batch=2, warmup=0, min_duration_s=0.02, min_runs=1,
+                    sync=lambda: syncs.append(1))
+    assert stats.total_s >= 0.02 and stats.runs >= 1 and len(syncs) == stats.runs + 1
+
+
+def test_decode_outputs_top5_and_text():
+    vocab = Vocabulary.build(["mild retinopathy", "normal fundus"], max_len=6)
+    tasks = [TaskSpec("coarse", "classification", ("a", "b", "c")), TaskSpec("diagnosis", "text")]
+    tokens = np.array([vocab.encode_padded("normal fundus")])
+    out = decode_outputs({"coarse": np.array([[0.2, 0.5, 0.3]]), "diagnosis": tokens}, tasks, vocab)
+    assert out[0]["coarse"] == [("b", 0.5), ("c", 0.3), ("a", 0.2)]
+    assert out[0]["diagnosis"] == "normal fundus"
+
+
+# --- MACs, floors, Pareto front -------------------------------------------------------------------
+
+
+def test_onnx_graph_stats_counts_conv_and_gemm(tmp_path: Path):
+    w = numpy_helper.from_array(np.ones((4, 3, 3, 3), np.float32), "w")
+    g = numpy_helper.from_array(np.ones((4, 5), np.float32), "g")
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("GlobalAveragePool", ["c"], ["p"]),
+             helper.make_node("Flatten", ["p"], ["f"]),
+             helper.make_node("Gemm", ["f", "g"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5])], [w, g])
+    path = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    stats = onnx_graph_stats(path)
+    # Conv: 4x8x8 outputs x 3x3x3 each; Gemm: 5 outputs x 4 inputs; at batch 1 whatever N is.
+    assert stats["macs"] == 4 * 8 * 8 * 27 + 5 * 4
+    assert stats["params"] == 4 * 27 + 20 and stats["uncounted"] == []
+
+
+def test_floors_parse_apply_and_report():
+    floor = parse_floor("student.*:coarse/accuracy=0.8")
+    assert floor == Floor("student.*", "coarse/accuracy", 0.8)
+    assert floor.applies("student.int8-cpu") and not floor.applies("baseline.fp32")
+    assert floor.violation({"coarse/accuracy": 0.85}) is None
+    assert "0.75 < 0.8" in floor.violation({"coarse/accuracy": 0.75})
+    assert "not measured" in floor.violation({})
+    ceiling = parse_floor("student.fp32:coarse/ece=0.1")
+    assert ceiling.is_ceiling and ceiling.violation({"coarse/ece": 0.05}) is None
+    assert floor_violations([floor, ceiling], "student.fp32", {"coarse/accuracy": 0.9, "coarse/ece": 0.2})
+    assert unmatched_floors([floor], ["baseline.fp32"]) == [floor]
+    for bad in ("student.fp32:coarse/accuracy", "coarse/accuracy=0.8", "a:b=x"):
+        with pytest.raises(ValueError, match="ARTIFACT:METRIC=VALUE"):
+            parse_floor(bad)
+
+
+def test_retention_skips_lower_is_better():
+    assert retention({"coarse/accuracy": 0.6, "coarse/ece": 0.1}, {"coarse/accuracy": 0.8, "coarse/ece": 0.2}) \
+        == {"coarse/accuracy": pytest.approx(0.75)}
+
+
+def test_pareto_front():
+    # (ms, accuracy): c is dominated by a (faster and more accurate); d ties a on speed but is worse.
+    pts = [(1.0, 80.0), (5.0, 90.0), (2.0, 70.0), (1.0, 75.0), (10.0, 89.0)]
+    assert pareto_front(pts) == [0, 1]
+    assert pareto_front([(1.0, 1.0)]) == [0]
+    assert pareto_front([(1.0, 1.0), (1.0, 1.0)]) == [0, 1]  # equal points do not dominate each other
+
+
+def test_discover_names_and_skip_reasons(tmp_path: Path):
+    (tmp_path / "onnx").mkdir()
+    (tmp_path / "onnx" / "student.onnx").write_bytes(b"x")
+    (tmp_path / "onnx" / "student.fp16.onnx").write_bytes(b"x")
+    arts = {a.name: a for a in discover(tmp_path, {"t1": tmp_path / "t1.safetensors"}, cuda=False, ort_gpu=False,
+                                        tensorrt=False)}
+    assert list(arts)[:4] == ["ensemble.pytorch", "ensemble.fp32", "t1.pytorch", "t1.fp32"]
+    assert arts["student.fp32"].skip is None
+    assert "GPU" in arts["student.fp16"].skip and "make compress" in arts["student.int8-cpu"].skip
+    assert "tensorrt not installed" in arts["student.engine"].skip
+    assert "student.pytorch-fp16" not in arts
+
+
+# --- end to end on tiny artifacts -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    """Tiny untrained teachers, student and baseline (checkpoints + ONNX) over the tiny dataset."""
+    from compress.export import EnsembleExport, export_onnx
+    from compress.onnx_eval import onnx_path
+    from train.checkpoint import save_model
+    from train.ensemble import TeacherEnsemble
+    from train.experiment import load_experiment, teacher_specs
+    from train.models.multitask import ExportModel
+    from train.stage import build_model, load_splits, model_contract, preprocess_spec
+
+    root = tmp_path_factory.mktemp("bench")
+    data = make_tiny_dataset(root / "data", unlabeled_patients=0)
+    cfg_path = write_tiny_config(root / "cfg.yaml", data, root / "runs",
+                                 bench={"warmup": 1, "min_runs": 2, "duration_s": 0.02, "batch_duration_s": 0.02,
+                                        "batch_sizes": [1, 2], "memory": "off", "stage_images": 2})
+    cfg = load_experiment(cfg_path)
+    splits = load_splits(cfg)
+    tasks, spec = splits.data.spec.tasks, preprocess_spec(cfg)
+    teachers = []
+    for s in teacher_specs(cfg, splits.data.spec.task_names):
+        model = build_model(dataclasses.replace(cfg.teachers.model, tasks=s.tasks), splits.data,
+                            splits.data.spec.task_names).eval()
+        save_model(cfg.run_dir / "teachers" / s.name / "best.safetensors", model, {"preprocessing": spec.to_dict()})
+        teachers.append(model)
+    for role in ("student", "baseline"):
+        model = build_model(cfg.student.model, splits.data, splits.data.spec.task_names).eval()
+        save_model(cfg.run_dir / role / "best.safetensors", model, {"preprocessing": spec.to_dict()})
+        export_onnx(ExportModel(model), model_contract(role, "1", splits.data, model.tasks, spec),
+                    onnx_path(cfg.run_dir, role))
+    ensemble = TeacherEnsemble(teachers, tasks).eval()
+    export_onnx(EnsembleExport(ensemble), model_contract("ensemble", "1", splits.data, ensemble.tasks, spec),
+                onnx_path(cfg.run_dir, "ensemble"))
+    return cfg_path
+
+
+def _report(cfg_path: Path, out: str) -> dict:
+    return json.loads((cfg_path.parent / out / "report.json").read_text())
+
+
+def _table(md: str, first_header: str = "| Artifact | Format") -> dict[str, dict[str, str]]:
+    lines = md[md.index(first_header):].split("\n\n")[0].splitlines()
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
+    return {r[0]: dict(zip(header, r)) for r in rows}
+
+
+def test_bench_end_to_end_report_and_floor_met(tiny_run: Path, capsys):
+    out = tiny_run.parent / "out_ok"
+    code = bench.main(["--config", str(tiny_run), "--out", str(out), "--only", "ensemble.*", "--only", "student.*",
+                       "--memory", "deploy", "--min-metric", "student.fp32:coarse/accuracy=0.0",
+                       "--min-metric", "student.*:coarse/ece=1.0"])
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    records = {r["name"]: r for r in report["artifacts"]}
+    for name in ("ensemble.pytorch", "ensemble.fp32", "student.pytorch", "student.fp32"):
+        assert records[name]["status"] == "passed", records[name]
+        assert set(records[name]["latency"]) == {"1", "2"}
+        assert records[name]["latency"]["1"]["runs"] >= 2
+    assert records["student.fp16"]["status"] == "skipped"
+    assert report["reference"] == "ensemble.pytorch"
+    # ONNX reproduces PyTorch: identical accuracy, full agreement of the ONNX ensemble with the reference.
+    assert records["student.fp32"]["metrics"]["coarse/accuracy"] == records["student.pytorch"]["metrics"]["coarse/accuracy"]
+    assert records["ensemble.fp32"]["agreement"]["coarse/top1_agreement"] == 1.0
+    assert records["student.fp32"]["memory"]["model_mb"] > 0 and "memory" not in records["student.pytorch"]
+    assert records["student.fp32"]["macs"] > 0 and records["student.pytorch"]["macs"] == records["student.fp32"]["macs"]
+    assert {t["status"] for t in report["targets"]} <= {"met", "missed", "n/a"}
+    assert (out / "accuracy_vs_latency.png").is_file() and "accuracy_vs_latency.png" in report["plots"]
+
+    # The Markdown table shows the JSON's numbers.
+    md = (out / "report.md").read_text()
+    assert md in capsys.readouterr().out
+    table = _table(md)
+    for name, rec in records.items():
+        row = table[name]
+        assert row["Status"] == rec["status"]
+        if rec["status"] != "passed":
+            assert row["ms/im (b1)"] == "—"
+            continue
+        assert float(row["ms/im (b1)"]) == pytest.approx(rec["latency"]["1"]["per_image_ms"], abs=0.006)
+        assert float(row["img/s (b2)"]) == pytest.approx(rec["latency"]["2"]["images_per_s"], abs=0.06)
+        assert float(row["coarse acc"]) == pytest.approx(100 * rec["metrics"]["coarse/accuracy"], abs=0.06)
+        assert float(row["fine top-5"]) == pytest.approx(100 * rec["metrics"]["fine/top5"], abs=0.06)
+        assert float(row["diagnosis BLEU"]) == pytest.approx(rec["metrics"]["diagnosis/bleu"], abs=0.06)
+        assert float(row["Size (MB)"]) == pytest.approx(rec["size_mb"], abs=0.06)
+    details = _table(md, "| Artifact | Params")
+    assert float(details["student.fp32"]["GMACs"]) == pytest.approx(records["student.fp32"]["macs"] / 1e9, abs=6e-4)
+
+
+def test_floors_fail_the_command(tiny_run: Path):
+    code = bench.main(["--config", str(tiny_run), "--out", str(tiny_run.parent / "out_floor"), "--only",
+                       "student.fp32", "--min-metric", "student.fp32:coarse/accuracy=1.01"])
+    assert code == 1
+    record = _report(tiny_run, "out_floor")["artifacts"][0]
+    assert record["status"] == "below floor" and "coarse/accuracy" in record["reason"]
+    # A floor that names no measured artifact cannot pass silently.
+    code = bench.main(["--config", str(tiny_run), "--out", str(tiny_run.parent / "out_typo"), "--only",
+                       "student.fp32", "--min-metric", "studnet.fp32:coarse/accuracy=0.0"])
+    assert code == 1 and _report(tiny_run, "out_typo")["unmatched_floors"] == ["studnet.fp32:coarse/accuracy=0"]
+    assert bench.main(["--config", str(tiny_run), "--min-metric", "nonsense"]) == 2
+
+
+def test_corrupt_artifact_fails_alone(tiny_run: Path):
+    run_dir = tiny_run.parent / "runs" / "tiny" / "onnx"
+    (run_dir / "baseline.int8-cpu.onnx").write_bytes(b"\x08\x07 this is not a protobuf")
+    (run_dir / "baseline.int8-cpu.json").write_text((run_dir / "baseline.json").read_text())
+    try:
+        code = bench.main(["--config", str(tiny_run), "--out", str(tiny_run.parent / "out_bad"),
+                           "--only", "baseline.*", "--memory", "off"])
+    finally:
+        (run_dir / "baseline.int8-cpu.onnx").unlink()
+    assert code == 1
+    records = {r["name"]: r for r in _report(tiny_run, "out_bad")["artifacts"]}
+    assert records["baseline.int8-cpu"]["status"] == "failed"
+    assert re.search(r"baseline\.int8-cpu\.onnx.*not a loadable ONNX model", records["baseline.int8-cpu"]["reason"])
+    assert records["baseline.pytorch"]["status"] == records["baseline.fp32"]["status"] == "passed"
+    assert records["baseline.fp32"]["agreement"]  # the reference was evaluated although --only left it out
+
+
+def _record(name: str, ms: float, acc: float, top5: float = 0.9, status: str = "passed") -> dict:
+    model, flavour = name.split(".", 1)
+    return {"name": name, "model": model, "precision": "int8-cpu" if "int8" in flavour else "fp32",
+            "status": status, "metrics": {"coarse/accuracy": acc, "fine/top5": top5},
+            "latency": {"1": {"per_image_ms": ms}}}
+
+
+def test_headline_and_targets_compare_like_with_like():
+    tasks = [TaskSpec("coarse", "classification", ("a", "b")), TaskSpec("fine", "classification", ("x", "y"))]
+    records = [_record("ensemble.pytorch", 400.0, 0.90), _record("student.pytorch", 10.0, 0.80),
+               _record("student.fp32", 4.0, 0.88), _record("student.int8-cpu", 1.6, 0.875, top5=0.88)]
+    head = headline(records, tasks)
+    # No ONNX ensemble: the pair is PyTorch vs PyTorch, never PyTorch ensemble vs ONNX student.
+    assert head["compared"] == {"ensemble": "ensemble.pytorch", "student": "student.pytorch",
+                                "student_int8": "student.int8-cpu"}
+    assert head["latency_ensemble_over_student"] == pytest.approx(40.0)
+    assert head["latency_ensemble_over_student_int8"] is None  # needs ensemble.fp32 (same runtime)
+    assert head["latency_fp32_over_int8_student"] == pytest.approx(2.5)
+    assert head["accuracy_student_over_ensemble"]["coarse/accuracy"] == pytest.approx(0.8 / 0.9)
+    found = {t["target"].split(" ")[0] + str(t["goal"]): t for t in targets(records, tasks)}
+    assert found["INT82.0"]["status"] == "met" and found["INT82.0"]["margin"] == pytest.approx(0.5)
+    assert found["student50.0"]["status"] == "n/a"
+    assert found["every1.0"]["status"] == "missed"  # fine top-5 dropped 2 points
+    assert found["every1.0"]["value"] == pytest.approx(2.0) and "fine/top5" in found["every1.0"]["detail"]
+    assert found["KD3.0"]["status"] == "missed" and found["KD3.0"]["value"] == pytest.approx(10.0)
+    records.append(_record("ensemble.fp32", 300.0, 0.90))
+    head = headline(records, tasks)
+    assert head["compared"]["student"] == "student.fp32"
+    assert head["latency_ensemble_over_student_int8"] == pytest.approx(187.5)

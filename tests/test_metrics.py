@@ -1,0 +1,180 @@
+"""Tests of train/metrics.py on small hand-computed cases."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import sacrebleu
+
+from deploy.contract import TaskSpec
+from deploy.vocab import Vocabulary
+from train.metrics import (
+    agreement,
+    classification_metrics,
+    evaluate,
+    expected_calibration_error,
+    headline,
+    text_metrics,
+)
+
+CLASSES = ["a", "b", "c"]
+# Four labelled samples and one without a label (-1), worked out by hand below.
+PROBS = np.array([
+    [0.7, 0.2, 0.1],  # true a, pred a
+    [0.2, 0.5, 0.3],  # true a, pred b; a is 3rd -> only in top-3
+    [0.1, 0.6, 0.3],  # true b, pred b
+    [0.5, 0.1, 0.4],  # true c, pred a; c is 2nd -> in top-2
+    [0.1, 0.1, 0.8],  # no label: must not count anywhere
+])
+LABELS = np.array([0, 0, 1, 2, -1])
+
+
+def test_hand_computed_classification_metrics():
+    m = classification_metrics(PROBS, LABELS, CLASSES)
+    assert m["n"] == 4
+    assert m["accuracy"] == pytest.approx(0.5)
+    assert m["top1"] == pytest.approx(0.5)
+    assert m["top2"] == pytest.approx(0.75)
+    assert m["top3"] == pytest.approx(1.0)
+    assert m["top5"] == pytest.approx(1.0)  # capped at C = 3
+    assert m["confusion_matrix"] == [[1, 1, 0], [0, 1, 0], [1, 0, 0]]
+    assert m["per_class_recall"] == {"a": 0.5, "b": 1.0, "c": 0.0}
+    assert m["balanced_accuracy"] == pytest.approx((0.5 + 1.0 + 0.0) / 3)
+    # F1 = 2TP / (support + predicted): a 2/4, b 2/3, c 0/1.
+    assert m["macro_f1"] == pytest.approx((0.5 + 2 / 3 + 0.0) / 3)
+    assert m["support"] == {"a": 2, "b": 1, "c": 1}
+    assert m["nll"] == pytest.approx(-np.mean(np.log([0.7, 0.2, 0.6, 0.4])))
+
+
+def test_absent_classes_are_left_out_of_balanced_accuracy_but_predicted_ones_count_in_f1():
+    probs = np.array([[0.9, 0.05, 0.05], [0.1, 0.8, 0.1], [0.1, 0.2, 0.7]])
+    labels = np.array([0, 1, 1])  # class c is never true but is predicted once
+    m = classification_metrics(probs, labels, CLASSES)
+    assert m["per_class_recall"]["c"] is None
+    assert m["balanced_accuracy"] == pytest.approx((1.0 + 0.5) / 2)
+    # a: 2/2 = 1, b: 2/(2+1) = 2/3, c: 0 (predicted, never true).
+    assert m["macro_f1"] == pytest.approx((1.0 + 2 / 3 + 0.0) / 3)
+
+
+def test_no_labelled_sample_gives_none_and_zero_count():
+    m = classification_metrics(PROBS[:2], np.array([-1, -1]), CLASSES)
+    assert m["n"] == 0 and m["accuracy"] is None and m["top5"] is None
+
+
+def test_logits_and_bad_labels_are_rejected():
+    with pytest.raises(ValueError, match="not logits"):
+        classification_metrics(np.array([[2.0, -1.0, 0.5]]), np.array([0]), CLASSES)
+    with pytest.raises(ValueError, match="labels must be"):
+        classification_metrics(PROBS[:1], np.array([3]), CLASSES)
+
+
+def test_ece_perfectly_calibrated_and_overconfident():
+    calibrated = np.tile([0.8, 0.2], (10, 1))
+    labels = np.array([0] * 8 + [1] * 2)  # 80 % right at confidence 0.8
+    assert expected_calibration_error(calibrated, labels) == pytest.approx(0.0)
+    overconfident = np.tile([0.9, 0.1], (10, 1))
+    labels = np.array([0] * 5 + [1] * 5)  # 50 % right at confidence 0.9
+    assert expected_calibration_error(overconfident, labels) == pytest.approx(0.4)
+    # Two bins: 4 samples at 0.6 all right (gap 0.4), 6 at 1.0 with 3 right (gap 0.5).
+    mixed = np.array([[0.6, 0.4]] * 4 + [[1.0, 0.0]] * 6)
+    labels = np.array([0] * 4 + [0, 0, 0, 1, 1, 1])
+    assert expected_calibration_error(mixed, labels) == pytest.approx(0.4 * 0.4 + 0.6 * 0.5)
+
+
+def test_one_pass_differs_from_the_papers_per_batch_average():
+    probs = np.array([[0.9, 0.1], [0.2, 0.8], [0.8, 0.2], [0.3, 0.7], [0.6, 0.4]])
+    labels = np.array([0, 0, 1, 1, 0])  # right, wrong, wrong, right, right
+    whole = classification_metrics(probs, labels, ["x", "y"])["accuracy"]
+    assert whole == pytest.approx(3 / 5)
+    # Batches of 4 and 1: their mean is (2/4 + 1/1) / 2 = 0.75, and drop_last would give 0.5.
+    batches = [classification_metrics(probs[s], labels[s], ["x", "y"])["accuracy"]
+               for s in (slice(0, 4), slice(4, 5))]
+    assert np.mean(batches) == pytest.approx(0.75)
+    assert whole != pytest.approx(np.mean(batches)) and whole != pytest.approx(batches[0])
+
+
+def test_bleu_equals_sacrebleu_and_excludes_missing_references():
+    hyps = ["mild diabetic retinopathy", "", "normal fundus", "glaucoma suspect"]
+    refs = ["mild diabetic retinopathy in both eyes", "cataract", "normal fundus", ""]
+    m = text_metrics(hyps, refs)
+    expected = sacrebleu.corpus_bleu(hyps[:3], [refs[:3]], tokenize="13a").score
+    assert m["bleu"] == pytest.approx(expected)
+    assert m["n"] == 3
+    assert m["exact_match"] == pytest.approx(1 / 3)
+    assert text_metrics([], [])["bleu"] is None
+
+
+def test_per_group_bleu():
+    hyps = ["a b c d e", "a b x d e", "f g h i j", "k l m n o"]
+    refs = ["a b c d e", "a b c d e", "f g h i j", "k l m n p"]
+    groups = ["dr", "dr", "normal", None]
+    m = text_metrics(hyps, refs, groups)
+    assert set(m["per_group"]) == {"dr", "normal"}
+    dr = sacrebleu.corpus_bleu(hyps[:2], [refs[:2]]).score
+    assert m["per_group"]["dr"]["bleu"] == pytest.approx(dr)
+    assert m["per_group"]["dr"]["n"] == 2 and m["per_group"]["dr"]["exact_match"] == pytest.approx(0.5)
+    assert m["per_group"]["normal"]["bleu"] == pytest.approx(100.0)
+    assert m["n"] == 4  # the ungrouped pair still counts overall
+
+
+def _tasks() -> list[TaskSpec]:
+    return [TaskSpec("coarse", "classification", ("normal", "dr", "glaucoma")),
+            TaskSpec("fine", "classification", tuple(f"f{i}" for i in range(6))),
+            TaskSpec("text", "text")]
+
+
+def _vocab() -> Vocabulary:
+    return Vocabulary.build(["normal fundus", "mild retinopathy", "glaucoma"], max_len=6)
+
+
+def test_evaluate_decodes_normalizes_groups_and_is_json(tmp_path):
+    vocab, tasks = _vocab(), _tasks()
+    rng = np.random.default_rng(0)
+    fine = rng.dirichlet(np.ones(6), size=3)
+    ids = np.array([vocab.encode_padded(t) for t in ["normal fundus", "mild retinopathy", "glaucoma"]])
+    outputs = {"coarse": np.array([[0.8, 0.1, 0.1], [0.2, 0.7, 0.1], [0.6, 0.2, 0.2]]), "fine": fine,
+               "text": ids}
+    targets = {"coarse": np.array([0, 1, -1]), "text": ["Normal Fundus", "mild  retinopathy", ""]}
+    m = evaluate(outputs, targets, tasks, vocab, group_task="coarse")
+    assert "fine" not in m  # no labels for it in this data set
+    assert m["coarse"]["accuracy"] == pytest.approx(1.0) and m["coarse"]["n"] == 2
+    assert m["text"]["n"] == 2 and m["text"]["exact_match"] == pytest.approx(1.0)
+    assert set(m["text"]["per_group"]) == {"normal", "dr"}
+    (tmp_path / "m.json").write_text(json.dumps(m, allow_nan=False))
+    flat = headline(m, tasks)
+    assert flat == {"coarse/accuracy": 1.0, "coarse/macro_f1": 1.0, "coarse/top1": 1.0, "coarse/top5": 1.0,
+                    "text/bleu": pytest.approx(m["text"]["bleu"]), "text/exact_match": 1.0}
+    with pytest.raises(ValueError, match="no output for task 'fine'"):
+        evaluate({"coarse": outputs["coarse"], "text": ids}, targets, tasks, vocab)
+    with pytest.raises(ValueError, match="pass the vocabulary"):
+        evaluate(outputs, targets, tasks, None)
+
+
+def test_agreement_classification_and_text():
+    tasks, vocab = [_tasks()[0], _tasks()[2]], _vocab()
+    ref = np.array([[0.5, 0.25, 0.25], [0.1, 0.8, 0.1]])
+    stu = np.array([[0.25, 0.5, 0.25], [0.1, 0.8, 0.1]])
+    eos = 2
+    w = vocab.encode("normal fundus")[:-1]
+    ref_ids = np.array([[*w, eos, 0, 0, 0], [*w, eos, 0, 0, 0]])
+    stu_ids = np.array([[*w, eos, 7, 7, 7], [w[0], eos, 0, 0, 0, 0]])  # same up to <eos> / differs
+    a = agreement({"coarse": stu, "text": stu_ids}, {"coarse": ref, "text": ref_ids}, tasks, vocab)
+    assert a["coarse"]["top1_agreement"] == pytest.approx(0.5)
+    kl0 = 0.5 * np.log(0.5 / 0.25) + 0.25 * np.log(0.25 / 0.5) + 0.0
+    assert a["coarse"]["mean_kl"] == pytest.approx(kl0 / 2)
+    assert a["coarse"]["max_abs_diff"] == pytest.approx(0.25)
+    assert a["text"]["sequence_agreement"] == pytest.approx(0.5)
+    raw = agreement({"text": stu_ids}, {"text": ref_ids}, [tasks[1]], None)
+    assert raw["text"]["sequence_agreement"] == pytest.approx(0.5)
+
+
+def test_metrics_module_does_not_import_torch():
+    # Benchmarks score ONNX/TensorRT outputs with it where torch may be absent.
+    code = "import sys, train.metrics; sys.exit('torch' in sys.modules)"
+    root = Path(__file__).resolve().parents[1]
+    assert subprocess.run([sys.executable, "-c", code], cwd=root, check=False).returncode == 0

@@ -1,0 +1,232 @@
+"""INT8 (CPU / TensorRT) and FP16 flavours from one calibration, on a tiny exported model."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import numpy_helper
+
+torch = pytest.importorskip("torch")
+from torch import nn  # noqa: E402
+
+from compress.calibration import BatchReader, calibrate, load_ranges, parse_method, save_ranges  # noqa: E402
+from compress.quantize_flavours import (  # noqa: E402
+    convert_fp16,
+    layer_sensitivity,
+    qdq_summary,
+    quantize_cpu,
+    quantize_tensorrt,
+    resolve_exclusions,
+)
+from compress.trt_check import check_model, check_qdq_for_tensorrt  # noqa: E402
+
+SIZE = 32
+
+
+class _Decoder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(16, 12)
+        self.out = nn.Parameter(torch.randn(12, 7) * 0.3)
+
+    def forward(self, feat):
+        return torch.matmul(torch.tanh(self.proj(feat)), self.out)
+
+
+class Tiny(nn.Module):
+    """Conv-BN-ReLU6 x2 -> GAP -> Linear + Softmax, a MatMul head, and a 'decoder' (Gemm, Tanh, MatMul)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU6(),
+            nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU6(),
+        )  # fmt: skip
+        self.head = nn.Linear(16, 5)
+        self.aux = nn.Parameter(torch.randn(16, 4) * 0.3)
+        self.decoder = _Decoder()
+
+    def forward(self, x):
+        feat = self.features(x).mean(dim=(2, 3))
+        return torch.softmax(self.head(feat), dim=1), torch.matmul(feat, self.aux), self.decoder(feat)
+
+
+def _images(n: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).normal(0.0, 1.0, (n, 3, SIZE, SIZE)).astype(np.float32)
+
+
+def _run(path, x: np.ndarray) -> list[np.ndarray]:
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return sess.run(None, {"image": x})
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    torch.manual_seed(0)
+    net = Tiny()
+    with torch.no_grad():  # non-trivial BN statistics so folding and ranges matter
+        for bn in (net.features[1], net.features[4]):
+            bn.running_mean.uniform_(-0.2, 0.2)
+            bn.running_var.uniform_(0.5, 1.5)
+    net.eval()
+    out = tmp_path_factory.mktemp("quant")
+    fp32 = out / "tiny.onnx"
+    torch.onnx.export(
+        net, torch.randn(1, 3, SIZE, SIZE), str(fp32), dynamo=False, opset_version=17,
+        input_names=["image"], output_names=["probs", "aux", "text"],
+        dynamic_axes={"image": {0: "n"}, "probs": {0: "n"}, "aux": {0: "n"}, "text": {0: "n"}},
+    )  # fmt: skip
+    ranges = calibrate(fp32, _images(32, 1), method="minmax")  # the one calibration
+    paths = {
+        "fp32": fp32,
+        "cpu": quantize_cpu(fp32, out / "cpu.onnx", ranges),
+        "trt": quantize_tensorrt(fp32, out / "trt.onnx", ranges, exclude_patterns=["decoder"]),
+        "fp16": convert_fp16(fp32, out / "fp16.onnx"),
+    }
+    return paths, ranges
+
+
+def test_tensorrt_flavour_is_symmetric_int8_per_channel(models):
+    paths, _ = models
+    model = onnx.load(str(paths["trt"]))
+    summary = qdq_summary(model)
+    assert summary["quantize_linear"] > 0
+    assert set(summary["zero_point_dtypes"]) == {"int8"}
+    assert summary["zero_points_all_zero"] is True
+    assert summary["bias_dq"] == 0 and summary["dq_outputs"] == []
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    consumer = {i: n for n in model.graph.node for i in n.input}
+    weight_axes = {}
+    for dq in (n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits):
+        weight, scale = inits[dq.input[0]], inits[dq.input[1]]
+        axis = next(a.i for a in dq.attribute if a.name == "axis")
+        assert scale.shape == (weight.shape[axis],)
+        weight_axes.setdefault(consumer[dq.output[0]].op_type, set()).add(axis)
+    # Conv out-channels = axis 0; Linear exports as Gemm(transB=1) -> axis 0; MatMul B [K,N] -> axis 1.
+    assert weight_axes == {"Conv": {0}, "Gemm": {0}, "MatMul": {1}}
+
+
+def test_tensorrt_flavour_keeps_decoder_and_softmax_float(models):
+    paths, _ = models
+    model = onnx.load(str(paths["trt"]))
+    quantized = qdq_summary(model)["quantized_nodes"]
+    assert not [n for n in quantized if "decoder" in n]
+    kinds = {n.op_type for n in model.graph.node if n.name in quantized}
+    assert kinds <= {"Conv", "Gemm", "MatMul"}
+    decoder_ops = {n.op_type for n in model.graph.node if "decoder" in n.name}
+    assert decoder_ops == {"Gemm", "Tanh", "MatMul"}
+
+
+def test_cpu_flavour_uses_u8_activations_and_s8_weights(models):
+    paths, _ = models
+    model = onnx.load(str(paths["cpu"]))
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    q_zp = {inits[n.input[2]].dtype for n in model.graph.node if n.op_type == "QuantizeLinear"}
+    w_dtypes = {
+        inits[n.input[0]].dtype
+        for n in model.graph.node
+        if n.op_type == "DequantizeLinear" and n.input[0] in inits
+    }
+    assert q_zp == {np.dtype(np.uint8)}
+    assert np.dtype(np.int8) in w_dtypes and np.dtype(np.uint8) not in w_dtypes
+    softmax_out = next(n.output[0] for n in model.graph.node if n.op_type == "Softmax")
+    assert not [n for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == softmax_out]
+
+
+@pytest.mark.parametrize("flavour", ["cpu", "trt"])
+def test_int8_flavours_stay_close_to_fp32(models, flavour):
+    paths, _ = models
+    x = _images(64, 2)
+    ref, got = _run(paths["fp32"], x), _run(paths[flavour], x)
+    agreement = np.mean(ref[0].argmax(1) == got[0].argmax(1))
+    assert agreement >= 0.9, f"top-1 agreement {agreement:.2f}"
+    for r, g in zip(ref, got):
+        assert np.abs(r - g).max() <= 0.1 * np.abs(r).max() + 1e-3
+
+
+def test_fp16_runs_in_ort_and_matches_fp32(models):
+    paths, _ = models
+    x = _images(8, 3)
+    assert onnx.load(str(paths["fp16"])).graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    for r, g in zip(_run(paths["fp32"], x), _run(paths["fp16"], x)):
+        assert g.dtype == np.float32
+        np.testing.assert_allclose(g, r, rtol=2e-2, atol=2e-2)
+
+
+def test_static_trt_check_accepts_all_flavours(models):
+    paths, _ = models
+    for name in ("fp32", "cpu", "trt", "fp16"):
+        errors = [v for v in check_model(paths[name]) if v.severity == "error"]
+        assert errors == [], (name, errors)
+    assert [v for v in check_qdq_for_tensorrt(paths["trt"]) if v.severity == "error"] == []
+    assert any(v.rule == "qdq-dtype" for v in check_qdq_for_tensorrt(paths["cpu"]))
+
+
+def test_saved_ranges_reproduce_the_same_model(models, tmp_path):
+    paths, ranges = models
+    again = load_ranges(save_ranges(ranges, tmp_path / "ranges.json"))
+    out = quantize_tensorrt(paths["fp32"], tmp_path / "again.onnx", again, exclude_patterns=["decoder"])
+    x = _images(4, 4)
+    for a, b in zip(_run(paths["trt"], x), _run(out, x)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_ranges_from_another_model_are_rejected(models, tmp_path):
+    paths, _ = models
+    other = onnx.helper.make_model(
+        onnx.helper.make_graph(
+            [onnx.helper.make_node("Relu", ["x"], ["y"])], "g",
+            [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, SIZE, SIZE])],
+            [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 3, SIZE, SIZE])],
+        ), opset_imports=[onnx.helper.make_opsetid("", 17)], ir_version=8,
+    )  # fmt: skip
+    onnx.save(other, str(tmp_path / "other.onnx"))
+    wrong = calibrate(tmp_path / "other.onnx", _images(1, 5), method="minmax")
+    with pytest.raises(ValueError, match="another model"):
+        quantize_cpu(paths["fp32"], tmp_path / "x.onnx", wrong)
+
+
+def test_calibration_inputs_are_validated():
+    with pytest.raises(ValueError, match="minmax"):
+        parse_method("kl")
+    with pytest.raises(ValueError, match=r"\[N,3,S,S\]"):
+        BatchReader([np.zeros((2, SIZE, SIZE), np.float32)], "image")
+    reader = BatchReader(_images(10, 0), "image", batch_size=4)
+    assert len(reader) == 3 and reader.num_images == 10
+    assert [len(reader.get_next()["image"]) for _ in range(3)] == [4, 4, 2] and reader.get_next() is None
+    reader.rewind()
+    assert reader.get_next() is not None
+
+
+@pytest.mark.parametrize("method", ["entropy", "percentile"])
+def test_histogram_methods_give_ranges(models, method):
+    paths, minmax = models
+    ranges = calibrate(paths["fp32"], _images(8, 6), method=method, percentile=99.9, num_bins=128)
+    assert set(ranges.data) == set(minmax.data)
+    lo, hi = ranges.data["image"].range_value
+    assert lo < 0 < hi and hi <= minmax.data["image"].range_value[1] + 1e-6
+
+
+def test_exclusions_and_sensitivity(models):
+    paths, ranges = models
+    model = onnx.load(str(paths["fp32"]))
+    with pytest.raises(ValueError, match="not in the model"):
+        resolve_exclusions(model, ["no_such_node"])
+    convs = [n.name for n in model.graph.node if n.op_type == "Conv"]
+    assert set(convs) <= set(resolve_exclusions(model, exclude_patterns=["Conv"]))
+    seen = []
+
+    def eval_fn(path):
+        seen.append(path)
+        return float(len(qdq_summary(path)["quantized_nodes"]))
+
+    scores = layer_sensitivity(
+        paths["fp32"], ranges, "tensorrt", eval_fn, [convs[0], convs], exclude_patterns=["decoder"]
+    )
+    assert len(seen) == 2
+    # Keeping one conv float leaves more layers quantized than keeping both: ranked first.
+    assert scores[0][0] == convs[0] and scores[0][1] > scores[1][1]
+    with pytest.raises(ValueError, match="max_candidates"):
+        layer_sensitivity(paths["fp32"], ranges, "cpu", eval_fn, convs, max_candidates=1)

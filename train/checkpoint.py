@@ -1,0 +1,254 @@
+"""Checkpoints as safetensors: tensors + JSON metadata, never pickles.
+
+A checkpoint `run/best.safetensors` holds the tensors and, in the safetensors header, the JSON meta
+(also written next to it as `run/best.json` for people and tools). Loading never unpickles, so a
+checkpoint from elsewhere cannot run code. Nested training state (optimizer, LR scheduler, RNG) is
+stored with `flatten_state`/`unflatten_state`: its tensors go to the file, its structure to the meta.
+
+    python -m train.checkpoint inspect runs/t1/best.safetensors
+    python -m train.checkpoint convert old.pt new.safetensors   # restricted unpickler (weights_only)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import struct
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from deploy.contract import TaskSpec
+from deploy.fileio import atomic_write, atomic_write_text
+from train.config import from_dict, to_dict
+from train.models.multitask import ModelConfig, MultiTaskNet
+
+META_KEY = "fundus_mtkd.meta"
+MODEL_FORMAT = "fundus_mtkd.model"
+MODEL_FORMAT_VERSION = 1
+_TAGS = ("__tensor__", "__dict__", "__items__", "__tuple__")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read or does not fit; the message says how to fix it."""
+
+
+# --- nested state <-> flat tensors + JSON structure ------------------------------------------------
+def flatten_state(obj: Any, prefix: str = "") -> tuple[dict[str, Tensor], Any]:
+    """Split nested state (dicts, lists, tuples, scalars, tensors) into named tensors and a JSON-able
+    structure in which each tensor is replaced by {"__tensor__": name}. Exact round trip with
+    `unflatten_state`, including int dict keys and tuples (optimizer state dicts)."""
+    tensors: dict[str, Tensor] = {}
+
+    def encode(value: Any, path: str) -> Any:
+        if isinstance(value, Tensor):
+            name = f"{prefix}{path}" or f"{prefix}tensor"
+            while name in tensors:  # only if a key itself contains "/", e.g. {"a/b": .., "a": {"b": ..}}
+                name += "'"
+            tensors[name] = value
+            return {"__tensor__": name}
+        if isinstance(value, dict):
+            if all(isinstance(k, str) for k in value):
+                return {"__dict__": {k: encode(v, f"{path}/{k}" if path else k) for k, v in value.items()}}
+            return {"__items__": [[_scalar(k, path), encode(v, f"{path}/{k}" if path else str(k))]
+                                  for k, v in value.items()]}
+        if isinstance(value, (list, tuple)):
+            items = [encode(v, f"{path}/{i}" if path else str(i)) for i, v in enumerate(value)]
+            return {"__tuple__": items} if isinstance(value, tuple) else items
+        return _scalar(value, path)
+
+    structure = encode(obj, "")
+    return tensors, structure
+
+
+def _scalar(value: Any, path: str) -> Any:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"flatten_state: {type(value).__name__} at {path or '<root>'!r} cannot be stored; "
+                    "only tensors, dicts, lists, tuples, str, int, float, bool and None")
+
+
+def unflatten_state(tensors: dict[str, Tensor], structure: Any) -> Any:
+    """Inverse of `flatten_state`."""
+    if isinstance(structure, list):
+        return [unflatten_state(tensors, v) for v in structure]
+    if not isinstance(structure, dict):
+        return structure
+    if len(structure) != 1 or next(iter(structure)) not in _TAGS:
+        raise CheckpointError(f"state structure has an untagged mapping {list(structure)[:5]}; "
+                              "it was not written by flatten_state")
+    tag, body = next(iter(structure.items()))
+    if tag == "__tensor__":
+        if body not in tensors:
+            raise CheckpointError(f"state structure refers to tensor {body!r}, which is not in the checkpoint")
+        return tensors[body]
+    if tag == "__dict__":
+        return {k: unflatten_state(tensors, v) for k, v in body.items()}
+    if tag == "__items__":
+        return {k: unflatten_state(tensors, v) for k, v in body}
+    return tuple(unflatten_state(tensors, v) for v in body)
+
+
+# --- files -----------------------------------------------------------------------------------------
+def _prepare(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Detached, contiguous CPU tensors; copies where storage is shared (safetensors refuses aliasing)."""
+    out, seen = {}, set()
+    for name, tensor in tensors.items():
+        if not isinstance(tensor, Tensor):
+            raise TypeError(f"save_checkpoint: {name!r} is a {type(tensor).__name__}, not a tensor")
+        t = tensor.detach().to("cpu").contiguous()
+        ptr = t.untyped_storage().data_ptr() if t.numel() else None
+        if ptr is not None and ptr in seen:
+            t = t.clone()
+        if ptr is not None:
+            seen.add(ptr)
+        out[name] = t
+    return out
+
+
+def save_checkpoint(path: str | Path, tensors: dict[str, Tensor], meta: dict) -> Path:
+    """Write `tensors` + JSON `meta` to `path` (.safetensors, atomic) and the sidecar `path.with_suffix('.json')`."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise CheckpointError(f"{path}: checkpoints are .safetensors files; rename it to {path.stem}.safetensors")
+    try:
+        meta_json = json.dumps(meta, sort_keys=False)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: meta is not JSON-serializable ({exc})") from exc
+    prepared = _prepare(tensors)
+    atomic_write(path, lambda tmp: save_file(prepared, str(tmp), metadata={META_KEY: meta_json}))
+    atomic_write_text(path.with_suffix(".json"), json.dumps(meta, indent=1))
+    return path
+
+
+def _check_header(path: Path) -> None:
+    """Recognise the file type before parsing: pickles are refused, truncation is named as such."""
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(9)
+    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
+        dst = path.with_suffix(".converted.safetensors" if path.suffix == ".safetensors" else ".safetensors")
+        raise CheckpointError(f"{path}: pickled checkpoints are refused: convert with `python -m "
+                              f"train.checkpoint convert {path} {dst}` (loading a pickle can run code)")
+    if len(head) < 9:
+        raise CheckpointError(f"{path}: only {size} bytes; the file is empty or truncated, re-save it")
+    (header_len,) = struct.unpack("<Q", head[:8])
+    if head[8:9] != b"{":
+        raise CheckpointError(f"{path}: not a safetensors file (no JSON header); save checkpoints with "
+                              "train.checkpoint.save_checkpoint")
+    needed = 8 + header_len
+    if needed <= size:
+        with open(path, "rb") as fh:
+            fh.seek(8)
+            try:
+                header = json.loads(fh.read(header_len))
+                needed += max((e["data_offsets"][1] for k, e in header.items() if k != "__metadata__"), default=0)
+            except (ValueError, KeyError, TypeError, IndexError) as exc:
+                raise CheckpointError(f"{path}: corrupt safetensors header ({exc}); re-save it") from exc
+    if needed > size:
+        raise CheckpointError(f"{path}: truncated ({size} bytes, its header needs {needed}); the write was "
+                              "interrupted or the copy is incomplete: re-save it or use an earlier checkpoint")
+
+
+def load_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict]:
+    """Read a .safetensors checkpoint -> (tensors on CPU, meta dict; {} if it has none). Never unpickles."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    _check_header(path)
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as fh:
+            raw_meta = (fh.metadata() or {}).get(META_KEY)
+            tensors = {name: fh.get_tensor(name) for name in fh.keys()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({exc}); re-save it or use an "
+                              "earlier checkpoint") from exc
+    try:
+        meta = json.loads(raw_meta) if raw_meta else {}
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path}: metadata {META_KEY!r} is not valid JSON ({exc})") from exc
+    return tensors, meta
+
+
+# --- whole models -----------------------------------------------------------------------------------
+def model_meta(model: MultiTaskNet) -> dict:
+    """What is needed to rebuild `model` without any training config."""
+    return {"config": to_dict(model.cfg), "tasks": [t.to_dict() for t in model.tasks],
+            "vocab_size": model.vocab_size, "max_len": model.max_len}
+
+
+def save_model(path: str | Path, model: MultiTaskNet, meta: dict | None = None) -> Path:
+    """Save weights + everything needed to rebuild the model; `meta` adds caller data (epoch, metrics...)."""
+    meta = dict(meta or {})
+    reserved = {"format", "format_version", "model"} & set(meta)
+    if reserved:
+        raise CheckpointError(f"meta keys {sorted(reserved)} are reserved by save_model")
+    full = {"format": MODEL_FORMAT, "format_version": MODEL_FORMAT_VERSION, "model": model_meta(model), **meta}
+    return save_checkpoint(path, model.state_dict(), full)
+
+
+def load_model(path: str | Path) -> tuple[MultiTaskNet, dict]:
+    """Rebuild a MultiTaskNet from a `save_model` checkpoint alone; returned in eval mode."""
+    tensors, meta = load_checkpoint(path)
+    if meta.get("format") != MODEL_FORMAT or "model" not in meta:
+        raise CheckpointError(f"{path}: not a model checkpoint (no {MODEL_FORMAT!r} meta); it was not written "
+                              "by train.checkpoint.save_model")
+    if meta.get("format_version") != MODEL_FORMAT_VERSION:
+        raise CheckpointError(f"{path}: model format version {meta.get('format_version')!r} is not supported")
+    info = meta["model"]
+    cfg = from_dict(ModelConfig, info["config"], where=f"{path}: model.config")
+    # The weights come from this file: skip the pretrained source (it may be absent on this machine).
+    cfg = dataclasses.replace(cfg, pretrained="none")
+    tasks = [TaskSpec.from_dict(t) for t in info["tasks"]]
+    model = MultiTaskNet(cfg, tasks, vocab_size=info["vocab_size"], max_len=int(info["max_len"]))
+    try:
+        model.load_state_dict(tensors)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path}: weights do not fit the model described in its meta ({exc})") from exc
+    return model.eval(), meta
+
+
+# --- command line -------------------------------------------------------------------------------------
+def convert(src: Path, dst: Path) -> Path:
+    """Convert a torch.save file to safetensors with the restricted unpickler (tensors and containers only)."""
+    try:
+        obj = torch.load(src, map_location="cpu", weights_only=True)
+    except Exception as exc:  # weights_only refuses anything but tensors/containers, with varied types
+        raise CheckpointError(f"{src}: cannot be loaded with weights_only=True ({exc}); refusing to unpickle "
+                              "arbitrary objects") from exc
+    if isinstance(obj, dict) and obj and all(isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items()):
+        return save_checkpoint(dst, obj, {"converted_from": src.name})
+    tensors, structure = flatten_state(obj)
+    return save_checkpoint(dst, tensors, {"converted_from": src.name, "state_structure": structure})
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m train.checkpoint", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("inspect", help="print tensor count, size and meta").add_argument("path", type=Path)
+    conv = sub.add_parser("convert", help="torch .pt/.pth -> .safetensors (weights_only)")
+    conv.add_argument("src", type=Path)
+    conv.add_argument("dst", type=Path)
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "convert":
+            print(f"wrote {convert(args.src, args.dst)}")
+        else:
+            tensors, meta = load_checkpoint(args.path)
+            numel = sum(t.numel() for t in tensors.values())
+            print(f"{args.path}: {len(tensors)} tensors, {numel:,} values")
+            print(json.dumps({k: v for k, v in meta.items() if k != "state_structure"}, indent=1))
+    except (CheckpointError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,102 @@
+"""Run a model (or the teacher ensemble) over a split and score it with train.metrics.
+
+Outputs are collected over the *whole* split first (sharded across DDP ranks and gathered, never
+averaged per batch, no batch dropped), then scored once. Compression and benchmarks reuse
+`collect_outputs`/`score_outputs` so every number in the project comes from the same code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Subset
+
+from deploy.contract import TaskSpec
+from deploy.vocab import Vocabulary
+from train import metrics
+from train.data.torch_data import FundusImages, reference_texts
+from train.distributed import DistInfo, gather_objects
+
+# images [N,3,H,W] -> {task: probs [N,C] | tokens [N,L]}
+PredictFn = Callable[[torch.Tensor], dict[str, torch.Tensor]]
+
+
+@torch.no_grad()
+def model_predict(model: torch.nn.Module) -> PredictFn:
+    """Predict function of a MultiTaskNet: softmax probabilities and greedy token ids."""
+
+    def predict(images: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = model(images)
+        result = {}
+        for name, logits in out.items():
+            result[name] = logits.argmax(-1) if logits.dim() == 3 else logits.float().softmax(-1)
+        return result
+
+    return predict
+
+
+@torch.no_grad()
+def collect_outputs(predict: PredictFn, data: FundusImages, device: torch.device, batch_size: int = 64,
+                    info: DistInfo | None = None, amp: bool = False) -> dict[str, np.ndarray]:
+    """Outputs for every item of `data`, in order. Under DDP each rank runs a strided shard."""
+    info = info or DistInfo()
+    shard = list(range(info.rank, len(data), info.world_size))
+    loader = DataLoader(Subset(data, shard), batch_size=batch_size, shuffle=False)
+    parts: dict[str, list[np.ndarray]] = {}
+    for batch in loader:
+        images = batch["image"].to(device, non_blocking=True)
+        with torch.autocast(device_type=device.type, enabled=amp and device.type == "cuda"):
+            out = predict(images)
+        for name, value in out.items():
+            parts.setdefault(name, []).append(value.float().cpu().numpy() if value.is_floating_point()
+                                              else value.cpu().numpy())
+    local = {k: np.concatenate(v) for k, v in parts.items()}
+    gathered = gather_objects((shard, local), info)
+    if len(gathered) == 1:
+        return local
+    order = np.concatenate([np.asarray(s, dtype=np.int64) for s, _ in gathered])
+    merged = {}
+    for name in local:
+        stacked = np.concatenate([part[name] for _, part in gathered])
+        result = np.empty_like(stacked)
+        result[order] = stacked
+        merged[name] = result
+    return merged
+
+
+def targets_of(data: FundusImages, tasks: list[TaskSpec]) -> dict[str, np.ndarray | list[str]]:
+    """Metric targets: class ids for classification (-1 missing), reference sentences for text."""
+    out: dict[str, np.ndarray | list[str]] = {}
+    for t in tasks:
+        out[t.name] = data.targets[t.name] if t.kind == "classification" else reference_texts(data.rows, t.name)
+    return out
+
+
+def score_outputs(outputs: dict[str, np.ndarray], data: FundusImages, tasks: list[TaskSpec],
+                  vocab: Vocabulary | None) -> dict:
+    """Full metrics per task (train.metrics.evaluate) for the tasks present in `outputs`."""
+    present = [t for t in tasks if t.name in outputs]
+    group = next((t.name for t in data.tasks if t.kind == "classification"), None)
+    return metrics.evaluate(outputs, targets_of(data, present), present, vocab, group_task=group)
+
+
+def selection_score(task_metrics: dict, tasks: list[TaskSpec], select: str = "auto") -> float:
+    """One number to pick the best epoch: a named headline metric, or the mean of all headline metrics."""
+    heads = metrics.headline(task_metrics, tasks)
+    if select != "auto":
+        if select not in heads:
+            raise KeyError(f"select_metric {select!r} not among {sorted(heads)}")
+        return float(heads[select])
+    # The paper's headline per task: accuracy for the first (coarse) task, top-5 for the fine ones, BLEU.
+    first_cls = next((t.name for t in tasks if t.kind == "classification"), None)
+    picked = []
+    for t in tasks:
+        if t.name not in task_metrics:
+            continue
+        if t.kind == "text":
+            picked.append(heads[f"{t.name}/bleu"] / 100.0)
+        else:
+            picked.append(heads[f"{t.name}/accuracy" if t.name == first_cls else f"{t.name}/top5"])
+    return float(np.mean(picked)) if picked else 0.0

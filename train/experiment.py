@@ -1,0 +1,203 @@
+"""The experiment config: data, teachers, student and baseline, compression and benchmark settings.
+
+One YAML file (configs/default.yaml, configs/paper.yaml, ...) drives every stage of the pipeline, so
+`make teachers student export compress bench` all read the same resolved values. Loading validates
+every key (unknown keys are rejected with the list of valid ones).
+
+    python -m train.experiment --config configs/default.yaml --print run_dir
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from train.config import ConfigError, load_config, to_dict
+from train.models.multitask import ModelConfig
+
+
+@dataclass
+class DataConfig:
+    root: str = "data/synthetic"
+    manifest: str | None = None  # another manifest in the same folder (e.g. a label-fraction subset)
+    label_fraction: float | None = None  # keep this share of labelled training patients (paper: 0.15)
+    stratify_task: str | None = None  # default: the first classification task
+    validate: bool = True  # refuse to train on a dataset the validator rejects
+
+    def __post_init__(self) -> None:
+        if self.label_fraction is not None and not 0 < self.label_fraction <= 1:
+            raise ValueError(f"label_fraction must be in (0, 1], got {self.label_fraction}")
+
+
+@dataclass
+class AugmentConfig:
+    """Photometric/geometric jitter on the PIL image before the deployed preprocessing.
+
+    No horizontal flip: it would swap the eye's anatomy (disc side) against its left/right label and text.
+    """
+
+    enabled: bool = True
+    rotate_deg: float = 10.0
+    translate: float = 0.03
+    scale: float = 0.05
+    brightness: float = 0.2
+    contrast: float = 0.2
+    saturation: float = 0.1
+    hue: float = 0.02
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["adamw", "sgd"] = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    momentum: float = 0.9  # sgd only; the paper used SGD with Nesterov momentum
+    nesterov: bool = True
+    schedule: Literal["cosine", "plateau", "none"] = "cosine"
+    warmup_epochs: float = 0.0
+    plateau_patience: int = 2
+    plateau_factor: float = 0.3
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 5
+    batch_size: int = 32
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    amp: bool = True  # mixed precision on CUDA only; ignored on CPU
+    grad_clip: float = 5.0
+    select_metric: str = "auto"  # validation metric for the best checkpoint; auto = mean of headline metrics
+    num_workers: int = 0
+    eval_batch_size: int = 64
+    max_steps_per_epoch: int | None = None  # caps an epoch (used to give the baseline the student's budget)
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError("epochs and batch_size must be >= 1")
+
+
+@dataclass
+class TeacherSpec:
+    name: str
+    tasks: list[str]
+    model: ModelConfig | None = None  # overrides the shared teacher model (e.g. another backbone)
+
+
+@dataclass
+class TeachersConfig:
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(backbone="efficientnet_lite1"))
+    train: TrainConfig = field(default_factory=TrainConfig)
+    members: list[TeacherSpec] | None = None  # None: one teacher per non-empty subset of the tasks
+    image_size: int | None = None
+
+
+@dataclass
+class KDConfig:
+    alpha: float = 0.95  # weight of the KD term on labelled images (paper)
+    temperatures: dict[str, float] = field(default_factory=dict)  # per task; missing -> default_temperature
+    default_temperature: float = 4.0
+    ensemble_mode: Literal["mean_probs", "kl_sum"] = "mean_probs"
+    schedule: Literal["joint", "staged"] = "joint"
+    # staged: epochs of (1) labels only, (2) labels + KD, (3) unlabelled KD only (the paper's schedule)
+    stage_epochs: list[int] = field(default_factory=lambda: [1, 2, 1])
+    token_kd: bool = True  # token-level KL against the text teachers under teacher forcing
+    sequence_kd: bool = True  # the ensemble's greedy diagnosis as the decoder target on unlabelled images
+    use_unlabeled: bool = True
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.alpha <= 1:
+            raise ValueError(f"kd.alpha must be in [0, 1], got {self.alpha}")
+        if len(self.stage_epochs) != 3 or min(self.stage_epochs) < 0:
+            raise ValueError("kd.stage_epochs must be 3 non-negative epoch counts")
+
+
+@dataclass
+class StudentConfig:
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(backbone="efficientnet_lite0",
+                                                                   pretrained="efficientnet-lite0"))
+    train: TrainConfig = field(default_factory=TrainConfig)
+    kd: KDConfig = field(default_factory=KDConfig)
+    baseline: bool = True  # also train the same student on labels only, with the same step budget
+    image_size: int | None = None
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "default"
+    runs_root: str = "runs"
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    image_size: int = 96
+    resize: Literal["letterbox", "center_crop", "stretch"] = "letterbox"
+    # The EfficientNet-Lite ImageNet weights were trained on inputs scaled to [-1, 1] (mean = std = 0.5).
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    data: DataConfig = field(default_factory=DataConfig)
+    teachers: TeachersConfig = field(default_factory=TeachersConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    compress: dict = field(default_factory=dict)  # validated by compress/ (its own dataclass)
+    bench: dict = field(default_factory=dict)  # validated by benchmarks/ (its own dataclass)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.runs_root) / self.name
+
+
+def teacher_specs(cfg: ExperimentConfig, task_names: list[str]) -> list[TeacherSpec]:
+    """The configured teachers, or one per non-empty subset of the tasks (the paper's ensemble)."""
+    if cfg.teachers.members is not None:
+        specs = cfg.teachers.members
+    else:
+        specs = [TeacherSpec(name="teacher_" + "_".join(subset), tasks=list(subset))
+                 for r in range(1, len(task_names) + 1) for subset in itertools.combinations(task_names, r)]
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"teacher names must be unique, got {names}")
+    for s in specs:
+        unknown = set(s.tasks) - set(task_names)
+        if unknown or not s.tasks:
+            raise ConfigError(f"teacher {s.name!r}: tasks {s.tasks} must be a non-empty subset of {task_names}")
+    return specs
+
+
+def load_experiment(path: str | Path | None, overrides: list[str] | None = None) -> ExperimentConfig:
+    return load_config(ExperimentConfig, path, overrides)
+
+
+def add_config_args(parser: argparse.ArgumentParser) -> None:
+    """The arguments every stage shares: --config and key=value overrides."""
+    parser.add_argument("--config", default="configs/default.yaml", help="experiment YAML (configs/)")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value",
+                        help="override config values, e.g. student.train.epochs=2")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Print resolved experiment config values.")
+    add_config_args(parser)
+    parser.add_argument("--print", dest="key", default=None, help="print one value (e.g. run_dir)")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_experiment(args.config, args.overrides)
+    except ConfigError as exc:
+        print(f"error: {exc}")
+        return 2
+    if args.key == "run_dir":
+        print(cfg.run_dir)
+    elif args.key:
+        node = to_dict(cfg)
+        for part in args.key.split("."):
+            node = node[part]
+        print(node)
+    else:
+        import yaml
+
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

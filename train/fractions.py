@@ -1,0 +1,91 @@
+"""The paper's headline experiment: teachers, KD student and baseline at 15/30/45/60/70% labels.
+
+    python -m train.fractions --config configs/default.yaml [--fractions 0.15 0.3 0.45 0.6 0.7]
+
+For each fraction f the labelled training patients are subsampled (train.data.splits.label_fraction,
+stratified, seeded; validation and test untouched) and the rest join the unlabelled pool. Teachers are
+trained on the kept labels, the student learns from them plus the whole unlabelled pool, the baseline
+from the kept labels only. Each fraction is an ordinary run (runs/<name>-frac015/ ...), so an
+interrupted experiment resumes where it stopped. Writes runs/<name>/fractions/fractions.{md,json,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from deploy.fileio import atomic_write_text
+from train.config import ConfigError
+from train.data.manifest import DatasetError
+from train.data.splits import PAPER_LABEL_FRACTIONS
+from train.distributed import init_distributed, shutdown_distributed
+from train.experiment import ExperimentConfig, add_config_args, load_experiment, teacher_specs
+from train.loop import TrainingDiverged
+from train.plots import plot_fractions
+from train.stage import load_splits
+from train.student import run as run_student
+from train.summary import paper_columns
+from train.teachers import train_teacher
+
+MODELS = ("ensemble", "student", "baseline")
+
+
+def fraction_config(path: str | None, overrides: list[str], fraction: float) -> ExperimentConfig:
+    base = load_experiment(path, overrides)
+    return load_experiment(path, [*overrides, f"name={base.name}-frac{round(100 * fraction):03d}",
+                                  f"data.label_fraction={fraction}"])
+
+
+def run_fraction(cfg: ExperimentConfig) -> dict:
+    info, device = init_distributed(cfg.device)
+    splits = load_splits(cfg, info)
+    for spec in teacher_specs(cfg, splits.data.spec.task_names):
+        train_teacher(cfg, spec, splits, device, info)
+    run_student(cfg, info, device)
+    return json.loads((cfg.run_dir / "summary.json").read_text())
+
+
+def table(rows: list[dict], keys: list[tuple[str, str]]) -> str:
+    lines = ["| labels | model | " + " | ".join(t for _, t in keys) + " |", "|---" * (len(keys) + 2) + "|"]
+    for r in rows:
+        cells = [("—" if r.get(k) is None else f"{r[k]:.1f}" if k.endswith("bleu") else f"{100 * r[k]:.1f}")
+                 for k, _ in keys]
+        lines.append(f"| {100 * r['fraction']:.0f}% | {r['model']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(parser)
+    parser.add_argument("--fractions", type=float, nargs="+", default=list(PAPER_LABEL_FRACTIONS))
+    args = parser.parse_args(argv)
+    try:
+        base = load_experiment(args.config, args.overrides)
+        rows, keys = [], None
+        for fraction in args.fractions:
+            cfg = fraction_config(args.config, args.overrides, fraction)
+            print(f"=== label fraction {fraction:.0%}: {cfg.run_dir} ===", flush=True)
+            summary = run_fraction(cfg)
+            tasks = load_splits(cfg).data.spec.tasks
+            keys = keys or [(k, t) for k, t in paper_columns(tasks) if k.endswith(("accuracy", "top5", "bleu"))]
+            for model in MODELS:
+                if model in summary["rows"]:
+                    rows.append({"fraction": fraction, "model": model,
+                                 **{k: summary["rows"][model].get(k) for k, _ in keys}})
+        out = base.run_dir / "fractions"
+        atomic_write_text(out / "fractions.json", json.dumps(rows, indent=1))
+        md = f"# Label-fraction experiment ({base.name}), test split\n\n{table(rows, keys)}\n"
+        atomic_write_text(out / "fractions.md", md)
+        plot_fractions(rows, [(k, t) for k, t in keys], out / "fractions.png")
+        print(md)
+    except (ConfigError, DatasetError, TrainingDiverged, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        shutdown_distributed()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

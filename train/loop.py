@@ -1,0 +1,244 @@
+"""The training loop shared by teachers, the student and the baseline.
+
+What it guarantees: seeded per epoch (so a resumed run ends where an uninterrupted one would, on CPU);
+an atomic `last.safetensors` after every epoch (model, optimizer, scheduler, scaler, history) from which
+a killed run resumes; `best.safetensors` by a validation metric; a NaN/inf loss stops the run with a
+message and leaves the last good checkpoint in place; DDP through torchrun (DistributedSampler, rank-0
+I/O); AMP on CUDA; per-epoch metrics as CSV, TensorBoard and a PNG of the curves.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler, Subset
+from tqdm import tqdm
+
+from deploy.fileio import atomic_write_text
+from train.checkpoint import flatten_state, load_checkpoint, save_checkpoint, save_model, unflatten_state
+from train.distributed import DistInfo, all_reduce_mean, barrier, broadcast_object
+from train.experiment import TrainConfig
+from train.plots import plot_curves
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass
+class EpochPlan:
+    indices: np.ndarray  # which items of the training set this epoch uses
+    mode: str = "default"  # handed to the step function (e.g. labels / kd / unlabeled)
+
+
+StepFn = Callable[[torch.nn.Module, dict, str], tuple[torch.Tensor, dict[str, float]]]
+EvalFn = Callable[[torch.nn.Module], tuple[float, dict[str, float]]]  # -> (selection score, flat metrics)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    o = cfg.optim
+    if o.name == "sgd":
+        return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay)
+    return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
+
+
+def build_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int):
+    o = cfg.optim
+    if o.schedule == "plateau":  # stepped once per epoch with the validation score
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=o.plateau_factor,
+                                                          patience=o.plateau_patience)
+    warmup = int(o.warmup_epochs / max(cfg.epochs, 1) * total_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if o.schedule == "none":
+            return 1.0
+        progress = (step - warmup) / max(total_steps - warmup, 1)
+        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+class Trainer:
+    """Fits one model; `fit()` returns the path of the best checkpoint."""
+
+    def __init__(self, *, name: str, model: torch.nn.Module, train_set, plan: Callable[[int], EpochPlan],
+                 step: StepFn, evaluate: EvalFn, cfg: TrainConfig, out_dir: Path, seed: int,
+                 device: torch.device, info: DistInfo, meta: dict):
+        self.name, self.model, self.train_set, self.plan = name, model, train_set, plan
+        self.step, self.evaluate, self.cfg, self.out_dir = step, evaluate, cfg, Path(out_dir)
+        self.seed, self.device, self.info, self.meta = seed, device, info, meta
+        self.fingerprint = json.dumps(meta.get("config", {}), sort_keys=True, default=str)
+        self.optimizer = build_optimizer(model, cfg)
+        self.total_steps = sum(self._steps(len(plan(e).indices)) for e in range(cfg.epochs))
+        self.scheduler = build_scheduler(self.optimizer, cfg, self.total_steps)
+        self.amp = cfg.amp and device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        self.history: list[dict] = []
+        self.best_score, self.start_epoch = -math.inf, 0
+
+    @property
+    def last_path(self) -> Path:
+        return self.out_dir / "last.safetensors"
+
+    @property
+    def best_path(self) -> Path:
+        return self.out_dir / "best.safetensors"
+
+    def _steps(self, n_items: int) -> int:
+        per_rank = math.ceil(n_items / self.info.world_size)
+        steps = math.ceil(per_rank / self.cfg.batch_size)
+        return min(steps, self.cfg.max_steps_per_epoch) if self.cfg.max_steps_per_epoch else steps
+
+    # --- checkpoints -------------------------------------------------------------------------------
+    def _save_last(self, epoch: int) -> None:
+        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                 "scaler": self.scaler.state_dict()}
+        tensors, structure = flatten_state(state)
+        tensors.update({f"model.{k}": v for k, v in self._raw_model().state_dict().items()})
+        meta = {"epoch": epoch, "best_score": self.best_score, "history": self.history,
+                "fingerprint": self.fingerprint, "structure": structure}
+        save_checkpoint(self.last_path, tensors, meta)
+
+    def _resume(self) -> None:
+        if not self.last_path.exists():
+            return
+        tensors, meta = load_checkpoint(self.last_path)
+        if meta.get("fingerprint") != self.fingerprint:
+            raise RuntimeError(f"{self.last_path} belongs to a run with a different config; delete "
+                               f"{self.out_dir} or change the experiment name to start over")
+        model_state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+        self._raw_model().load_state_dict(model_state)
+        state = unflatten_state({k: v for k, v in tensors.items() if not k.startswith("model.")}, meta["structure"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.history, self.best_score = list(meta["history"]), float(meta["best_score"])
+        self.start_epoch = int(meta["epoch"]) + 1
+        if self.info.is_main:
+            print(f"[{self.name}] resuming after epoch {self.start_epoch} from {self.last_path}", flush=True)
+
+    def _raw_model(self) -> torch.nn.Module:
+        return self.model.module if isinstance(self.model, DistributedDataParallel) else self.model
+
+    # --- one epoch ---------------------------------------------------------------------------------
+    def _loader(self, epoch: int, plan: EpochPlan) -> DataLoader:
+        subset = Subset(self.train_set, plan.indices.tolist())
+        sampler = DistributedSampler(subset, num_replicas=self.info.world_size, rank=self.info.rank,
+                                     shuffle=True, seed=self.seed, drop_last=False)
+        sampler.set_epoch(epoch)
+        generator = torch.Generator().manual_seed(self.seed * 1000 + epoch)
+        return DataLoader(subset, batch_size=self.cfg.batch_size, sampler=sampler, drop_last=False,
+                          num_workers=self.cfg.num_workers, generator=generator,
+                          pin_memory=self.device.type == "cuda", persistent_workers=False)
+
+    def _train_epoch(self, epoch: int) -> dict[str, float]:
+        plan = self.plan(epoch)
+        loader = self._loader(epoch, plan)
+        steps = self._steps(len(plan.indices))
+        self.model.train()
+        totals: dict[str, float] = {}
+        bar = tqdm(loader, total=steps, desc=f"{self.name} epoch {epoch + 1}/{self.cfg.epochs} [{plan.mode}]",
+                   disable=not self.info.is_main, leave=False, dynamic_ncols=True)
+        for i, batch in enumerate(bar):
+            if i >= steps:
+                break
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+            with torch.autocast(device_type=self.device.type, enabled=self.amp):
+                loss, parts = self.step(self.model, batch, plan.mode)
+            bad = torch.tensor(0.0 if torch.isfinite(loss) else 1.0, device=loss.device)
+            if all_reduce_mean(float(bad), self.info) > 0:
+                raise TrainingDiverged(
+                    f"[{self.name}] loss became {loss.item()} at epoch {epoch + 1} step {i + 1} ({parts}); "
+                    f"the last good checkpoint is kept at {self.last_path}. Lower the learning rate "
+                    f"(optim.lr) or check the data, then rerun to resume from it.")
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            if self.cfg.grad_clip > 0:
+                self.scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            if not isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                self.scheduler.step()
+            for k, v in {"loss": float(loss.detach()), **parts}.items():
+                totals[k] = totals.get(k, 0.0) + v
+            bar.set_postfix(loss=f"{totals['loss'] / (i + 1):.3f}")
+        n = max(min(steps, len(loader)), 1)
+        return {f"train/{k}": all_reduce_mean(v / n, self.info) for k, v in totals.items()}
+
+    # --- the run -----------------------------------------------------------------------------------
+    def fit(self) -> Path:
+        self._resume()
+        if self.info.enabled and not isinstance(self.model, DistributedDataParallel):
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.model = DistributedDataParallel(self.model, device_ids=ids, find_unused_parameters=True)
+        writer = self._tensorboard()
+        for epoch in range(self.start_epoch, self.cfg.epochs):
+            seed_everything(self.seed * 1000 + epoch)
+            t0 = time.perf_counter()
+            logs = self._train_epoch(epoch)
+            self.model.eval()
+            score, val = self.evaluate(self._raw_model())
+            score = float(broadcast_object(score, self.info))
+            if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                self.scheduler.step(score)
+            record = {"epoch": epoch + 1, **logs, **val, "val/score": score,
+                      "lr": self.optimizer.param_groups[0]["lr"], "seconds": round(time.perf_counter() - t0, 2)}
+            self.history.append(record)
+            improved = score > self.best_score
+            if improved:
+                self.best_score = score
+            if self.info.is_main:
+                if improved:
+                    save_model(self.best_path, self._raw_model(), {**self.meta, "epoch": epoch + 1, "val_score": score})
+                self._save_last(epoch)
+                self._write_logs(writer, record)
+                print(f"[{self.name}] epoch {epoch + 1}/{self.cfg.epochs} loss {logs.get('train/loss', 0):.4f} "
+                      f"val score {score:.4f}{' (best)' if improved else ''} {record['seconds']:.0f}s", flush=True)
+            barrier(self.info)
+        if writer is not None:
+            writer.close()
+        return self.best_path
+
+    def _tensorboard(self):
+        if not self.info.is_main:
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # tensorboard is a dependency, but training must not die for a log
+            return None
+        return SummaryWriter(log_dir=str(self.out_dir / "tensorboard"))
+
+    def _write_logs(self, writer, record: dict) -> None:
+        keys = sorted({k for r in self.history for k in r}, key=lambda k: (k != "epoch", k))
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=keys, lineterminator="\n")
+        w.writeheader()
+        w.writerows(self.history)
+        atomic_write_text(self.out_dir / "metrics.csv", buf.getvalue())
+        if writer is not None:
+            for k, v in record.items():
+                if k != "epoch" and isinstance(v, (int, float)):
+                    writer.add_scalar(k, v, record["epoch"])
+            writer.flush()
+        plot_curves(self.history, self.out_dir / "curves.png", title=self.name)

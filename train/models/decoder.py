@@ -1,0 +1,118 @@
+"""The GRU diagnosis decoder: pooled image features -> a sentence of token ids (task T3).
+
+As in Chelaramani et al.: token embedding -> one GRU layer whose initial state is
+tanh(Linear(features)) -> Linear to the vocabulary. Two implementations of the same cell share the
+nn.GRU weights:
+
+* the fused `nn.GRU` (fast) for teacher-forced training and validation losses;
+* an explicit step (MatMul/Add/Sigmoid/Tanh/Mul, embedding as Gather, argmax as ArgMax) unrolled in
+  Python over `max_len`, for greedy generation and scheduled sampling. Exported to ONNX it contains
+  only plain ops (no GRU/Loop/If), which TensorRT and INT8 quantizers handle everywhere.
+
+There is no early exit at <eos>: every row runs `max_len` steps, so the graph is static and exportable;
+consumers cut the ids at the first <eos> (deploy.vocab.Vocabulary.decode).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as nnf
+from torch import Tensor, nn
+
+from deploy.vocab import BOS_ID, PAD_ID
+from train.models.registry import register
+
+
+@register("gru", kind="decoder")
+class DiagnosisDecoder(nn.Module):
+    """Greedy/teacher-forced GRU sentence decoder conditioned on a pooled feature vector."""
+
+    def __init__(self, feat_dim: int, vocab_size: int, max_len: int, embed_dim: int = 256,
+                 hidden: int = 512, teacher_forcing: float = 1.0) -> None:
+        super().__init__()
+        if vocab_size < 5:
+            raise ValueError(f"vocab_size {vocab_size} is too small: 4 special tokens plus at least one word")
+        if max_len < 2:
+            raise ValueError(f"max_len must be >= 2 (one word and <eos>), got {max_len}")
+        self.vocab_size, self.max_len, self.hidden = vocab_size, max_len, hidden
+        self.teacher_forcing = teacher_forcing
+        self.init_state = nn.Linear(feat_dim, hidden)
+        self.embed = nn.Embedding(vocab_size, embed_dim, padding_idx=PAD_ID)
+        self.gru = nn.GRU(embed_dim, hidden, num_layers=1, batch_first=True)
+        self.out = nn.Linear(hidden, vocab_size)
+
+    def initial_state(self, features: Tensor) -> Tensor:
+        """h0 = tanh(W f + b): `[N, hidden]`."""
+        return torch.tanh(self.init_state(features))
+
+    # --- explicit cell (export-friendly) -------------------------------------------------------
+    def input_gates(self, tokens: Tensor) -> Tensor:
+        """W_ih x + b_ih for token ids `[N]` -> `[N, 3*hidden]` (embedding lookup exports as Gather)."""
+        return nnf.linear(self.embed(tokens), self.gru.weight_ih_l0, self.gru.bias_ih_l0)
+
+    def bos_gates(self) -> Tensor:
+        """Input gates of <bos> as a `[1, 3*hidden]` constant row; broadcasting it over the batch avoids
+        building a batch-sized <bos> tensor from the input shape (no Shape/ConstantOfShape in the graph)."""
+        return nnf.linear(self.embed.weight[BOS_ID:BOS_ID + 1], self.gru.weight_ih_l0, self.gru.bias_ih_l0)
+
+    def cell(self, gates_x: Tensor, h: Tensor) -> Tensor:
+        """One GRU step from precomputed input gates, with PyTorch's gate order (r, z, n)."""
+        gates_h = nnf.linear(h, self.gru.weight_hh_l0, self.gru.bias_hh_l0)
+        H = self.hidden
+        r = torch.sigmoid(gates_x[:, :H] + gates_h[:, :H])
+        z = torch.sigmoid(gates_x[:, H:2 * H] + gates_h[:, H:2 * H])
+        n = torch.tanh(gates_x[:, 2 * H:] + r * gates_h[:, 2 * H:])
+        return (1.0 - z) * n + z * h
+
+    def greedy(self, features: Tensor) -> tuple[Tensor, Tensor]:
+        """Greedy decoding for exactly `max_len` steps: (logits `[N, L, V]`, token ids `[N, L]` int64)."""
+        h = self.initial_state(features)
+        gates_x = self.bos_gates()
+        all_logits, all_tokens = [], []
+        for _ in range(self.max_len):
+            h = self.cell(gates_x, h)
+            logits = self.out(h)
+            tokens = logits.argmax(dim=-1)
+            all_logits.append(logits)
+            all_tokens.append(tokens)
+            gates_x = self.input_gates(tokens)
+        return torch.stack(all_logits, dim=1), torch.stack(all_tokens, dim=1)
+
+    def stepwise(self, features: Tensor, targets: Tensor, teacher_forcing: float = 1.0) -> Tensor:
+        """Explicit-cell decoding fed with `targets` `[N, L]` with probability `teacher_forcing` per row
+        and step, else with the model's own previous argmax (scheduled sampling). Returns `[N, L, V]`."""
+        h = self.initial_state(features)
+        gates_x = self.bos_gates()
+        steps = []
+        for t in range(targets.shape[1]):
+            h = self.cell(gates_x, h)
+            logits = self.out(h)
+            steps.append(logits)
+            if t + 1 == targets.shape[1]:
+                break
+            prev = targets[:, t]
+            if teacher_forcing < 1.0:
+                use_truth = torch.rand(prev.shape, device=prev.device) < teacher_forcing
+                prev = torch.where(use_truth, prev, logits.detach().argmax(dim=-1))
+            gates_x = self.input_gates(prev)
+        return torch.stack(steps, dim=1)
+
+    # --- fused path (training speed) -----------------------------------------------------------
+    def teacher_forced(self, features: Tensor, targets: Tensor) -> Tensor:
+        """Fused nn.GRU over inputs <bos> + targets[:, :-1]: logits `[N, L, V]` for targets `[N, L]`."""
+        bos = targets.new_full((targets.shape[0], 1), BOS_ID)
+        inputs = torch.cat([bos, targets[:, :-1]], dim=1)
+        h0 = self.initial_state(features).unsqueeze(0)
+        out, _ = self.gru(self.embed(inputs), h0)
+        return self.out(out)
+
+    def forward(self, features: Tensor, targets: Tensor | None = None) -> Tensor:
+        """Token logits `[N, L, V]`: teacher-forced when `targets` is given (scheduled sampling in training
+        when teacher_forcing < 1), greedy otherwise."""
+        if targets is None:
+            return self.greedy(features)[0]
+        if targets.dim() != 2:
+            raise ValueError(f"text targets must be [N, max_len] token ids, got shape {tuple(targets.shape)}")
+        if self.training and self.teacher_forcing < 1.0:
+            return self.stepwise(features, targets, self.teacher_forcing)
+        return self.teacher_forced(features, targets)

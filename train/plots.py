@@ -1,0 +1,57 @@
+"""Matplotlib figures written by training (curves) and the label-fraction experiment."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display on servers, CI or Jetsons
+import matplotlib.pyplot as plt  # noqa: E402
+
+from deploy.fileio import atomic_write  # noqa: E402
+
+
+def save_figure(fig, path: str | Path) -> Path:
+    """Save atomically as PNG and close the figure."""
+    out = atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=110, bbox_inches="tight"))
+    plt.close(fig)
+    return out
+
+
+def plot_curves(history: list[dict], path: str | Path, title: str = "") -> Path:
+    """Training loss terms (left) and validation metrics (right) per epoch."""
+    epochs = [r["epoch"] for r in history]
+    fig, (ax_loss, ax_val) = plt.subplots(1, 2, figsize=(11, 4))
+    for key in sorted({k for r in history for k in r if k.startswith("train/")}):
+        ax_loss.plot(epochs, [r.get(key, float("nan")) for r in history], marker="o", label=key[6:])
+    for key in sorted({k for r in history for k in r if k.startswith("val/")}):
+        values = [r.get(key, float("nan")) for r in history]
+        if all(isinstance(v, (int, float)) for v in values):
+            ax_val.plot(epochs, [v / 100 if "bleu" in key else v for v in values], marker="o",
+                        label=key[4:] + (" /100" if "bleu" in key else ""))
+    ax_loss.set(title=f"{title} training loss", xlabel="epoch")
+    ax_val.set(title=f"{title} validation", xlabel="epoch", ylim=(0, 1.02))
+    for ax in (ax_loss, ax_val):
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    return save_figure(fig, path)
+
+
+def plot_fractions(rows: list[dict], metrics: list[tuple[str, str]], path: str | Path) -> Path:
+    """Metric vs label fraction for each model kind (the paper's headline experiment).
+
+    rows: {"fraction": f, "model": name, <metric key>: value}; metrics: [(key, axis label)].
+    """
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics), 3.8), squeeze=False)
+    models = sorted({r["model"] for r in rows})
+    for ax, (key, label) in zip(axes[0], metrics):
+        for model in models:
+            pts = sorted((r["fraction"], r[key]) for r in rows if r["model"] == model and key in r)
+            if pts:
+                ax.plot([100 * f for f, _ in pts], [v for _, v in pts], marker="o", label=model)
+        ax.set(xlabel="labelled training patients (%)", ylabel=label, title=label)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    return save_figure(fig, path)

@@ -1,0 +1,212 @@
+"""Distill the teacher ensemble into the student, train the labels-only baseline, evaluate everything.
+
+    python -m train.student --config configs/default.yaml [student.kd.schedule=staged ...]
+    torchrun --nproc_per_node 4 -m train.student --config configs/paper.yaml
+
+Loss (per task, see train.losses.MultiTaskLoss): labelled images (1-α)·CE + α·KD, unlabelled images KD
+only; KD = T²·KL against the ensemble's softened outputs (teachers lacking a head do not vote on it).
+The diagnosis head learns token-level KL along the reference (labelled) or the ensemble's greedy
+diagnosis (unlabelled), plus cross-entropy on that greedy diagnosis (sequence-level KD). Teacher outputs
+are computed once and cached. The baseline is the same network with the same number of optimizer steps
+on the labelled images only, so the effect of distillation is measured, not assumed.
+Outputs: runs/<name>/{student,baseline}/ and runs/<name>/summary.{json,md} (test split).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import sys
+
+import numpy as np
+import torch
+
+from train.checkpoint import load_model
+from train.config import ConfigError, to_dict
+from train.data.manifest import DatasetError
+from train.distributed import DistInfo, init_distributed, shutdown_distributed
+from train.ensemble import (
+    SoftTargets,
+    compute_soft_targets,
+    load_ensemble,
+    load_soft_targets,
+    save_soft_targets,
+)
+from train.experiment import ExperimentConfig, add_config_args, load_experiment, teacher_specs
+from train.loop import EpochPlan, Trainer, TrainingDiverged, seed_everything
+from train.losses import MultiTaskLoss, ensemble_soft_targets, kd_loss_per_teacher, sequence_ce
+from train.stage import (
+    Splits,
+    build_model,
+    evaluate_model,
+    flat_headline,
+    image_set,
+    load_splits,
+    preprocess_spec,
+    save_resolved,
+    write_final,
+)
+from train.summary import write_summary
+from train.teachers import supervised_step, teacher_dir
+
+
+def student_plan(cfg: ExperimentConfig, labelled: np.ndarray):
+    """Epoch -> (items, mode). joint: every image every epoch; staged: the paper's three stages."""
+    lab_idx, unl_idx, all_idx = np.flatnonzero(labelled), np.flatnonzero(~labelled), np.arange(len(labelled))
+    kd = cfg.student.kd
+    if kd.schedule == "joint":
+        return lambda epoch: EpochPlan(all_idx if kd.use_unlabeled else lab_idx, "joint")
+    s1, s2, _ = kd.stage_epochs
+
+    def plan(epoch: int) -> EpochPlan:
+        if epoch < s1:
+            return EpochPlan(lab_idx, "labels")
+        if epoch < s1 + s2 or not kd.use_unlabeled or len(unl_idx) == 0:
+            return EpochPlan(lab_idx, "labels+kd")
+        return EpochPlan(unl_idx, "unlabeled-kd")
+
+    return plan
+
+
+def distill_step(loss_fn: MultiTaskLoss, soft: SoftTargets, cfg: ExperimentConfig, text_task: str | None):
+    """KD step: soft targets are looked up in the cache by the batch's item index."""
+    kd = cfg.student.kd
+
+    def step(model, batch, mode):
+        if mode == "labels":
+            return supervised_step(loss_fn, text_task)(model, batch, mode)
+        idx = batch["index"].cpu()
+        labelled = batch["labelled"]
+        targets = {t.name: batch[t.name] for t in loss_fn.tasks}
+        if text_task:  # unlabelled rows are forced on the ensemble's greedy diagnosis
+            targets[text_task] = soft.text_tokens[idx].to(labelled.device)
+        out = model(batch["image"], text_targets=targets.get(text_task))
+        soft_batch, extra, parts = {}, 0.0, {}
+        for task in loss_fn.tasks:
+            temp = loss_fn.temperature(task.name)
+            if task.kind == "text":
+                if not kd.token_kd:
+                    continue
+                teacher = soft.text_logits[:, idx].to(out[task.name].device).float()
+            else:
+                teacher = soft.logits[task.name][:, idx].to(out[task.name].device).float()
+            if kd.ensemble_mode == "kl_sum" and task.kind == "classification":
+                # Per-teacher KL, averaged: added here; the loss below then sees no soft target for it.
+                per = kd_loss_per_teacher(out[task.name], list(teacher), temp)
+                extra = extra + per
+                parts[f"{task.name}/kd_sum"] = float(per.detach())
+                continue
+            soft_batch[task.name] = ensemble_soft_targets(list(teacher), temp)
+        loss, comps = loss_fn(out, targets, soft_batch, labelled)
+        if text_task and kd.sequence_kd and (~labelled).any():
+            seq = sequence_ce(out[text_task][~labelled], targets[text_task][~labelled])
+            extra = extra + seq
+            parts[f"{text_task}/seq_kd"] = float(seq.detach())
+        return loss + extra, {**comps, **parts}
+
+    return step
+
+
+def fit_student(cfg: ExperimentConfig, splits: Splits, role: str, device, info: DistInfo,
+                soft: SoftTargets | None, steps_budget: int | None = None) -> tuple[torch.nn.Module, Trainer]:
+    """Train the student (role "student", with KD) or the baseline (role "baseline", labels only)."""
+    scfg = cfg.student
+    tasks = splits.data.spec.tasks
+    pre = preprocess_spec(cfg, scfg.image_size)
+    rows = splits.train + (splits.unlabeled if role == "student" and scfg.kd.use_unlabeled else [])
+    train_set = image_set(splits, rows, tasks, pre, scfg.train.augment)
+    val_set = image_set(splits, splits.val, tasks, pre)
+    text = next((t.name for t in tasks if t.kind == "text"), None)
+    loss_fn = MultiTaskLoss(tasks, alpha=scfg.kd.alpha, temperatures=scfg.kd.temperatures,
+                            default_temperature=scfg.kd.default_temperature)
+    tcfg = scfg.train
+    if role == "student":
+        plan = student_plan(cfg, train_set.labelled)
+        step = distill_step(loss_fn, soft, cfg, text)
+        if scfg.kd.schedule == "staged":
+            tcfg = dataclasses.replace(tcfg, epochs=sum(scfg.kd.stage_epochs))
+    else:  # same optimizer-step budget as the student, on the labelled images only
+        per_epoch = math.ceil(len(train_set) / info.world_size / tcfg.batch_size)
+        epochs = max(1, math.ceil((steps_budget or per_epoch * tcfg.epochs) / per_epoch))
+        tcfg = dataclasses.replace(tcfg, epochs=epochs)
+        plan = lambda epoch: EpochPlan(np.arange(len(train_set)), "labels")  # noqa: E731
+        step = supervised_step(loss_fn, text)
+    seed_everything(cfg.seed)
+    model = build_model(dataclasses.replace(scfg.model, tasks=None), splits.data, splits.data.spec.task_names)
+    model.to(device)
+
+    def evaluate(m):
+        score, metrics = evaluate_model(m, val_set, tasks, device, tcfg.eval_batch_size, info)
+        return score, flat_headline(metrics, tasks)
+
+    meta = {"role": role, "name": role, "preprocessing": pre.to_dict(),
+            "config": {"model": to_dict(scfg.model), "train": to_dict(tcfg), "kd": to_dict(scfg.kd),
+                       "seed": cfg.seed, "data": to_dict(cfg.data), "image_size": pre.size}}
+    out_dir = cfg.run_dir / role
+    trainer = Trainer(name=role, model=model, train_set=train_set, plan=plan, step=step, evaluate=evaluate,
+                      cfg=tcfg, out_dir=out_dir, seed=cfg.seed, device=device, info=info, meta=meta)
+    if info.is_main:
+        save_resolved(cfg, out_dir)
+    best = trainer.fit()
+    model, _ = load_model(best)
+    return model.to(device).eval(), trainer
+
+
+def teacher_soft_targets(cfg: ExperimentConfig, splits: Splits, device, info: DistInfo) -> SoftTargets:
+    """The ensemble's outputs on the student's training images, cached in runs/<name>/student/."""
+    tasks = splits.data.spec.tasks
+    specs = teacher_specs(cfg, splits.data.spec.task_names)
+    ensemble = load_ensemble([teacher_dir(cfg, s.name) / "best.safetensors" for s in specs], tasks, device)
+    rows = splits.train + (splits.unlabeled if cfg.student.kd.use_unlabeled else [])
+    keys = [r.path for r in rows]
+    path = cfg.run_dir / "student" / "teacher_outputs.safetensors"
+    soft = load_soft_targets(path, keys)
+    if soft is None:
+        data = image_set(splits, rows, tasks, preprocess_spec(cfg, cfg.teachers.image_size))
+        soft = compute_soft_targets(ensemble, data, device, cfg.teachers.train.eval_batch_size)
+        if info.is_main:
+            save_soft_targets(path, soft, keys)
+    return soft
+
+
+def run(cfg: ExperimentConfig, info: DistInfo, device) -> dict:
+    splits = load_splits(cfg, info)
+    soft = teacher_soft_targets(cfg, splits, device, info)
+    student, trainer = fit_student(cfg, splits, "student", device, info, soft)
+    baseline = None
+    if cfg.student.baseline:
+        budget = trainer.total_steps
+        baseline, _ = fit_student(cfg, splits, "baseline", device, info, None, steps_budget=budget)
+    tasks = splits.data.spec.tasks
+    test = image_set(splits, splits.test, tasks, preprocess_spec(cfg, cfg.student.image_size))
+    results = {}
+    for role, model in (("student", student), ("baseline", baseline)):
+        if model is not None:
+            _, metrics = evaluate_model(model, test, tasks, device, 64, info)
+            results[role] = metrics
+            if info.is_main:
+                write_final(cfg.run_dir / role, role, metrics, tasks)
+    if info.is_main:
+        write_summary(cfg, splits, results, device)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(parser)
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_experiment(args.config, args.overrides)
+        info, device = init_distributed(cfg.device)
+        run(cfg, info, device)
+    except (ConfigError, DatasetError, TrainingDiverged, FileNotFoundError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        shutdown_distributed()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,139 @@
+"""Train the teacher ensemble: one multi-task teacher per subset of the tasks (Chelaramani et al.).
+
+    python -m train.teachers --config configs/default.yaml            # every teacher, one after another
+    python -m train.teachers --config configs/default.yaml --only teacher_coarse_fine
+    python -m train.teachers --list                                   # the teacher names
+    make -j 4 teacher-teacher_coarse teacher-teacher_fine ...         # independent runs in parallel
+    torchrun --nproc_per_node 8 -m train.teachers --only teacher_coarse   # DDP on one node
+
+Each teacher is an independent run in runs/<name>/teachers/<teacher>/ that resumes where it was killed;
+a finished teacher is skipped. With several GPUs and no torchrun, `--gpu auto` puts teacher i on GPU
+i mod count, so parallel make jobs spread over the GPUs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from train.checkpoint import load_model
+from train.config import ConfigError, to_dict
+from train.data.manifest import DatasetError
+from train.distributed import DistInfo, init_distributed, shutdown_distributed
+from train.experiment import ExperimentConfig, TeacherSpec, add_config_args, load_experiment, teacher_specs
+from train.loop import EpochPlan, Trainer, TrainingDiverged, seed_everything
+from train.losses import MultiTaskLoss
+from train.stage import (
+    Splits,
+    build_model,
+    evaluate_model,
+    flat_headline,
+    image_set,
+    load_splits,
+    preprocess_spec,
+    save_resolved,
+    write_final,
+)
+
+
+def teacher_dir(cfg: ExperimentConfig, name: str) -> Path:
+    return cfg.run_dir / "teachers" / name
+
+
+def supervised_step(loss_fn: MultiTaskLoss, text_task: str | None):
+    """Labels only: cross-entropy per task on the images labelled for it (teacher forcing for text)."""
+
+    def step(model, batch, mode):
+        text_targets = batch[text_task] if text_task else None
+        out = model(batch["image"], text_targets=text_targets)
+        targets = {k: batch[k] for k in out}
+        return loss_fn(out, targets, None, batch["labelled"])
+
+    return step
+
+
+def train_teacher(cfg: ExperimentConfig, spec: TeacherSpec, splits: Splits, device: torch.device,
+                  info: DistInfo) -> dict:
+    """Train (or resume, or skip if finished) one teacher; returns its test metrics."""
+    out_dir = teacher_dir(cfg, spec.name)
+    final = out_dir / "final.json"
+    if final.exists():
+        print(f"[{spec.name}] already trained: {final}", flush=True)
+        return {}
+    model_cfg = dataclasses.replace(spec.model or cfg.teachers.model, tasks=list(spec.tasks))
+    seed_everything(cfg.seed)
+    model = build_model(model_cfg, splits.data, spec.tasks).to(device)
+    tasks = [splits.data.spec.task(n) for n in spec.tasks]
+    pre = preprocess_spec(cfg, cfg.teachers.image_size)
+    train_rows = [r for r in splits.train if any(r.labels.get(t) for t in spec.tasks)]
+    train_set = image_set(splits, train_rows, tasks, pre, cfg.teachers.train.augment)
+    val_set = image_set(splits, splits.val, tasks, pre)
+    text = next((t.name for t in tasks if t.kind == "text"), None)
+    loss_fn = MultiTaskLoss(tasks)
+    tcfg = cfg.teachers.train
+
+    def evaluate(m):
+        score, metrics = evaluate_model(m, val_set, tasks, device, tcfg.eval_batch_size, info)
+        return score, flat_headline(metrics, tasks)
+
+    meta = {"role": "teacher", "name": spec.name, "preprocessing": pre.to_dict(),
+            "config": {"model": to_dict(model_cfg), "train": to_dict(tcfg), "seed": cfg.seed,
+                       "data": to_dict(cfg.data), "image_size": pre.size}}
+    trainer = Trainer(name=spec.name, model=model, train_set=train_set,
+                      plan=lambda epoch: EpochPlan(np.arange(len(train_set)), "labels"),
+                      step=supervised_step(loss_fn, text), evaluate=evaluate, cfg=tcfg, out_dir=out_dir,
+                      seed=cfg.seed, device=device, info=info, meta=meta)
+    if info.is_main:
+        save_resolved(cfg, out_dir)
+    best = trainer.fit()
+    model, _ = load_model(best)
+    model.to(device).eval()
+    test_set = image_set(splits, splits.test, tasks, pre)
+    _, metrics = evaluate_model(model, test_set, tasks, device, tcfg.eval_batch_size, info)
+    if info.is_main:
+        write_final(out_dir, spec.name, metrics, tasks, {"tasks": spec.tasks, "checkpoint": str(best)})
+        print(f"[{spec.name}] test: {flat_headline(metrics, tasks)}", flush=True)
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(parser)
+    parser.add_argument("--only", action="append", default=[], help="train only this teacher (repeatable)")
+    parser.add_argument("--list", action="store_true", help="print the teacher names and exit")
+    parser.add_argument("--gpu", default=None, help="'auto': teacher i on GPU i mod count (parallel make)")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_experiment(args.config, args.overrides)
+        if args.list:
+            from train.data.manifest import load_spec
+
+            print(" ".join(s.name for s in teacher_specs(cfg, load_spec(cfg.data.root).task_names)))
+            return 0
+        info, device = init_distributed(cfg.device)
+        splits = load_splits(cfg, info)
+        specs = teacher_specs(cfg, splits.data.spec.task_names)
+        unknown = set(args.only) - {s.name for s in specs}
+        if unknown:
+            raise ConfigError(f"unknown teacher(s) {sorted(unknown)}; teachers: {[s.name for s in specs]}")
+        for i, spec in enumerate(specs):
+            if args.only and spec.name not in args.only:
+                continue
+            if args.gpu == "auto" and torch.cuda.device_count() > 1 and not info.enabled:
+                device = torch.device(f"cuda:{i % torch.cuda.device_count()}")
+            train_teacher(cfg, spec, splits, device, info)
+    except (ConfigError, DatasetError, TrainingDiverged, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        shutdown_distributed()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
