@@ -8,7 +8,8 @@ size, parameters, MACs, latency (batch 1 and larger), per-stage times and peak m
 Writes runs/<name>/bench/report.{md,json} + PNG plots (atomically) and prints the report. Each artifact
 gets a status: passed; below floor (it ran but missed an accuracy floor); failed (the reason, e.g. a
 corrupt file; the others still run); skipped (missing, or needs hardware/software not here).
-Exit code: 0 all good, 1 a floor missed or an artifact failed, 2 bad config or dataset.
+Exit code: 0 all good, 1 a floor missed, an artifact failed or nothing could be measured, 2 bad config
+or dataset.
 Settings live in the config's `bench:` section (BenchConfig); the options above override them.
 """
 
@@ -228,8 +229,13 @@ def publish(report: dict, out_dir: Path, results_root: Path) -> Path:
 
 
 def exit_code(report: dict) -> int:
+    """1 when a floor was missed or matched nothing, an artifact failed, or nothing could be measured."""
     bad = [r for r in report["artifacts"] if r["status"] in ("failed", "below floor")]
-    return 1 if bad or report["unmatched_floors"] else 0
+    ran = [r for r in report["artifacts"] if r["status"] in RAN]
+    if not ran:
+        print("error: no artifact could be measured (see the notes above); train and export first: "
+              "make teachers student export compress", file=sys.stderr)
+    return 1 if bad or not ran or report["unmatched_floors"] else 0
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -231,6 +231,9 @@ def test_floors_fail_the_command(tiny_run: Path):
                        "student.fp32", "--min-metric", "studnet.fp32:coarse/accuracy=0.0"])
     assert code == 1 and _report(tiny_run, "out_typo")["unmatched_floors"] == ["studnet.fp32:coarse/accuracy=0"]
     assert bench.main(["--config", str(tiny_run), "--min-metric", "nonsense"]) == 2
+    # Nothing measured (all filtered out or missing) is not a success either.
+    assert bench.main(["--config", str(tiny_run), "--out", str(tiny_run.parent / "out_none"),
+                       "--only", "no-such-artifact"]) == 1
 
 
 def test_corrupt_artifact_fails_alone(tiny_run: Path):

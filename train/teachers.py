@@ -28,6 +28,7 @@ from train.distributed import DistInfo, init_distributed, shutdown_distributed
 from train.experiment import ExperimentConfig, TeacherSpec, add_config_args, load_experiment, teacher_specs
 from train.loop import EpochPlan, Trainer, TrainingDiverged, seed_everything
 from train.losses import MultiTaskLoss
+from train.metrics import headline
 from train.stage import (
     Splits,
     build_model,
@@ -97,7 +98,8 @@ def train_teacher(cfg: ExperimentConfig, spec: TeacherSpec, splits: Splits, devi
     _, metrics = evaluate_model(model, test_set, tasks, device, tcfg.eval_batch_size, info)
     if info.is_main:
         write_final(out_dir, spec.name, metrics, tasks, {"tasks": spec.tasks, "checkpoint": str(best)})
-        print(f"[{spec.name}] test: {flat_headline(metrics, tasks)}", flush=True)
+        heads = {k: round(v, 4) for k, v in headline(metrics, tasks).items()}
+        print(f"[{spec.name}] test: {heads}", flush=True)
     return metrics
 
 

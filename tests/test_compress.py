@@ -1,0 +1,142 @@
+"""Export parity, INT8 flavours, the accuracy guard and on-device prediction, on a tiny trained run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from tiny import make_tiny_dataset, write_tiny_config
+
+from compress.export import ExportMismatch, export_all, verify_export
+from compress.guard import Guard, GuardFailed
+from compress.onnx_eval import evaluate_onnx, load_contract, onnx_path
+from compress.quantize import calibration_source
+from compress.quantize import main as quantize_main
+from compress.quantize_flavours import qdq_summary
+from compress.settings import CompressConfig, GuardConfig
+from compress.trt_check import check_model, check_qdq_for_tensorrt
+from deploy.contract import METADATA_KEY, Contract
+from train.checkpoint import load_model
+from train.experiment import load_experiment
+from train.models.multitask import ExportModel
+from train.stage import image_set, load_splits
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """Tiny teachers + student trained and exported once for the whole module."""
+    root = tmp_path_factory.mktemp("compress")
+    data = make_tiny_dataset(root / "data", patients=36)
+    cfg_path = write_tiny_config(root / "cfg.yaml", data, root / "runs", **{
+        "teachers.train.epochs": 4, "student.train.epochs": 4, "student.baseline": False})
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    for module in ("train.teachers", "train.student"):
+        proc = subprocess.run([sys.executable, "-m", module, "--config", str(cfg_path)], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    reports = export_all(str(cfg_path), [])
+    return cfg_path, load_experiment(cfg_path), reports
+
+
+def test_export_matches_pytorch_and_carries_the_contract(run):
+    _, cfg, reports = run
+    for name in ("student", "ensemble"):
+        rep = reports[name]
+        assert rep["coarse"]["max_abs_diff"] <= 1e-4 and rep["coarse"]["top1_agreement"] >= 0.995
+        assert rep["diagnosis"]["text_agreement"] >= 0.995
+        path = onnx_path(cfg.run_dir, name)
+        model = onnx.load(str(path))
+        onnx.checker.check_model(model, full_check=True)
+        embedded = Contract.from_json(next(p.value for p in model.metadata_props if p.key == METADATA_KEY))
+        assert embedded.to_dict() == load_contract(path).to_dict()
+        assert [o.name for o in model.graph.output] == embedded.output_names
+        assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # dynamic batch
+
+
+def test_export_check_fails_loudly_when_onnx_differs(run):
+    _, cfg, _ = run
+    path = onnx_path(cfg.run_dir, "student")
+    model, _ = load_model(cfg.run_dir / "student" / "best.safetensors")
+    with torch.no_grad():  # a different model than the one exported
+        model.heads["coarse"][-1].bias[0] += 2.0  # (a shift of every logit would not change softmax)
+    splits = load_splits(cfg)
+    contract = load_contract(path)
+    data = image_set(splits, splits.val, contract.tasks, contract.preprocessing)
+    with pytest.raises(ExportMismatch, match="coarse: max"):
+        verify_export(path, ExportModel(model), contract, data, CompressConfig())
+
+
+def test_compress_writes_every_flavour_with_the_right_quantization(run):
+    cfg_path, cfg, _ = run
+    assert quantize_main(["--config", str(cfg_path)]) == 0
+    report = json.loads((cfg.run_dir / "onnx" / "compress_report.json").read_text())["student"]
+    assert {k: v["status"] for k, v in report["flavours"].items()} == \
+        {"int8-cpu": "passed", "int8-tensorrt": "passed", "fp16": "passed"}
+    trt = qdq_summary(onnx_path(cfg.run_dir, "student", "int8-tensorrt"))
+    assert trt["zero_points_all_zero"] and set(trt["zero_point_dtypes"]) == {"int8"}
+    assert trt["per_channel_axes"] and trt["dq_outputs"] == []
+    assert not any("/heads/diagnosis/" in n for n in trt["quantized_nodes"])  # decoder stays float
+    cpu = qdq_summary(onnx_path(cfg.run_dir, "student", "int8-cpu"))
+    assert "uint8" in cpu["zero_point_dtypes"] and "int8" in cpu["zero_point_dtypes"]
+    for flavour in ("fp32", "fp16", "int8-cpu", "int8-tensorrt"):
+        path = onnx_path(cfg.run_dir, "student", flavour)
+        assert [v for v in check_model(path) if v.severity == "error"] == [], flavour
+    assert [v for v in check_qdq_for_tensorrt(onnx_path(cfg.run_dir, "student", "int8-tensorrt"))
+            if v.severity == "error"] == []
+
+
+def test_guard_fires_on_blank_calibration_and_more_images_recover(run):
+    _, cfg, _ = run
+    splits = load_splits(cfg)
+    fp32 = onnx_path(cfg.run_dir, "student")
+    contract = load_contract(fp32)
+    val = image_set(splits, splits.val, contract.tasks, contract.preprocessing)
+    real, available = calibration_source(splits, contract, seed=0)
+
+    def images(n: int) -> np.ndarray:  # a handful of blank frames, as from a misconfigured camera export
+        return np.zeros((n, 3, 32, 32), np.float32) - 1.0 if n <= 2 else real(n)
+
+    ccfg = CompressConfig(calibration_images=2, guard=GuardConfig(
+        max_drop_accuracy_points=0.0, max_drop_top5_points=0.0, max_drop_bleu=0.0, fallbacks=["more_images"]))
+    reference = evaluate_onnx(fp32, val, contract.tasks)
+    out = cfg.run_dir / "guard" / "student.int8-cpu.onnx"
+    guard = Guard(fp32, "int8-cpu", val, contract.tasks, images, ccfg, ["/heads/diagnosis/"], {}, reference)
+    kept = guard.run(out, available)
+    first = guard.attempts[0]
+    assert not first.passed and max(first.drops.values()) > 0  # the blank calibration is caught
+    assert kept.passed and kept.images > 2 and out.exists()  # and the fallback recovers
+
+    strict = Guard(fp32, "int8-cpu", val, contract.tasks, lambda n: np.zeros((n, 3, 32, 32), np.float32) - 1.0,
+                   ccfg, ["/heads/diagnosis/"], {}, reference)
+    with pytest.raises(GuardFailed, match="no attempt stayed within"):
+        strict.run(cfg.run_dir / "guard" / "never.onnx", 2)
+    assert not (cfg.run_dir / "guard" / "never.onnx").exists()
+
+
+def test_deploy_predict_runs_every_flavour(run, tmp_path):
+    cfg_path, cfg, _ = run
+    if not onnx_path(cfg.run_dir, "student", "int8-cpu").exists():
+        assert quantize_main(["--config", str(cfg_path)]) == 0
+    splits = load_splits(cfg)
+    images = [str(splits.data.image_path(r)) for r in splits.test[:3]]
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8\xff not really a jpeg")
+    for flavour in ("fp32", "fp16", "int8-cpu", "int8-tensorrt"):
+        cmd = [sys.executable, "-m", "deploy.predict", str(onnx_path(cfg.run_dir, "student", flavour)),
+               *images, str(broken), "--json"]
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 1, proc.stderr  # one image failed, the others were predicted
+        records = json.loads(proc.stdout)["predictions"]
+        assert [r["error"] is None for r in records] == [True, True, True, False]
+        assert "broken.jpg" in records[-1]["error"]
+        assert all(r["tasks"]["coarse"]["label"] in ("red", "green", "blue") for r in records[:3])
+        assert all(isinstance(r["tasks"]["diagnosis"]["text"], str) for r in records[:3])
