@@ -14,7 +14,7 @@ RUN ?= $(shell test -x $(PYTHON) && $(PYTHON) -m train.experiment --config $(CON
 OVERRIDES ?=
 
 .PHONY: all venv data validate teachers student experiment-fractions export compress engine bench \
-	predict-demo test lint clean help
+	predict test lint clean help
 
 all: data teachers student export compress bench  ## the whole pipeline on the default config
 
@@ -56,6 +56,11 @@ compress: $(STAMP)  ## INT8 (cpu + tensorrt flavours) and FP16 ONNX with the acc
 engine: $(STAMP)  ## TensorRT engines from the ONNX models (needs tensorrt: Jetson / NVIDIA GPU)
 	$(PYTHON) -m deploy.build_engine $(RUN)/onnx/student.int8-tensorrt.onnx --precision int8
 	$(PYTHON) -m deploy.build_engine $(RUN)/onnx/student.fp16.onnx --precision fp16
+
+MODEL ?= $(RUN)/onnx/student.int8-cpu.onnx
+IMAGES ?= $(wordlist 1,4,$(sort $(wildcard $(DATA)/images/P*.jpg)))
+predict: $(STAMP)  ## on-device inference with the torch-free runtime (MODEL=..., IMAGES=...)
+	$(PYTHON) -m deploy.predict $(MODEL) $(IMAGES)
 
 bench: $(STAMP)  ## accuracy + latency of every artifact: report.md / report.json / plots
 	$(PYTHON) -m benchmarks.bench --config $(CONFIG) $(OVERRIDES)

@@ -9,6 +9,7 @@ Names are `<model>.<flavour>`: student.pytorch, student.fp32, student.int8-cpu, 
 from __future__ import annotations
 
 import json
+from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -188,7 +189,7 @@ def onnx_graph_stats(path: Path) -> dict:
 
 
 # --- runners --------------------------------------------------------------------------------------
-class Runner:
+class Runner(ABC):
     """A loaded artifact: `run(batch)` maps float32 [N, 3, S, S] to outputs keyed by task name
     (float32 probabilities [N, C], int64 token ids [N, L]). `sync()` waits for the device."""
 
@@ -198,13 +199,14 @@ class Runner:
     info: dict
     params: int | None = None
 
+    @abstractmethod
     def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
-        raise NotImplementedError
+        """Outputs of one preprocessed batch."""
 
-    def sync(self) -> None:
+    def sync(self) -> None:  # noqa: B027 - optional hook: most runners have nothing to wait for
         """Wait for queued device work (CUDA); a no-op on the CPU."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook
         """Release the model."""
 
 

@@ -27,7 +27,7 @@ from compress.onnx_eval import make_session, onnx_path, run_onnx
 from compress.settings import CompressConfig, compress_config
 from deploy.contract import METADATA_KEY, Contract, sidecar_path
 from deploy.fileio import atomic_write, atomic_write_text, sha256_file
-from train.checkpoint import load_model
+from train.checkpoint import CheckpointError, load_model
 from train.config import ConfigError
 from train.data.manifest import DatasetError
 from train.data.torch_data import FundusImages
@@ -53,6 +53,16 @@ class EnsembleExport(nn.Module):
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
         out = self.ensemble(image)
         return tuple(out[t.name] for t in self.ensemble.tasks)
+
+
+def set_contract_metadata(model: onnx.ModelProto, contract: Contract) -> None:
+    """Write the contract (and model name/version) into the ONNX metadata, replacing older values."""
+    meta = {p.key: p.value for p in model.metadata_props}
+    meta.update({METADATA_KEY: contract.to_json(), "model_name": contract.model_name,
+                 "model_version": contract.model_version})
+    del model.metadata_props[:]
+    for k, v in meta.items():
+        model.metadata_props.add(key=k, value=v)
 
 
 def _ancestors(graph: onnx.GraphProto, outputs: list[str]) -> set[str]:
@@ -96,12 +106,7 @@ def export_onnx(module: nn.Module, contract: Contract, out_path: Path, opset: in
             torch.onnx.export(module.eval(), (dummy,), str(tmp), input_names=[contract.input_name],
                               output_names=names, dynamic_axes=axes, opset_version=opset, dynamo=False)
         model = onnx.load(str(tmp))
-        meta = {p.key: p.value for p in model.metadata_props}
-        meta.update({METADATA_KEY: contract.to_json(), "model_name": contract.model_name,
-                     "model_version": contract.model_version})
-        del model.metadata_props[:]
-        for k, v in meta.items():
-            model.metadata_props.add(key=k, value=v)
+        set_contract_metadata(model, contract)
         model.producer_name = "fundus-mtkd"
         tag_text_nodes(model, contract)
         onnx.checker.check_model(model, full_check=True)
@@ -182,8 +187,13 @@ def export_all(cfg_path: str | None, overrides: list[str]) -> dict:
         out = onnx_path(cfg.run_dir, name)
         export_onnx(module, contract, out, ccfg.opset)
         data = image_set(splits, splits.val, tasks, contract.preprocessing)
-        reports[name] = {"onnx": str(out), "size_mb": out.stat().st_size / 1e6,
-                         **verify_export(out, module, contract, data, ccfg)}
+        try:
+            check = verify_export(out, module, contract, data, ccfg)
+        except ExportMismatch:
+            out.unlink()  # an unverified model must not be picked up by compress or the device
+            sidecar_path(out).unlink()
+            raise
+        reports[name] = {"onnx": str(out), "size_mb": out.stat().st_size / 1e6, **check}
         print(f"[export] {name}: {out} ({reports[name]['size_mb']:.1f} MB) verified on "
               f"{reports[name]['images']} validation images", flush=True)
     atomic_write_text(cfg.run_dir / "onnx" / "export_report.json", json.dumps(reports, indent=1))
@@ -205,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         export_all(args.config, args.overrides)
-    except (ConfigError, DatasetError, FileNotFoundError, ExportMismatch, onnx.checker.ValidationError) as exc:
+    except (ConfigError, DatasetError, FileNotFoundError, ExportMismatch, CheckpointError,
+            onnx.checker.ValidationError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0

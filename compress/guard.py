@@ -31,6 +31,7 @@ from compress.onnx_eval import evaluate_onnx
 from compress.quantize_flavours import layer_sensitivity, quantize_cpu, quantize_tensorrt
 from compress.settings import CALIBRATION_METHODS, CompressConfig, GuardConfig
 from deploy.contract import TaskSpec
+from deploy.fileio import atomic_write
 from train.data.torch_data import FundusImages
 from train.metrics import agreement, headline
 
@@ -130,8 +131,13 @@ class Guard:
               f"{drops} {'OK' if attempt.passed else 'over threshold'}", flush=True)
         return attempt
 
-    def run(self, out_path: Path, available_images: int) -> Attempt:
-        """Write the first passing model to out_path; raise GuardFailed with every attempt otherwise."""
+    def run(self, out_path: Path, available_images: int,
+            finalize: Callable[[Path, Attempt], None] | None = None) -> Attempt:
+        """Write the first passing model to out_path; raise GuardFailed with every attempt otherwise.
+
+        `finalize(candidate, attempt)` may rewrite the kept candidate (e.g. stamp its contract) before
+        it is moved into place atomically, so out_path never holds a half-finished model."""
+        self._finalize = finalize
         cfg, guard = self.cfg, self.cfg.guard
         n = min(cfg.calibration_images, available_images)
         with tempfile.TemporaryDirectory(prefix="guard.") as tmp:
@@ -146,7 +152,7 @@ class Guard:
                         a = self._try("fallback: method", other, n, [], candidate)
                         if a.passed:
                             return self._keep(a, candidate, out_path)
-                        if _worst(a) < _worst(best):
+                        if self._worst(a) < self._worst(best):
                             best, method = a, other
                 elif step == "more_images" and available_images > n:
                     n = min(2 * n, available_images)
@@ -170,12 +176,11 @@ class Guard:
             model = onnx.load(str(prepare_for_quantization(self.fp32_path, Path(tmp) / "prepared.onnx")))
         weighted = [node.name for node in model.graph.node if node.op_type in ("Conv", "Gemm", "MatMul")
                     and not any(re.search(p, node.name) for p in self.patterns)]
-        guarded = guarded_metrics(self.tasks)
         limits = self.cfg.guard
 
         def score(path: Path) -> float:  # negative worst normalized drop: higher is better
             _, metrics = evaluate_onnx(path, self.val, self.tasks, self.cfg.threads)
-            return -_worst_value(metric_drops(self.fp32_metrics, metrics, self.tasks), guarded, limits)
+            return -self._worst_drops(metric_drops(self.fp32_metrics, metrics, self.tasks))
 
         # The first and last weighted layers are the usual suspects; bound the pass's cost.
         k = limits.sensitivity_candidates
@@ -191,20 +196,17 @@ class Guard:
                 break
         return attempt
 
+    def _worst_drops(self, drops: dict[str, float]) -> float:
+        """The largest drop relative to its threshold (> 1 means over the limit)."""
+        g = self.cfg.guard
+        scale = {"accuracy": g.max_drop_accuracy_points, "top5": g.max_drop_top5_points, "bleu": g.max_drop_bleu}
+        return max((drops[k] / max(scale[kind], 1e-9) for k, kind in _kinds(drops)), default=0.0)
+
+    def _worst(self, attempt: Attempt) -> float:
+        return self._worst_drops(attempt.drops)
+
     def _keep(self, attempt: Attempt, candidate: Path, out_path: Path) -> Attempt:
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out_path.with_suffix(".onnx.tmp")
-        shutil.copyfile(candidate, tmp)
-        tmp.replace(out_path)
+        if self._finalize is not None:
+            self._finalize(candidate, attempt)
+        atomic_write(out_path, lambda tmp: shutil.copyfile(candidate, tmp))
         return attempt
-
-
-def _worst(a: Attempt) -> float:
-    return max(a.drops.values(), default=0.0)
-
-
-def _worst_value(drops: dict[str, float], guarded, limits: GuardConfig) -> float:
-    scale = {"accuracy": limits.max_drop_accuracy_points, "top5": limits.max_drop_top5_points,
-             "bleu": limits.max_drop_bleu}
-    kinds = dict(guarded)
-    return max((drops[k] / max(scale[kinds[k]], 1e-9) for k in drops), default=0.0)

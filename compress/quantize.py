@@ -22,13 +22,14 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from compress.export import set_contract_metadata
 from compress.guard import Guard, GuardFailed, metric_drops
 from compress.onnx_eval import evaluate_onnx, load_contract, onnx_path
 from compress.quantize_flavours import convert_fp16, qdq_summary
 from compress.settings import CompressConfig, compress_config
 from compress.trt_check import check_model, check_qdq_for_tensorrt
-from deploy.contract import METADATA_KEY, Contract, sidecar_path
-from deploy.fileio import atomic_write_text, sha256_file
+from deploy.contract import Contract, sidecar_path
+from deploy.fileio import atomic_write, atomic_write_text, sha256_file
 from train.config import ConfigError
 from train.data.manifest import DatasetError
 from train.data.torch_data import FundusImages
@@ -52,16 +53,14 @@ def calibration_source(splits: Splits, contract: Contract, seed: int):
 
 
 def stamp_contract(path: Path, contract: Contract, precision: str, extra: dict) -> None:
-    """Same contract as the FP32 model (metadata + sidecar), with the precision and provenance."""
+    """Same contract as the FP32 model (metadata + sidecar), with the precision and provenance.
+
+    `path` is a candidate file that is moved into place afterwards, so it is written in place."""
     c = Contract(contract.model_name, contract.model_version, contract.tasks, contract.preprocessing,
                  contract.vocabulary, contract.input_name, dict(contract.hashes),
                  {**contract.extra, "precision": precision, **extra})
     model = onnx.load(str(path))
-    meta = {p.key: p.value for p in model.metadata_props if p.key != METADATA_KEY}
-    meta[METADATA_KEY] = c.to_json()
-    del model.metadata_props[:]
-    for k, v in meta.items():
-        model.metadata_props.add(key=k, value=v)
+    set_contract_metadata(model, c)
     onnx.save(model, str(path))
     c.save(sidecar_path(path))
 
@@ -85,34 +84,45 @@ def quantize_model(name: str, cfg, ccfg: CompressConfig, splits: Splits) -> dict
         t0 = time.perf_counter()
         guard = Guard(fp32, flavour, val, tasks, images, ccfg, patterns, ranges, reference)
         entry: dict = {"path": str(out)}
+
+        def finalize(candidate: Path, kept, flavour=flavour) -> None:  # runs before the atomic move
+            stamp_contract(candidate, contract, flavour, {
+                "calibration": {"method": kept.method, "images": kept.images, "float_layers": kept.float_layers},
+                "fp32_sha256": sha256_file(fp32)})
+
         try:
-            kept = guard.run(out, available)
+            kept = guard.run(out, available, finalize)
             entry.update(status="passed", kept=kept.to_dict(), summary=qdq_summary(out))
-            stamp_contract(out, contract, flavour, {"calibration": {"method": kept.method, "images": kept.images,
-                                                                     "float_layers": kept.float_layers},
-                                                    "fp32_sha256": sha256_file(fp32)})
             if flavour == "int8-tensorrt":
                 violations = check_model(out) + check_qdq_for_tensorrt(out)
-                errors = [v for v in violations if v.severity == "error"]
                 entry["tensorrt_check"] = [f"{v.severity}: {v.node} {v.op}: {v.message}" for v in violations]
-                if errors:
+                if any(v.severity == "error" for v in violations):
                     entry["status"] = "failed: TensorRT static check"
         except GuardFailed as exc:
             entry.update(status="failed: accuracy guard", error=str(exc))
+        except Exception as exc:  # noqa: BLE001 - one flavour's failure must not stop the others
+            entry.update(status=f"failed: {type(exc).__name__}", error=str(exc))
+        if entry["status"] != "passed":  # never leave a model that did not pass where devices look
+            for stale in (out, sidecar_path(out)):
+                stale.unlink(missing_ok=True)
         entry["attempts"] = [a.to_dict() for a in guard.attempts]
         entry["seconds"] = round(time.perf_counter() - t0, 1)
         if out.exists():
             entry["size_mb"] = out.stat().st_size / 1e6
         report["flavours"][flavour] = entry
         print(f"[compress] {name} {flavour}: {entry['status']} ({entry['seconds']}s)", flush=True)
-    report["flavours"]["fp16"] = _fp16(fp32, contract, val, tasks, reference[1], ccfg)
+    report["flavours"]["fp16"] = _fp16(fp32, onnx_path(cfg.run_dir, name, "fp16"), contract, val, tasks,
+                                       reference[1], ccfg)
     return report
 
 
-def _fp16(fp32: Path, contract: Contract, val: FundusImages, tasks, fp32_metrics: dict, ccfg: CompressConfig) -> dict:
-    out = fp32.with_name(fp32.stem + ".fp16.onnx")
-    convert_fp16(fp32, out)
-    stamp_contract(out, contract, "fp16", {"fp32_sha256": sha256_file(fp32)})
+def _fp16(fp32: Path, out: Path, contract: Contract, val: FundusImages, tasks, fp32_metrics: dict,
+          ccfg: CompressConfig) -> dict:
+    def write(tmp: Path) -> None:
+        convert_fp16(fp32, tmp)
+        stamp_contract(tmp, contract, "fp16", {"fp32_sha256": sha256_file(fp32)})
+
+    atomic_write(out, write)
     _, metrics = evaluate_onnx(out, val, tasks, ccfg.threads)
     drops = metric_drops(fp32_metrics, metrics, tasks)
     print(f"[compress] {fp32.stem} fp16: drops {drops} (CPU run; FP16 is meant for GPUs)", flush=True)

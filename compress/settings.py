@@ -24,6 +24,12 @@ class GuardConfig:
     sensitivity_candidates: int = 12  # how many layers the per-layer sensitivity pass tries
     max_float_layers: int = 4  # at most this many sensitive layers are kept in float
 
+    def __post_init__(self) -> None:
+        if self.sensitivity_candidates < 1 or self.max_float_layers < 1:
+            raise ValueError("guard.sensitivity_candidates and guard.max_float_layers must be >= 1")
+        if min(self.max_drop_accuracy_points, self.max_drop_top5_points, self.max_drop_bleu) < 0:
+            raise ValueError("guard thresholds are drops in points and must be >= 0")
+
 
 @dataclass
 class CompressConfig:

@@ -163,7 +163,11 @@ class Contract:
         path = Path(path)
         if not path.is_file():
             raise ContractError(f"{path}: contract sidecar not found; re-export the model (make export)")
-        return cls.from_json(path.read_text(encoding="utf-8"), source=str(path))
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ContractError(f"{path}: unreadable contract sidecar ({exc}); re-export the model") from exc
+        return cls.from_json(text, source=str(path))
 
 
 def sidecar_path(model_path: str | Path) -> Path:

@@ -206,6 +206,8 @@ class Predictor:
                 good.append(pred)
             except ImageError as exc:
                 pred.error = str(exc)
+            except Exception as exc:  # noqa: BLE001 - one bad file must never stop the batch
+                pred.error = f"{path}: could not be read ({type(exc).__name__}: {exc}); check or re-export it"
             pred.timing_ms["preprocess"] = (time.perf_counter() - t0) * 1e3
         if good:
             t0 = time.perf_counter()

@@ -83,9 +83,14 @@ def to_rgb(img: Image.Image) -> Image.Image:
 def load_image(path: str | Path) -> Image.Image:
     """Read an image file fully into 8-bit RGB, or raise ImageError naming the file and the problem."""
     path = Path(path)
+    try:
+        size = path.stat().st_size
+    except OSError as exc:  # missing, removed meanwhile, or unreadable
+        raise ImageError(f"{path}: file not found or unreadable ({exc.strerror}); check the path "
+                         f"(paths in a manifest are relative to it)") from exc
     if not path.is_file():
-        raise ImageError(f"{path}: file not found; check the path (paths in a manifest are relative to it)")
-    if path.stat().st_size == 0:
+        raise ImageError(f"{path}: not a regular file; point at an image file")
+    if size == 0:
         raise ImageError(f"{path}: file is empty (0 bytes); re-copy it from the camera or drop its row")
     try:
         with Image.open(path) as img:
@@ -93,6 +98,8 @@ def load_image(path: str | Path) -> Image.Image:
             return to_rgb(img)
     except UnidentifiedImageError as exc:
         raise ImageError(f"{path}: not an image Pillow can read; convert it to JPEG or PNG") from exc
+    except Image.DecompressionBombError as exc:
+        raise ImageError(f"{path}: image is implausibly large ({exc}); resize it before prediction") from exc
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageError(f"{path}: corrupt or truncated image ({exc}); re-export it or drop its row") from exc
 

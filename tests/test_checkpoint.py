@@ -168,3 +168,15 @@ def test_cli_converts_with_the_restricted_unpickler_and_inspects(tmp_path, capsy
     assert "2 tensors" in capsys.readouterr().out
     assert main(["inspect", str(tmp_path / "old.pt")]) == 1
     assert "pickled" in capsys.readouterr().err
+
+
+def test_header_length_starting_with_0x80_is_not_mistaken_for_a_pickle(tmp_path):
+    # 0x80 is a pickle's first byte, and also the low byte of some safetensors header lengths.
+    for pad in range(0, 300, 3):
+        path = tmp_path / f"c{pad}.safetensors"
+        save_checkpoint(path, {"w": torch.zeros(2)}, {"pad": "x" * pad})
+        if path.read_bytes()[:1] == b"\x80":
+            tensors, meta = load_checkpoint(path)
+            assert meta["pad"] == "x" * pad and torch.equal(tensors["w"], torch.zeros(2))
+            return
+    pytest.fail("no header length with low byte 0x80 was produced")

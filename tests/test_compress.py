@@ -140,3 +140,18 @@ def test_deploy_predict_runs_every_flavour(run, tmp_path):
         assert "broken.jpg" in records[-1]["error"]
         assert all(r["tasks"]["coarse"]["label"] in ("red", "green", "blue") for r in records[:3])
         assert all(isinstance(r["tasks"]["diagnosis"]["text"], str) for r in records[:3])
+
+
+def test_a_failed_export_check_leaves_no_model_behind(run, monkeypatch):
+    # Last in this module: it removes the ensemble's ONNX.
+    cfg_path, cfg, _ = run
+    import compress.export as export_mod
+
+    def mismatch(path, *args, **kwargs):
+        raise ExportMismatch(f"{path}: injected mismatch")
+
+    monkeypatch.setattr(export_mod, "verify_export", mismatch)
+    with pytest.raises(ExportMismatch):
+        export_all(str(cfg_path), ["compress.models=[ensemble]"])
+    assert not onnx_path(cfg.run_dir, "ensemble").exists()
+    assert not onnx_path(cfg.run_dir, "ensemble").with_suffix(".json").exists()

@@ -14,6 +14,7 @@ from train.losses import (
     ensemble_soft_targets,
     kd_loss,
     kd_loss_per_teacher,
+    kd_per_sample,
     mask_until_eos,
     sequence_ce,
     soften,
@@ -191,3 +192,24 @@ def test_multitask_rejects_bad_configuration_and_missing_inputs():
     loss_fn = MultiTaskLoss([_cls_task()])
     with pytest.raises(KeyError, match="coarse"):
         loss_fn({"coarse": torch.tensor(Z)}, {}, None, torch.tensor([True, True]))
+
+
+def test_multitask_loss_per_teacher_targets_average_each_teachers_kl():
+    torch.manual_seed(0)
+    tasks = [TaskSpec("coarse", "classification", ("a", "b", "c"))]
+    logits = torch.randn(4, 3, requires_grad=True)
+    teachers = torch.randn(2, 4, 3)
+    per_teacher = torch.stack([soften(t, 2.0) for t in teachers])
+    target = {"coarse": torch.tensor([0, -1, 2, -1])}
+    labelled = torch.tensor([True, False, True, False])
+    loss_fn = MultiTaskLoss(tasks, alpha=0.5, default_temperature=2.0)
+    kl_sum, _ = loss_fn({"coarse": logits}, target, {"coarse": per_teacher}, labelled)
+    manual = torch.stack([kd_per_sample(logits, p, 2.0) for p in per_teacher]).mean(0)
+    ce = torch.nn.functional.cross_entropy(logits, target["coarse"].clamp(min=0), reduction="none")
+    expected = torch.where(labelled, 0.5 * ce + 0.5 * manual, manual).mean()
+    torch.testing.assert_close(kl_sum, expected)
+    (g_sum,) = torch.autograd.grad(kl_sum, logits)
+    mean_probs, _ = loss_fn({"coarse": logits}, target, {"coarse": per_teacher.mean(0)}, labelled)
+    (g_mean,) = torch.autograd.grad(mean_probs, logits)
+    torch.testing.assert_close(g_sum, g_mean)  # same gradient, the loss values differ by a constant
+    assert kl_sum > mean_probs

@@ -83,9 +83,11 @@ def test_generate_at_batch_size_one_matches_the_batch():
     assert len({tuple(row) for row in batch.tolist()}) > 1  # the test would be vacuous if all rows agreed
 
 
-def test_fused_gru_and_explicit_step_compute_the_same_logits():
+@pytest.mark.parametrize("context", [False, True])
+def test_fused_gru_and_explicit_step_compute_the_same_logits(context):
     torch.manual_seed(1)
-    dec = DiagnosisDecoder(feat_dim=10, vocab_size=VOCAB, max_len=MAX_LEN, embed_dim=8, hidden=12).eval()
+    dec = DiagnosisDecoder(feat_dim=10, vocab_size=VOCAB, max_len=MAX_LEN, embed_dim=8, hidden=12,
+                           context=context).eval()
     feats, targets = torch.randn(3, 10), torch.randint(0, VOCAB, (3, MAX_LEN))
     with torch.no_grad():
         fused = dec.teacher_forced(feats, targets)
@@ -242,9 +244,11 @@ def test_safetensors_pretrained_from_backbone_or_model_checkpoint(tmp_path):
         tiny_model(["coarse"], pretrained=str(tmp_path / "missing.safetensors"))
 
 
-def test_bos_is_the_first_decoder_input():
-    dec = DiagnosisDecoder(feat_dim=4, vocab_size=VOCAB, max_len=3, embed_dim=5, hidden=6).eval()
+@pytest.mark.parametrize("context", [False, True])
+def test_bos_is_the_first_decoder_input(context):
+    dec = DiagnosisDecoder(feat_dim=4, vocab_size=VOCAB, max_len=3, embed_dim=5, hidden=6, context=context).eval()
     feats = torch.randn(2, 4)
-    h = dec.cell(dec.input_gates(torch.full((2,), BOS_ID)), dec.initial_state(feats))
+    h0, ctx = dec.start(feats)
+    h = dec.cell(dec.input_gates(torch.full((2,), BOS_ID), ctx), h0)
     with torch.no_grad():
         torch.testing.assert_close(dec.greedy(feats)[0][:, 0], dec.out(h))

@@ -9,17 +9,21 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from tiny import make_tiny_dataset, write_tiny_config
 
 import train.teachers as teachers_mod
+from deploy.preprocess import PreprocessSpec
 from train.checkpoint import load_checkpoint
 from train.data.manifest import load_dataset
-from train.experiment import load_experiment
-from train.loop import Trainer, TrainingDiverged
+from train.data.torch_data import FundusImages
+from train.evaluate import score_outputs
+from train.experiment import TrainConfig, load_experiment
+from train.loop import TrainingDiverged
 from train.stage import load_splits
-from train.student import student_plan
+from train.student import budget_config, student_plan
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -52,16 +56,22 @@ def test_resume_after_interruption_matches_uninterrupted_run(tiny_data, tmp_path
     full = _teacher(write_tiny_config(tmp_path / "a.yaml", tiny_data, tmp_path / "full"))
 
     cfg_b = write_tiny_config(tmp_path / "b.yaml", tiny_data, tmp_path / "cut")
-    original = Trainer._train_epoch
-    calls = {"n": 0}
+    real = teachers_mod.supervised_step
+    steps = {"n": 0, "armed": True}
 
-    def dies_in_epoch_two(self, epoch):
-        calls["n"] += 1
-        if epoch == 1 and calls["n"] == 2:
-            raise KeyboardInterrupt  # as if Ctrl-C / kill arrived in the middle of epoch 2
-        return original(self, epoch)
+    def dies_mid_epoch_two(loss_fn, text):
+        step = real(loss_fn, text)
 
-    monkeypatch.setattr(Trainer, "_train_epoch", dies_in_epoch_two)
+        def run(model, batch, mode):
+            steps["n"] += 1
+            if steps["armed"] and steps["n"] == 5:  # 3 steps per epoch: the 2nd step of epoch 2
+                steps["armed"] = False
+                raise KeyboardInterrupt  # as if Ctrl-C / kill arrived in the middle of epoch 2
+            return step(model, batch, mode)
+
+        return run
+
+    monkeypatch.setattr(teachers_mod, "supervised_step", dies_mid_epoch_two)
     with pytest.raises(KeyboardInterrupt):
         _teacher(cfg_b)
     _, meta = load_checkpoint(tmp_path / "cut" / "tiny" / "teachers" / "t_cls" / "last.safetensors")
@@ -141,10 +151,54 @@ def test_student_and_baseline_pipeline(tiny_data, tmp_path):
     assert set(summary["rows"]) == {"t_cls", "t_all", "ensemble", "student", "baseline"}
     soft = tmp_path / "runs" / "tiny" / "student" / "teacher_outputs.safetensors"
     tensors, meta = load_checkpoint(soft)
-    n_rows = len(meta["rows"])
+    n_rows = len(meta["key"]["rows"])
+    assert set(meta["key"]["teachers"]) == {"t_cls", "t_all"}  # the cache is tied to these checkpoints
     assert tensors["logits.coarse"].shape[:2] == (2, n_rows)  # both teachers have the coarse head
     assert tensors["text_logits"].shape[0] == 1  # only t_all has the text head
     # The baseline got the student's optimizer-step budget on fewer images: more epochs.
     student_epochs = len((tmp_path / "runs/tiny/student/metrics.csv").read_text().splitlines()) - 1
     baseline_epochs = len((tmp_path / "runs/tiny/baseline/metrics.csv").read_text().splitlines()) - 1
     assert baseline_epochs > student_epochs
+
+
+@pytest.mark.parametrize("n_items,budget", [(100, 37), (7, 40), (64, 8), (33, 1)])
+def test_baseline_gets_the_students_step_budget(n_items, budget):
+    tcfg = budget_config(TrainConfig(batch_size=8), n_items, 1, budget)
+    per_epoch = -(-n_items // 8)
+    total = sum(min(per_epoch, tcfg.max_steps_per_epoch) for _ in range(tcfg.epochs))
+    assert budget <= total <= budget + tcfg.epochs - 1
+
+
+def test_text_metrics_group_by_the_models_own_classification_task(tiny_data):
+    data = load_dataset(tiny_data)
+    rows = data.split("test")
+    tasks = [data.spec.task("fine"), data.spec.task("diagnosis")]  # a teacher without the coarse head
+    images = FundusImages(data, rows, data.spec.tasks, PreprocessSpec(size=32))
+    vocab = data.vocabulary
+    outputs = {"fine": np.full((len(rows), len(tasks[0].classes)), 1 / len(tasks[0].classes)),
+               "diagnosis": np.array([vocab.encode_padded(r.labels["diagnosis"]) for r in rows])}
+    metrics = score_outputs(outputs, images, tasks, vocab)
+    assert metrics["diagnosis"]["bleu"] > 50  # references truncated to the tiny vocab's max_len
+    assert set(metrics["diagnosis"]["per_group"]) <= set(tasks[0].classes)
+
+
+@pytest.mark.slow
+def test_label_fraction_experiment_table_and_plot(tiny_data, tmp_path):
+    cfg = write_tiny_config(tmp_path / "c.yaml", tiny_data, tmp_path / "runs", **{
+        "teachers.members": [{"name": "t_all", "tasks": ["coarse", "fine", "diagnosis"]}],
+        "teachers.train.epochs": 2, "student.train.epochs": 1})
+    proc = subprocess.run([sys.executable, "-m", "train.fractions", "--config", str(cfg), "--fractions", "0.5", "1.0"],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "runs" / "tiny" / "fractions"
+    rows = json.loads((out / "fractions.json").read_text())
+    assert {(r["fraction"], r["model"]) for r in rows} == {(f, m) for f in (0.5, 1.0)
+                                                           for m in ("ensemble", "student", "baseline")}
+    assert (out / "fractions.png").stat().st_size > 0 and "| 50% | student |" in (out / "fractions.md").read_text()
+    half = load_dataset(tiny_data, manifest="manifest.frac050.seed0.csv")
+    full = load_dataset(tiny_data)
+    kept = {r.patient_id for r in half.split("train")}
+    assert 0.4 <= len(kept) / len({r.patient_id for r in full.split("train")}) <= 0.6
+    moved = [r for r in half.split("unlabeled") if r.patient_id in {x.patient_id for x in full.split("train")}]
+    assert moved and all(not any(r.labels.values()) for r in moved)  # their labels are really gone
+    assert half.split("test") == full.split("test")  # evaluation untouched

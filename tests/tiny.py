@@ -60,7 +60,7 @@ def make_tiny_dataset(root: Path, patients: int = 30, unlabeled_patients: int = 
 
 def tiny_model() -> dict:
     return {"backbone": "test_efficientnet", "pretrained": "none", "head_hidden": 32, "dropout": 0.0,
-            "embed_dim": 16, "decoder_hidden": 32}
+            "embed_dim": 16, "decoder_hidden": 32, "decoder_context": True}
 
 
 def write_tiny_config(path: Path, data_root: Path, runs_root: Path, **extra) -> Path:

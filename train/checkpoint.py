@@ -132,7 +132,10 @@ def _check_header(path: Path) -> None:
     size = path.stat().st_size
     with open(path, "rb") as fh:
         head = fh.read(9)
-    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
+    # A safetensors file is an 8-byte little-endian header length then "{": test that first, since the
+    # length's low byte may well be 0x80, which is also how a pickle (protocol >= 2) starts.
+    is_safetensors = len(head) == 9 and head[8:9] == b"{"
+    if not is_safetensors and (head[:4] == b"PK\x03\x04" or head[:1] == b"\x80"):
         dst = path.with_suffix(".converted.safetensors" if path.suffix == ".safetensors" else ".safetensors")
         raise CheckpointError(f"{path}: pickled checkpoints are refused: convert with `python -m "
                               f"train.checkpoint convert {path} {dst}` (loading a pickle can run code)")

@@ -20,8 +20,8 @@ from tqdm import tqdm
 from deploy.contract import TaskSpec
 from deploy.vocab import PAD_ID
 from train.checkpoint import load_checkpoint, load_model, save_checkpoint
-from train.data.manifest import DatasetError
 from train.data.torch_data import FundusImages
+from train.losses import mask_until_eos
 
 
 @dataclass
@@ -66,8 +66,10 @@ class TeacherEnsemble(nn.Module):
         """
         members = self._members(self.text_task)
         decoders = [self.teachers[i].decoder for i in members]
-        hidden = [d.initial_state(feats[i]) for d, i in zip(decoders, members)]
-        gates = [d.bos_gates() for d in decoders]
+        starts = [d.start(feats[i]) for d, i in zip(decoders, members)]
+        hidden = [h for h, _ in starts]
+        ctx = [c for _, c in starts]
+        gates = [d.bos_gates(c) for d, c in zip(decoders, ctx)]
         tokens, logits = [], []
         has_ref = (forced != PAD_ID).any(1) if forced is not None else None
         for j in range(self.max_len):
@@ -81,7 +83,7 @@ class TeacherEnsemble(nn.Module):
                 token = torch.where(has_ref, forced[:, j], token)
             tokens.append(token)
             logits.append(torch.stack(step_logits))
-            gates = [d.input_gates(token) for d in decoders]
+            gates = [d.input_gates(token, c) for d, c in zip(decoders, ctx)]
         return torch.stack(tokens, 1), torch.stack(logits, 2)
 
     def teacher_outputs(self, images: torch.Tensor) -> tuple[list[torch.Tensor], dict[str, list[torch.Tensor]]]:
@@ -126,6 +128,8 @@ def compute_soft_targets(ensemble: TeacherEnsemble, data: FundusImages, device: 
             logits.setdefault(name, []).append(torch.stack(values).cpu())
         if ensemble.text_task:
             tok, tl = ensemble.decode(feats, forced=batch[ensemble.text_task].to(device))
+            # Generated sentences end at their first <eos>: what follows is noise, not a target.
+            tok = tok.masked_fill(~mask_until_eos(tok), PAD_ID)
             tokens.append(tok.cpu())
             text_logits.append(tl.half().cpu())  # [T, N, L, V] can be large: half precision is plenty
     return SoftTargets(logits={k: torch.cat(v, 1) for k, v in logits.items()},
@@ -133,29 +137,24 @@ def compute_soft_targets(ensemble: TeacherEnsemble, data: FundusImages, device: 
                        text_logits=torch.cat(text_logits, 1) if text_logits else None)
 
 
-def save_soft_targets(path: Path, soft: SoftTargets, keys: list[str]) -> None:
+def save_soft_targets(path: Path, soft: SoftTargets, key: dict) -> None:
     tensors = {f"logits.{k}": v.contiguous() for k, v in soft.logits.items()}
     if soft.text_tokens is not None:
         tensors["text_tokens"] = soft.text_tokens.contiguous()
         tensors["text_logits"] = soft.text_logits.contiguous()
-    save_checkpoint(path, tensors, {"rows": keys})
+    save_checkpoint(path, tensors, {"key": key})
 
 
-def load_soft_targets(path: Path, keys: list[str]) -> SoftTargets | None:
-    """The cache, or None when it is missing or was made for other rows (then it is recomputed)."""
+def load_soft_targets(path: Path, key: dict) -> SoftTargets | None:
+    """The cache, or None when it is missing or was made for other rows, teachers or preprocessing
+    (`key`: rows, teacher checkpoint hashes, preprocessing); then it is recomputed."""
     if not path.exists():
         return None
     try:
         tensors, meta = load_checkpoint(path)
     except (ValueError, OSError):
         return None
-    if meta.get("rows") != keys:
+    if meta.get("key") != key:
         return None
     return SoftTargets(logits={k[7:]: v for k, v in tensors.items() if k.startswith("logits.")},
                        text_tokens=tensors.get("text_tokens"), text_logits=tensors.get("text_logits"))
-
-
-def check_rows_match(soft: SoftTargets, n: int) -> None:
-    for name, v in soft.logits.items():
-        if v.shape[1] != n:
-            raise DatasetError(f"soft targets for {name} cover {v.shape[1]} rows, the training set has {n}")

@@ -56,9 +56,10 @@ def collect_outputs(predict: PredictFn, data: FundusImages, device: torch.device
     gathered = gather_objects((shard, local), info)
     if len(gathered) == 1:
         return local
+    gathered = [(s, part) for s, part in gathered if s]  # a rank may get no item of a tiny split
     order = np.concatenate([np.asarray(s, dtype=np.int64) for s, _ in gathered])
     merged = {}
-    for name in local:
+    for name in gathered[0][1]:
         stacked = np.concatenate([part[name] for _, part in gathered])
         result = np.empty_like(stacked)
         result[order] = stacked
@@ -78,7 +79,8 @@ def score_outputs(outputs: dict[str, np.ndarray], data: FundusImages, tasks: lis
                   vocab: Vocabulary | None) -> dict:
     """Full metrics per task (train.metrics.evaluate) for the tasks present in `outputs`."""
     present = [t for t in tasks if t.name in outputs]
-    group = next((t.name for t in data.tasks if t.kind == "classification"), None)
+    # Per-class BLEU is grouped by the first classification task the model itself predicts.
+    group = next((t.name for t in present if t.kind == "classification"), None)
     return metrics.evaluate(outputs, targets_of(data, present), present, vocab, group_task=group)
 
 

@@ -74,10 +74,16 @@ class TrainConfig:
     num_workers: int = 0
     eval_batch_size: int = 64
     max_steps_per_epoch: int | None = None  # caps an epoch (used to give the baseline the student's budget)
+    # At least this many optimizer steps: small (label-fraction) training sets get more epochs instead
+    # of a starved model. 0 = exactly `epochs`.
+    min_steps: int = 0
+    # Validate and checkpoint at most this many times (evenly spaced; always after the last epoch), so
+    # runs of many short epochs stay cheap. A killed run resumes from the last checkpointed epoch.
+    max_evals: int = 10
 
     def __post_init__(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1:
-            raise ValueError("epochs and batch_size must be >= 1")
+        if self.epochs < 1 or self.batch_size < 1 or self.max_evals < 1 or self.min_steps < 0:
+            raise ValueError("epochs, batch_size and max_evals must be >= 1 and min_steps >= 0")
 
 
 @dataclass

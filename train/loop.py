@@ -10,6 +10,7 @@ I/O); AMP on CUDA; per-epoch metrics as CSV, TensorBoard and a PNG of the curves
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import math
@@ -27,7 +28,7 @@ from tqdm import tqdm
 
 from deploy.fileio import atomic_write_text
 from train.checkpoint import flatten_state, load_checkpoint, save_checkpoint, save_model, unflatten_state
-from train.distributed import DistInfo, all_reduce_mean, barrier, broadcast_object
+from train.distributed import DistInfo, all_reduce_mean, barrier, broadcast_object, gather_objects
 from train.experiment import TrainConfig
 from train.plots import plot_curves
 
@@ -44,6 +45,11 @@ class EpochPlan:
 
 StepFn = Callable[[torch.nn.Module, dict, str], tuple[torch.Tensor, dict[str, float]]]
 EvalFn = Callable[[torch.nn.Module], tuple[float, dict[str, float]]]  # -> (selection score, flat metrics)
+
+
+def config_fingerprint(meta: dict) -> str:
+    """What must match for a run folder to be resumed or reused: the run's config, canonically."""
+    return json.dumps(meta.get("config", {}), sort_keys=True, default=str)
 
 
 def seed_everything(seed: int) -> None:
@@ -87,9 +93,17 @@ class Trainer:
         self.name, self.model, self.train_set, self.plan = name, model, train_set, plan
         self.step, self.evaluate, self.cfg, self.out_dir = step, evaluate, cfg, Path(out_dir)
         self.seed, self.device, self.info, self.meta = seed, device, info, meta
-        self.fingerprint = json.dumps(meta.get("config", {}), sort_keys=True, default=str)
+        self.fingerprint = config_fingerprint(meta)
+        if cfg.min_steps:  # enough epochs for the step budget (plans are per epoch, so count them)
+            epochs, steps = 0, 0
+            while epochs < cfg.epochs or steps < cfg.min_steps:
+                steps += self._steps_for(len(plan(epochs).indices), cfg)
+                epochs += 1
+            cfg = dataclasses.replace(cfg, epochs=epochs)
+            self.cfg = cfg
         self.optimizer = build_optimizer(model, cfg)
         self.total_steps = sum(self._steps(len(plan(e).indices)) for e in range(cfg.epochs))
+        self.eval_every = max(1, math.ceil(cfg.epochs / cfg.max_evals))
         self.scheduler = build_scheduler(self.optimizer, cfg, self.total_steps)
         self.amp = cfg.amp and device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
@@ -105,9 +119,12 @@ class Trainer:
         return self.out_dir / "best.safetensors"
 
     def _steps(self, n_items: int) -> int:
+        return self._steps_for(n_items, self.cfg)
+
+    def _steps_for(self, n_items: int, cfg: TrainConfig) -> int:
         per_rank = math.ceil(n_items / self.info.world_size)
-        steps = math.ceil(per_rank / self.cfg.batch_size)
-        return min(steps, self.cfg.max_steps_per_epoch) if self.cfg.max_steps_per_epoch else steps
+        steps = math.ceil(per_rank / cfg.batch_size)
+        return min(steps, cfg.max_steps_per_epoch) if cfg.max_steps_per_epoch else steps
 
     # --- checkpoints -------------------------------------------------------------------------------
     def _save_last(self, epoch: int) -> None:
@@ -157,6 +174,7 @@ class Trainer:
         steps = self._steps(len(plan.indices))
         self.model.train()
         totals: dict[str, float] = {}
+        counts: dict[str, int] = {}
         bar = tqdm(loader, total=steps, desc=f"{self.name} epoch {epoch + 1}/{self.cfg.epochs} [{plan.mode}]",
                    disable=not self.info.is_main, leave=False, dynamic_ncols=True)
         for i, batch in enumerate(bar):
@@ -169,8 +187,9 @@ class Trainer:
             if all_reduce_mean(float(bad), self.info) > 0:
                 raise TrainingDiverged(
                     f"[{self.name}] loss became {loss.item()} at epoch {epoch + 1} step {i + 1} ({parts}); "
-                    f"the last good checkpoint is kept at {self.last_path}. Lower the learning rate "
-                    f"(optim.lr) or check the data, then rerun to resume from it.")
+                    f"the last good checkpoint is kept at {self.last_path}. Check the data, or lower the "
+                    f"learning rate (optim.lr) and train again under a new name (name=...) or after "
+                    f"deleting {self.out_dir}.")
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
             if self.cfg.grad_clip > 0:
@@ -182,9 +201,17 @@ class Trainer:
                 self.scheduler.step()
             for k, v in {"loss": float(loss.detach()), **parts}.items():
                 totals[k] = totals.get(k, 0.0) + v
-            bar.set_postfix(loss=f"{totals['loss'] / (i + 1):.3f}")
-        n = max(min(steps, len(loader)), 1)
-        return {f"train/{k}": all_reduce_mean(v / n, self.info) for k, v in totals.items()}
+                counts[k] = counts.get(k, 0) + 1
+            bar.set_postfix(loss=f"{totals['loss'] / counts['loss']:.3f}")
+        # Loss parts appear only in batches that have them (e.g. a task's CE needs a labelled image),
+        # and ranks see different batches: merge sums and counts per key over all ranks.
+        sums: dict[str, float] = {}
+        seen: dict[str, int] = {}
+        for rank_totals, rank_counts in gather_objects((totals, counts), self.info):
+            for k, v in rank_totals.items():
+                sums[k] = sums.get(k, 0.0) + v
+                seen[k] = seen.get(k, 0) + rank_counts[k]
+        return {f"train/{k}": sums[k] / seen[k] for k in sorted(sums)}
 
     # --- the run -----------------------------------------------------------------------------------
     def fit(self) -> Path:
@@ -197,6 +224,8 @@ class Trainer:
             seed_everything(self.seed * 1000 + epoch)
             t0 = time.perf_counter()
             logs = self._train_epoch(epoch)
+            if (epoch + 1) % self.eval_every and epoch + 1 < self.cfg.epochs:
+                continue  # not a validation/checkpoint epoch (see TrainConfig.max_evals)
             self.model.eval()
             score, val = self.evaluate(self._raw_model())
             score = float(broadcast_object(score, self.info))

@@ -216,6 +216,12 @@ class MultiTaskLoss(nn.Module):
                                  ignore_index=PAD_ID).view_as(target)
         return _per_sample_token_mean(ce_tok, tok_mask), labelled & has_ref, tok_mask
 
+    @staticmethod
+    def _kd(logits: Tensor, teacher: Tensor, temp: float, per_teacher: bool) -> Tensor:
+        if per_teacher:
+            return torch.stack([kd_per_sample(logits, t, temp) for t in teacher]).mean(0)
+        return kd_per_sample(logits, teacher, temp)
+
     def forward(self, student_out: Mapping[str, Tensor], targets: Mapping[str, Tensor],
                 soft: Mapping[str, Tensor] | None, labelled_mask: Tensor) -> tuple[Tensor, dict[str, float]]:
         soft = soft or {}
@@ -234,12 +240,16 @@ class MultiTaskLoss(nn.Module):
                                  f"{labelled.shape[0]}")
             lab, temp = labelled.to(logits.device), self.temperatures[name]
             teacher = soft[name].detach().to(logits.device) if name in soft else None
+            # soft[t] with one more leading axis than the logits holds per-teacher targets [T, ...]:
+            # the "kl_sum" ensemble mode, KD = mean over teachers of each teacher's KL.
+            per_teacher = teacher is not None and teacher.dim() == logits.dim() + 1
             if task.kind == "classification":
                 ce, has_label = self._classification_terms(logits, target, lab)
-                kd = kd_per_sample(logits, teacher, temp) if teacher is not None else None
+                kd = self._kd(logits, teacher, temp, per_teacher) if teacher is not None else None
             else:
-                ce, has_label, tok_mask = self._text_terms(logits, target, lab, teacher)
-                kd = (_per_sample_token_mean(kd_per_sample(logits, teacher, temp), tok_mask)
+                mean = teacher.mean(0) if per_teacher else teacher
+                ce, has_label, tok_mask = self._text_terms(logits, target, lab, mean)
+                kd = (_per_sample_token_mean(self._kd(logits, teacher, temp, per_teacher), tok_mask)
                       if teacher is not None else None)
             if kd is None:
                 loss = _masked_mean(ce, has_label)

@@ -19,7 +19,7 @@ from train.config import save_config
 from train.data.manifest import Dataset, DatasetError, load_dataset, write_manifest
 from train.data.splits import label_fraction
 from train.data.torch_data import FundusImages
-from train.distributed import DistInfo, barrier
+from train.distributed import DistInfo, barrier, broadcast_object
 from train.evaluate import collect_outputs, model_predict, score_outputs, selection_score
 from train.experiment import AugmentConfig, ExperimentConfig
 from train.metrics import headline
@@ -53,12 +53,16 @@ def _validated(data: Dataset, info: DistInfo) -> None:
     """Refuse an invalid dataset. The result is remembered per manifest content, so stages re-check fast."""
     digest = hashlib.sha256(data.manifest_path.read_bytes()).hexdigest()[:16]
     stamp = data.root / f".validated-{data.manifest_path.stem}-{digest}"
-    if stamp.exists():
-        return
-    if info.is_main:
-        check_dataset(data.root, manifest=data.spec.manifest)  # raises DatasetError naming the rows
-        stamp.touch()
-    barrier(info)
+    error = None
+    if info.is_main and not stamp.exists():
+        try:
+            check_dataset(data.root, manifest=data.spec.manifest)  # names every bad row and the fix
+            stamp.touch()
+        except DatasetError as exc:
+            error = str(exc)
+    error = broadcast_object(error, info)  # every rank stops with the same message
+    if error:
+        raise DatasetError(error)
 
 
 def load_splits(cfg: ExperimentConfig, info: DistInfo | None = None) -> Splits:

@@ -22,6 +22,7 @@ import sys
 import numpy as np
 import torch
 
+from deploy.fileio import sha256_file
 from train.checkpoint import load_model
 from train.config import ConfigError, to_dict
 from train.data.manifest import DatasetError
@@ -33,9 +34,9 @@ from train.ensemble import (
     load_soft_targets,
     save_soft_targets,
 )
-from train.experiment import ExperimentConfig, add_config_args, load_experiment, teacher_specs
+from train.experiment import ExperimentConfig, TrainConfig, add_config_args, load_experiment, teacher_specs
 from train.loop import EpochPlan, Trainer, TrainingDiverged, seed_everything
-from train.losses import MultiTaskLoss, ensemble_soft_targets, kd_loss_per_teacher, sequence_ce
+from train.losses import MultiTaskLoss, ensemble_soft_targets, sequence_ce, soften
 from train.stage import (
     Splits,
     build_model,
@@ -49,6 +50,17 @@ from train.stage import (
 )
 from train.summary import write_summary
 from train.teachers import supervised_step, teacher_dir
+
+
+def budget_config(tcfg: TrainConfig, n_items: int, world_size: int, steps_budget: int | None) -> TrainConfig:
+    """The baseline's schedule: the student's optimizer-step budget, spent on `n_items` labelled images.
+
+    Epochs = ceil(budget / steps per epoch), each capped at ceil(budget / epochs) steps, so the total is
+    the budget (at most epochs - 1 steps more)."""
+    per_epoch = math.ceil(math.ceil(n_items / world_size) / tcfg.batch_size)
+    budget = steps_budget or per_epoch * tcfg.epochs
+    epochs = max(1, math.ceil(budget / per_epoch))
+    return dataclasses.replace(tcfg, epochs=epochs, max_steps_per_epoch=math.ceil(budget / epochs))
 
 
 def student_plan(cfg: ExperimentConfig, labelled: np.ndarray):
@@ -84,20 +96,13 @@ def distill_step(loss_fn: MultiTaskLoss, soft: SoftTargets, cfg: ExperimentConfi
         out = model(batch["image"], text_targets=targets.get(text_task))
         soft_batch, extra, parts = {}, 0.0, {}
         for task in loss_fn.tasks:
-            temp = loss_fn.temperature(task.name)
-            if task.kind == "text":
-                if not kd.token_kd:
-                    continue
-                teacher = soft.text_logits[:, idx].to(out[task.name].device).float()
-            else:
-                teacher = soft.logits[task.name][:, idx].to(out[task.name].device).float()
-            if kd.ensemble_mode == "kl_sum" and task.kind == "classification":
-                # Per-teacher KL, averaged: added here; the loss below then sees no soft target for it.
-                per = kd_loss_per_teacher(out[task.name], list(teacher), temp)
-                extra = extra + per
-                parts[f"{task.name}/kd_sum"] = float(per.detach())
+            if task.kind == "text" and not kd.token_kd:
                 continue
-            soft_batch[task.name] = ensemble_soft_targets(list(teacher), temp)
+            cached = soft.text_logits if task.kind == "text" else soft.logits[task.name]
+            teacher = cached[:, idx].to(out[task.name].device).float()  # [T, N, ...] teachers with this head
+            temp = loss_fn.temperature(task.name)
+            soft_batch[task.name] = (torch.stack([soften(t, temp) for t in teacher])
+                                     if kd.ensemble_mode == "kl_sum" else ensemble_soft_targets(list(teacher), temp))
         loss, comps = loss_fn(out, targets, soft_batch, labelled)
         if text_task and kd.sequence_kd and (~labelled).any():
             seq = sequence_ce(out[text_task][~labelled], targets[text_task][~labelled])
@@ -126,10 +131,8 @@ def fit_student(cfg: ExperimentConfig, splits: Splits, role: str, device, info: 
         step = distill_step(loss_fn, soft, cfg, text)
         if scfg.kd.schedule == "staged":
             tcfg = dataclasses.replace(tcfg, epochs=sum(scfg.kd.stage_epochs))
-    else:  # same optimizer-step budget as the student, on the labelled images only
-        per_epoch = math.ceil(len(train_set) / info.world_size / tcfg.batch_size)
-        epochs = max(1, math.ceil((steps_budget or per_epoch * tcfg.epochs) / per_epoch))
-        tcfg = dataclasses.replace(tcfg, epochs=epochs)
+    else:
+        tcfg = budget_config(tcfg, len(train_set), info.world_size, steps_budget)
         plan = lambda epoch: EpochPlan(np.arange(len(train_set)), "labels")  # noqa: E731
         step = supervised_step(loss_fn, text)
     seed_everything(cfg.seed)
@@ -157,16 +160,19 @@ def teacher_soft_targets(cfg: ExperimentConfig, splits: Splits, device, info: Di
     """The ensemble's outputs on the student's training images, cached in runs/<name>/student/."""
     tasks = splits.data.spec.tasks
     specs = teacher_specs(cfg, splits.data.spec.task_names)
-    ensemble = load_ensemble([teacher_dir(cfg, s.name) / "best.safetensors" for s in specs], tasks, device)
+    paths = [teacher_dir(cfg, s.name) / "best.safetensors" for s in specs]
+    ensemble = load_ensemble(paths, tasks, device)
     rows = splits.train + (splits.unlabeled if cfg.student.kd.use_unlabeled else [])
-    keys = [r.path for r in rows]
+    spec = preprocess_spec(cfg, cfg.teachers.image_size)
+    key = {"rows": [r.path for r in rows], "preprocessing": spec.to_dict(),
+           "teachers": {p.parent.name: sha256_file(p) for p in paths}}
     path = cfg.run_dir / "student" / "teacher_outputs.safetensors"
-    soft = load_soft_targets(path, keys)
+    soft = load_soft_targets(path, key)
     if soft is None:
-        data = image_set(splits, rows, tasks, preprocess_spec(cfg, cfg.teachers.image_size))
+        data = image_set(splits, rows, tasks, spec)
         soft = compute_soft_targets(ensemble, data, device, cfg.teachers.train.eval_batch_size)
         if info.is_main:
-            save_soft_targets(path, soft, keys)
+            save_soft_targets(path, soft, key)
     return soft
 
 

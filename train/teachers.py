@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from train.config import ConfigError, to_dict
 from train.data.manifest import DatasetError
 from train.distributed import DistInfo, init_distributed, shutdown_distributed
 from train.experiment import ExperimentConfig, TeacherSpec, add_config_args, load_experiment, teacher_specs
-from train.loop import EpochPlan, Trainer, TrainingDiverged, seed_everything
+from train.loop import EpochPlan, Trainer, TrainingDiverged, config_fingerprint, seed_everything
 from train.losses import MultiTaskLoss
 from train.metrics import headline
 from train.stage import (
@@ -58,14 +59,19 @@ def supervised_step(loss_fn: MultiTaskLoss, text_task: str | None):
     return step
 
 
+def ensure_same_config(out_dir: Path, meta: dict) -> None:
+    """A finished run is reused only if it was trained with the same config; else say how to redo it."""
+    sidecar = out_dir / "last.json"
+    recorded = json.loads(sidecar.read_text()).get("fingerprint") if sidecar.exists() else None
+    if recorded != config_fingerprint(meta):
+        raise RuntimeError(f"{out_dir} was trained with a different config; delete it to retrain, or use "
+                           f"another experiment name (name=...)")
+
+
 def train_teacher(cfg: ExperimentConfig, spec: TeacherSpec, splits: Splits, device: torch.device,
                   info: DistInfo) -> dict:
     """Train (or resume, or skip if finished) one teacher; returns its test metrics."""
     out_dir = teacher_dir(cfg, spec.name)
-    final = out_dir / "final.json"
-    if final.exists():
-        print(f"[{spec.name}] already trained: {final}", flush=True)
-        return {}
     model_cfg = dataclasses.replace(spec.model or cfg.teachers.model, tasks=list(spec.tasks))
     seed_everything(cfg.seed)
     model = build_model(model_cfg, splits.data, spec.tasks).to(device)
@@ -85,6 +91,11 @@ def train_teacher(cfg: ExperimentConfig, spec: TeacherSpec, splits: Splits, devi
     meta = {"role": "teacher", "name": spec.name, "preprocessing": pre.to_dict(),
             "config": {"model": to_dict(model_cfg), "train": to_dict(tcfg), "seed": cfg.seed,
                        "data": to_dict(cfg.data), "image_size": pre.size}}
+    final = out_dir / "final.json"
+    if final.exists():
+        ensure_same_config(out_dir, meta)
+        print(f"[{spec.name}] already trained: {final}", flush=True)
+        return json.loads(final.read_text())["metrics"]
     trainer = Trainer(name=spec.name, model=model, train_set=train_set,
                       plan=lambda epoch: EpochPlan(np.arange(len(train_set)), "labels"),
                       step=supervised_step(loss_fn, text), evaluate=evaluate, cfg=tcfg, out_dir=out_dir,

@@ -31,6 +31,16 @@ def _stratum(rows: list[Row], task: str, freq: Counter) -> str:
     return min(labels, key=lambda lab: (freq[lab], lab))
 
 
+def _strata(rows: list[Row], task: str) -> dict[str, list[str]]:
+    """Patient ids grouped by stratum, each group in sorted (deterministic) order."""
+    groups = _patients(rows)
+    freq = Counter(r.labels.get(task, "") for r in rows)
+    strata: dict[str, list[str]] = defaultdict(list)
+    for pid in sorted(groups):
+        strata[_stratum(groups[pid], task, freq)].append(pid)
+    return strata
+
+
 def _allocate(n: int, fractions: dict[str, float]) -> list[str]:
     """Split n items by fractions with the largest-remainder rule (sums exactly to n)."""
     total = sum(fractions.values())
@@ -50,12 +60,7 @@ def assign_splits(rows: list[Row], stratify_task: str, fractions: dict[str, floa
     fractions = dict(fractions or DEFAULT_FRACTIONS)
     if set(fractions) - {"train", "val", "test"} or any(v < 0 for v in fractions.values()):
         raise ValueError(f"fractions must be non-negative values for train/val/test, got {fractions}")
-    pool = [r for r in rows if r.split != "unlabeled"]
-    groups = _patients(pool)
-    freq = Counter(r.labels.get(stratify_task, "") for r in pool)
-    strata: dict[str, list[str]] = defaultdict(list)
-    for pid in sorted(groups):
-        strata[_stratum(groups[pid], stratify_task, freq)].append(pid)
+    strata = _strata([r for r in rows if r.split != "unlabeled"], stratify_task)
     rng = random.Random(seed)
     split_of: dict[str, str] = {}
     for stratum in sorted(strata):
@@ -77,12 +82,7 @@ def label_fraction(rows: list[Row], fraction: float, stratify_task: str, seed: i
     """
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"label fraction must be in (0, 1], got {fraction}")
-    train = [r for r in rows if r.split == "train"]
-    groups = _patients(train)
-    freq = Counter(r.labels.get(stratify_task, "") for r in train)
-    strata: dict[str, list[str]] = defaultdict(list)
-    for pid in sorted(groups):
-        strata[_stratum(groups[pid], stratify_task, freq)].append(pid)
+    strata = _strata([r for r in rows if r.split == "train"], stratify_task)
     rng = random.Random(seed)
     keep: set[str] = set()
     for stratum in sorted(strata):

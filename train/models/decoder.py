@@ -1,8 +1,12 @@
 """The GRU diagnosis decoder: pooled image features -> a sentence of token ids (task T3).
 
 As in Chelaramani et al.: token embedding -> one GRU layer whose initial state is
-tanh(Linear(features)) -> Linear to the vocabulary. Two implementations of the same cell share the
-nn.GRU weights:
+tanh(Linear(features)) -> Linear to the vocabulary. With `context=True` (our default) a projection of
+the pooled features is also concatenated to every step's input: with only the initial state to go on,
+a decoder trained for a few epochs learns the language first and tends to emit the commonest sentence
+whatever the image; feeding the image at every step makes location, size and counts learnable. The
+per-step cost is one precomputed `W_c f` added to the input gates. Two implementations of the same
+cell share the nn.GRU weights:
 
 * the fused `nn.GRU` (fast) for teacher-forced training and validation losses;
 * an explicit step (MatMul/Add/Sigmoid/Tanh/Mul, embedding as Gather, argmax as ArgMax) unrolled in
@@ -28,7 +32,7 @@ class DiagnosisDecoder(nn.Module):
     """Greedy/teacher-forced GRU sentence decoder conditioned on a pooled feature vector."""
 
     def __init__(self, feat_dim: int, vocab_size: int, max_len: int, embed_dim: int = 256,
-                 hidden: int = 512, teacher_forcing: float = 1.0) -> None:
+                 hidden: int = 512, teacher_forcing: float = 1.0, context: bool = False) -> None:
         super().__init__()
         if vocab_size < 5:
             raise ValueError(f"vocab_size {vocab_size} is too small: 4 special tokens plus at least one word")
@@ -36,24 +40,37 @@ class DiagnosisDecoder(nn.Module):
             raise ValueError(f"max_len must be >= 2 (one word and <eos>), got {max_len}")
         self.vocab_size, self.max_len, self.hidden = vocab_size, max_len, hidden
         self.teacher_forcing = teacher_forcing
+        self.embed_dim, self.context = embed_dim, context
         self.init_state = nn.Linear(feat_dim, hidden)
         self.embed = nn.Embedding(vocab_size, embed_dim, padding_idx=PAD_ID)
-        self.gru = nn.GRU(embed_dim, hidden, num_layers=1, batch_first=True)
+        self.context_proj = nn.Linear(feat_dim, embed_dim) if context else None
+        self.gru = nn.GRU(embed_dim * (2 if context else 1), hidden, num_layers=1, batch_first=True)
         self.out = nn.Linear(hidden, vocab_size)
 
     def initial_state(self, features: Tensor) -> Tensor:
         """h0 = tanh(W f + b): `[N, hidden]`."""
         return torch.tanh(self.init_state(features))
 
-    # --- explicit cell (export-friendly) -------------------------------------------------------
-    def input_gates(self, tokens: Tensor) -> Tensor:
-        """W_ih x + b_ih for token ids `[N]` -> `[N, 3*hidden]` (embedding lookup exports as Gather)."""
-        return nnf.linear(self.embed(tokens), self.gru.weight_ih_l0, self.gru.bias_ih_l0)
+    def start(self, features: Tensor) -> tuple[Tensor, Tensor | None]:
+        """(h0, context gates `W_c proj(f)` `[N, 3*hidden]` or None): what every step needs."""
+        if self.context_proj is None:
+            return self.initial_state(features), None
+        ctx = self.context_proj(features)
+        return self.initial_state(features), nnf.linear(ctx, self.gru.weight_ih_l0[:, self.embed_dim:])
 
-    def bos_gates(self) -> Tensor:
-        """Input gates of <bos> as a `[1, 3*hidden]` constant row; broadcasting it over the batch avoids
-        building a batch-sized <bos> tensor from the input shape (no Shape/ConstantOfShape in the graph)."""
-        return nnf.linear(self.embed.weight[BOS_ID:BOS_ID + 1], self.gru.weight_ih_l0, self.gru.bias_ih_l0)
+    # --- explicit cell (export-friendly) -------------------------------------------------------
+    def _token_gates(self, embedded: Tensor, ctx_gates: Tensor | None) -> Tensor:
+        gates = nnf.linear(embedded, self.gru.weight_ih_l0[:, : self.embed_dim], self.gru.bias_ih_l0)
+        return gates if ctx_gates is None else gates + ctx_gates
+
+    def input_gates(self, tokens: Tensor, ctx_gates: Tensor | None = None) -> Tensor:
+        """W_ih x + b_ih for token ids `[N]` -> `[N, 3*hidden]` (embedding lookup exports as Gather)."""
+        return self._token_gates(self.embed(tokens), ctx_gates)
+
+    def bos_gates(self, ctx_gates: Tensor | None = None) -> Tensor:
+        """Input gates of <bos>: a `[1, 3*hidden]` constant row (plus the context gates) that broadcasts
+        over the batch, so no batch-sized <bos> tensor is built from the input shape (no Shape op)."""
+        return self._token_gates(self.embed.weight[BOS_ID:BOS_ID + 1], ctx_gates)
 
     def cell(self, gates_x: Tensor, h: Tensor) -> Tensor:
         """One GRU step from precomputed input gates, with PyTorch's gate order (r, z, n)."""
@@ -66,8 +83,8 @@ class DiagnosisDecoder(nn.Module):
 
     def greedy(self, features: Tensor) -> tuple[Tensor, Tensor]:
         """Greedy decoding for exactly `max_len` steps: (logits `[N, L, V]`, token ids `[N, L]` int64)."""
-        h = self.initial_state(features)
-        gates_x = self.bos_gates()
+        h, ctx = self.start(features)
+        gates_x = self.bos_gates(ctx)
         all_logits, all_tokens = [], []
         for _ in range(self.max_len):
             h = self.cell(gates_x, h)
@@ -75,14 +92,14 @@ class DiagnosisDecoder(nn.Module):
             tokens = logits.argmax(dim=-1)
             all_logits.append(logits)
             all_tokens.append(tokens)
-            gates_x = self.input_gates(tokens)
+            gates_x = self.input_gates(tokens, ctx)
         return torch.stack(all_logits, dim=1), torch.stack(all_tokens, dim=1)
 
     def stepwise(self, features: Tensor, targets: Tensor, teacher_forcing: float = 1.0) -> Tensor:
         """Explicit-cell decoding fed with `targets` `[N, L]` with probability `teacher_forcing` per row
         and step, else with the model's own previous argmax (scheduled sampling). Returns `[N, L, V]`."""
-        h = self.initial_state(features)
-        gates_x = self.bos_gates()
+        h, ctx = self.start(features)
+        gates_x = self.bos_gates(ctx)
         steps = []
         for t in range(targets.shape[1]):
             h = self.cell(gates_x, h)
@@ -94,7 +111,7 @@ class DiagnosisDecoder(nn.Module):
             if teacher_forcing < 1.0:
                 use_truth = torch.rand(prev.shape, device=prev.device) < teacher_forcing
                 prev = torch.where(use_truth, prev, logits.detach().argmax(dim=-1))
-            gates_x = self.input_gates(prev)
+            gates_x = self.input_gates(prev, ctx)
         return torch.stack(steps, dim=1)
 
     # --- fused path (training speed) -----------------------------------------------------------
@@ -103,7 +120,10 @@ class DiagnosisDecoder(nn.Module):
         bos = targets.new_full((targets.shape[0], 1), BOS_ID)
         inputs = torch.cat([bos, targets[:, :-1]], dim=1)
         h0 = self.initial_state(features).unsqueeze(0)
-        out, _ = self.gru(self.embed(inputs), h0)
+        x = self.embed(inputs)
+        if self.context_proj is not None:
+            x = torch.cat([x, self.context_proj(features).unsqueeze(1).expand(-1, x.shape[1], -1)], dim=-1)
+        out, _ = self.gru(x, h0)
         return self.out(out)
 
     def forward(self, features: Tensor, targets: Tensor | None = None) -> Tensor:

@@ -45,6 +45,7 @@ class ModelConfig:
     decoder_hidden: int = 512
     teacher_forcing: float = 1.0
     freeze_stages: int = 0
+    decoder_context: bool = False  # also feed the image features at every decoder step (see decoder.py)
 
     def __post_init__(self) -> None:
         if not self.backbone:
@@ -113,7 +114,8 @@ class MultiTaskNet(nn.Module):
             else:
                 self.heads[task.name] = build("decoder", "gru", feat_dim=self.num_features,
                                               vocab_size=vocab_size, max_len=max_len, embed_dim=cfg.embed_dim,
-                                              hidden=cfg.decoder_hidden, teacher_forcing=cfg.teacher_forcing)
+                                              hidden=cfg.decoder_hidden, teacher_forcing=cfg.teacher_forcing,
+                                              context=cfg.decoder_context)
         self._frozen = self._freeze(cfg.freeze_stages)
 
     def _freeze(self, stages: int) -> list[nn.Module]:
