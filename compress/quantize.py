@@ -52,17 +52,18 @@ def calibration_source(splits: Splits, contract: Contract, seed: int):
     return images, len(rows)
 
 
-def stamp_contract(path: Path, contract: Contract, precision: str, extra: dict) -> None:
-    """Same contract as the FP32 model (metadata + sidecar), with the precision and provenance.
+def flavour_contract(contract: Contract, precision: str, extra: dict) -> Contract:
+    """The FP32 model's contract with the precision and provenance of a derived model."""
+    return Contract(contract.model_name, contract.model_version, contract.tasks, contract.preprocessing,
+                    contract.vocabulary, contract.input_name, dict(contract.hashes),
+                    {**contract.extra, "precision": precision, **extra})
 
-    `path` is a candidate file that is moved into place afterwards, so it is written in place."""
-    c = Contract(contract.model_name, contract.model_version, contract.tasks, contract.preprocessing,
-                 contract.vocabulary, contract.input_name, dict(contract.hashes),
-                 {**contract.extra, "precision": precision, **extra})
-    model = onnx.load(str(path))
-    set_contract_metadata(model, c)
-    onnx.save(model, str(path))
-    c.save(sidecar_path(path))
+
+def embed_contract(candidate: Path, contract: Contract) -> None:
+    """Write the contract into a candidate file's metadata (in place: it is moved into place later)."""
+    model = onnx.load(str(candidate))
+    set_contract_metadata(model, contract)
+    onnx.save(model, str(candidate))
 
 
 def quantize_model(name: str, cfg, ccfg: CompressConfig, splits: Splits) -> dict:
@@ -85,13 +86,17 @@ def quantize_model(name: str, cfg, ccfg: CompressConfig, splits: Splits) -> dict
         guard = Guard(fp32, flavour, val, tasks, images, ccfg, patterns, ranges, reference)
         entry: dict = {"path": str(out)}
 
-        def finalize(candidate: Path, kept, flavour=flavour) -> None:  # runs before the atomic move
-            stamp_contract(candidate, contract, flavour, {
+        stamped: dict[str, Contract] = {}
+
+        def finalize(candidate: Path, kept, flavour=flavour, stamped=stamped) -> None:  # before the move
+            stamped["contract"] = flavour_contract(contract, flavour, {
                 "calibration": {"method": kept.method, "images": kept.images, "float_layers": kept.float_layers},
                 "fp32_sha256": sha256_file(fp32)})
+            embed_contract(candidate, stamped["contract"])
 
         try:
             kept = guard.run(out, available, finalize)
+            stamped["contract"].save(sidecar_path(out))
             entry.update(status="passed", kept=kept.to_dict(), summary=qdq_summary(out))
             if flavour == "int8-tensorrt":
                 violations = check_model(out) + check_qdq_for_tensorrt(out)
@@ -118,11 +123,14 @@ def quantize_model(name: str, cfg, ccfg: CompressConfig, splits: Splits) -> dict
 
 def _fp16(fp32: Path, out: Path, contract: Contract, val: FundusImages, tasks, fp32_metrics: dict,
           ccfg: CompressConfig) -> dict:
+    c16 = flavour_contract(contract, "fp16", {"fp32_sha256": sha256_file(fp32)})
+
     def write(tmp: Path) -> None:
         convert_fp16(fp32, tmp)
-        stamp_contract(tmp, contract, "fp16", {"fp32_sha256": sha256_file(fp32)})
+        embed_contract(tmp, c16)
 
     atomic_write(out, write)
+    c16.save(sidecar_path(out))
     _, metrics = evaluate_onnx(out, val, tasks, ccfg.threads)
     drops = metric_drops(fp32_metrics, metrics, tasks)
     print(f"[compress] {fp32.stem} fp16: drops {drops} (CPU run; FP16 is meant for GPUs)", flush=True)

@@ -90,6 +90,11 @@ def test_compress_writes_every_flavour_with_the_right_quantization(run):
     for flavour in ("fp32", "fp16", "int8-cpu", "int8-tensorrt"):
         path = onnx_path(cfg.run_dir, "student", flavour)
         assert [v for v in check_model(path) if v.severity == "error"] == [], flavour
+        sidecar = load_contract(path)  # each flavour has its own sidecar, equal to its embedded contract
+        embedded = next(p.value for p in onnx.load(str(path)).metadata_props if p.key == METADATA_KEY)
+        assert Contract.from_json(embedded).to_dict() == sidecar.to_dict()
+        assert sidecar.extra.get("precision", "fp32") == flavour or flavour == "fp32"
+    assert not [p.name for p in (cfg.run_dir / "onnx").iterdir() if p.name.startswith(".")]  # no stray temp files
     assert [v for v in check_qdq_for_tensorrt(onnx_path(cfg.run_dir, "student", "int8-tensorrt"))
             if v.severity == "error"] == []
 

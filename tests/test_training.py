@@ -202,3 +202,14 @@ def test_label_fraction_experiment_table_and_plot(tiny_data, tmp_path):
     moved = [r for r in half.split("unlabeled") if r.patient_id in {x.patient_id for x in full.split("train")}]
     assert moved and all(not any(r.labels.values()) for r in moved)  # their labels are really gone
     assert half.split("test") == full.split("test")  # evaluation untouched
+
+
+def test_min_steps_adds_epochs_and_max_evals_spaces_checkpoints(tiny_data, tmp_path):
+    cfg = write_tiny_config(tmp_path / "c.yaml", tiny_data, tmp_path / "runs", **{
+        "teachers.train.epochs": 1, "teachers.train.min_steps": 12, "teachers.train.max_evals": 2})
+    _teacher(cfg)  # 3 steps per epoch: 12 steps need 4 epochs; 2 evaluations -> after epochs 2 and 4
+    run = tmp_path / "runs" / "tiny" / "teachers" / "t_cls"
+    epochs = [line.split(",")[0] for line in (run / "metrics.csv").read_text().splitlines()[1:]]
+    assert epochs == ["2", "4"]
+    _, meta = load_checkpoint(run / "last.safetensors")
+    assert meta["epoch"] == 3  # 0-based index of the last (4th) epoch
