@@ -119,8 +119,15 @@ class Guard:
 
     def _try(self, step: str, method: str, n: int, float_layers: list[str], out: Path) -> Attempt:
         t0 = time.perf_counter()
-        QUANTIZERS[self.flavour](self.fp32_path, out, self._ranges(method, n), nodes_to_exclude=float_layers,
-                                 exclude_patterns=self.patterns)
+        try:
+            QUANTIZERS[self.flavour](self.fp32_path, out, self._ranges(method, n), nodes_to_exclude=float_layers,
+                                     exclude_patterns=self.patterns)
+        except Exception as exc:  # noqa: BLE001 - e.g. a calibrator that fails on this graph: try the next
+            attempt = Attempt(step, method, n, list(float_layers), {}, {"error": f"{type(exc).__name__}: {exc}"},
+                              False, round(time.perf_counter() - t0, 2))
+            self.attempts.append(attempt)
+            print(f"  [{self.flavour}] {step}: {method}, {n} images failed ({type(exc).__name__}: {exc})", flush=True)
+            return attempt
         outputs, metrics = evaluate_onnx(out, self.val, self.tasks, self.cfg.threads)
         drops = metric_drops(self.fp32_metrics, metrics, self.tasks)
         agree = agreement(outputs, self.fp32_outputs, self.tasks, self.val.dataset.vocabulary)
@@ -203,7 +210,7 @@ class Guard:
         return max((drops[k] / max(scale[kind], 1e-9) for k, kind in _kinds(drops)), default=0.0)
 
     def _worst(self, attempt: Attempt) -> float:
-        return self._worst_drops(attempt.drops)
+        return self._worst_drops(attempt.drops) if attempt.drops else float("inf")
 
     def _keep(self, attempt: Attempt, candidate: Path, out_path: Path) -> Attempt:
         if self._finalize is not None:
