@@ -213,3 +213,14 @@ def test_min_steps_adds_epochs_and_max_evals_spaces_checkpoints(tiny_data, tmp_p
     assert epochs == ["2", "4"]
     _, meta = load_checkpoint(run / "last.safetensors")
     assert meta["epoch"] == 3  # 0-based index of the last (4th) epoch
+
+
+def test_soft_target_cache_is_reused_for_the_same_key_only(tmp_path):
+    from train.ensemble import SoftTargets, load_soft_targets, save_soft_targets
+
+    soft = SoftTargets(logits={"coarse": torch.randn(2, 3, 3)})
+    key = {"rows": ["a.jpg", "b.jpg", "c.jpg"], "preprocessing": {"mean": (0.5, 0.5, 0.5)}, "teachers": {"t": "x"}}
+    save_soft_targets(tmp_path / "cache.safetensors", soft, key)
+    hit = load_soft_targets(tmp_path / "cache.safetensors", key)  # tuples survive the JSON round trip
+    assert hit is not None and torch.equal(hit.logits["coarse"], soft.logits["coarse"])
+    assert load_soft_targets(tmp_path / "cache.safetensors", {**key, "teachers": {"t": "retrained"}}) is None

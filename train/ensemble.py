@@ -9,6 +9,7 @@ flow.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -154,7 +155,7 @@ def load_soft_targets(path: Path, key: dict) -> SoftTargets | None:
         tensors, meta = load_checkpoint(path)
     except (ValueError, OSError):
         return None
-    if meta.get("key") != key:
+    if meta.get("key") != json.loads(json.dumps(key)):  # compare as stored (JSON turns tuples into lists)
         return None
     return SoftTargets(logits={k[7:]: v for k, v in tensors.items() if k.startswith("logits.")},
                        text_tokens=tensors.get("text_tokens"), text_logits=tensors.get("text_logits"))
