@@ -33,6 +33,7 @@ from benchmarks import latency as lat
 from benchmarks.artifacts import Artifact, discover, onnx_graph_stats, open_artifact, size_mb
 from benchmarks.machine import PowerMeter, describe_machine, device_slug, probe_memory, usable_cores
 from benchmarks.report import RAN, build_report, write_report
+from deploy.errors import cli
 from deploy.fileio import atomic_write_text
 from train.config import ConfigError, from_dict
 from train.data.manifest import DatasetError
@@ -279,4 +280,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(cli(main))

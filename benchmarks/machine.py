@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from deploy.contract import TaskSpec
+from deploy.errors import cli
 
 if TYPE_CHECKING:
     from benchmarks.artifacts import Artifact
@@ -262,4 +263,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(cli(main))

@@ -33,6 +33,8 @@ from onnxruntime.quantization.calibrate import (
 )
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
+from deploy.errors import MissingInput
+
 log = logging.getLogger(__name__)
 
 METHODS: dict[str, CalibrationMethod] = {
@@ -119,7 +121,7 @@ def prepare_for_quantization(src: str | Path, dst: str | Path) -> Path:
     """
     src, dst = Path(src), Path(dst)
     if not src.is_file():
-        raise FileNotFoundError(f"model to quantize not found: {src}")
+        raise MissingInput(f"model to quantize not found: {src}")
     try:
         quant_pre_process(str(src), str(dst))
     except Exception as err:  # symbolic inference raises many types; any of them means "skip it"

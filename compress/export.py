@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import warnings
 from pathlib import Path
 
@@ -26,10 +25,9 @@ from torch import nn
 from compress.onnx_eval import make_session, onnx_path, run_onnx
 from compress.settings import CompressConfig, compress_config
 from deploy.contract import METADATA_KEY, Contract, sidecar_path
+from deploy.errors import MissingInput, RunFailed, cli
 from deploy.fileio import atomic_write, atomic_write_text, sha256_file
-from train.checkpoint import CheckpointError, load_model
-from train.config import ConfigError
-from train.data.manifest import DatasetError
+from train.checkpoint import load_model
 from train.data.torch_data import FundusImages
 from train.ensemble import TeacherEnsemble
 from train.evaluate import collect_outputs
@@ -39,7 +37,7 @@ from train.stage import Splits, image_set, load_splits, model_contract, preproce
 from train.teachers import teacher_dir
 
 
-class ExportMismatch(RuntimeError):
+class ExportMismatch(RunFailed):
     """The ONNX model does not reproduce the PyTorch model."""
 
 
@@ -165,14 +163,14 @@ def export_all(cfg_path: str | None, overrides: list[str]) -> dict:
         if role in ccfg.models:
             ckpt = cfg.run_dir / role / "best.safetensors"
             if not ckpt.exists():
-                raise FileNotFoundError(f"{ckpt}: missing; run `make student` first")
+                raise MissingInput(f"{ckpt}: missing; run `make student` first")
             model, meta = load_model(ckpt)
             jobs.append((role, ExportModel(model.eval()), _contract(cfg, splits, role, model.tasks, meta, ckpt)))
     teachers = []
     if "teachers" in ccfg.models or "ensemble" in ccfg.models:
         for spec, ckpt in zip(specs, teacher_paths):
             if not ckpt.exists():
-                raise FileNotFoundError(f"{ckpt}: missing; run `make teachers` first")
+                raise MissingInput(f"{ckpt}: missing; run `make teachers` first")
             model, meta = load_model(ckpt)
             teachers.append(model.eval())
             if "teachers" in ccfg.models:
@@ -215,12 +213,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         export_all(args.config, args.overrides)
-    except (ConfigError, DatasetError, FileNotFoundError, ExportMismatch, CheckpointError,
-            onnx.checker.ValidationError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    except onnx.checker.ValidationError as exc:
+        raise ExportMismatch(f"the exported graph is not valid ONNX: {exc}") from exc
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(cli(main))

@@ -31,6 +31,7 @@ from compress.onnx_eval import evaluate_onnx
 from compress.quantize_flavours import layer_sensitivity, quantize_cpu, quantize_tensorrt
 from compress.settings import CALIBRATION_METHODS, CompressConfig, GuardConfig
 from deploy.contract import TaskSpec
+from deploy.errors import RunFailed
 from deploy.fileio import atomic_write
 from train.data.torch_data import FundusImages
 from train.metrics import agreement, headline
@@ -38,7 +39,7 @@ from train.metrics import agreement, headline
 QUANTIZERS = {"int8-cpu": quantize_cpu, "int8-tensorrt": quantize_tensorrt}
 
 
-class GuardFailed(RuntimeError):
+class GuardFailed(RunFailed):
     """No attempt kept the INT8 model within the configured accuracy drop."""
 
     def __init__(self, message: str, attempts: list[Attempt]):

@@ -29,6 +29,7 @@ from compress.quantize_flavours import convert_fp16, qdq_summary
 from compress.settings import CompressConfig, compress_config
 from compress.trt_check import check_model, check_qdq_for_tensorrt
 from deploy.contract import Contract, sidecar_path
+from deploy.errors import MissingInput, cli
 from deploy.fileio import atomic_write, atomic_write_text, sha256_file
 from train.config import ConfigError
 from train.data.manifest import DatasetError
@@ -69,7 +70,7 @@ def embed_contract(candidate: Path, contract: Contract) -> None:
 def quantize_model(name: str, cfg, ccfg: CompressConfig, splits: Splits) -> dict:
     fp32 = onnx_path(cfg.run_dir, name)
     if not fp32.exists():
-        raise FileNotFoundError(f"{fp32}: missing; run `make export` first")
+        raise MissingInput(f"{fp32}: missing; run `make export` first")
     contract = load_contract(fp32)
     tasks = contract.tasks
     val = image_set(splits, splits.val, tasks, contract.preprocessing)
@@ -183,4 +184,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(cli(main))

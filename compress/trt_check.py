@@ -28,6 +28,7 @@ from google.protobuf.message import DecodeError
 from onnx import TensorProto, numpy_helper
 
 from compress.trt_ops import OPSET_RANGE, SOURCE, TYPE_NAMES, attr, attribute_rules, op_table
+from deploy.errors import MissingInput, cli
 
 _QDQ = ("QuantizeLinear", "DequantizeLinear")
 _NO_DTYPE_CHECK = {"QuantizeLinear", "DequantizeLinear", "Cast", "CastLike", "Constant", "If", "Loop", "Scan"}
@@ -50,7 +51,7 @@ def _load(model: str | Path | onnx.ModelProto) -> onnx.ModelProto:
         return model
     path = Path(model)
     if not path.is_file():
-        raise FileNotFoundError(f"ONNX model not found: {path}")
+        raise MissingInput(f"ONNX model not found: {path}")
     return onnx.load(str(path))
 
 
@@ -365,4 +366,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(cli(main))

@@ -28,6 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from deploy.contract import Contract, ContractError, sidecar_path
+from deploy.errors import cli
 from deploy.fileio import atomic_write_bytes, sha256_file
 from deploy.runtime import ModelError, check_model_file, load_model_contract
 from deploy.trt_runtime import TensorRTUnavailable, gpu_name, import_tensorrt
@@ -203,4 +204,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(cli(main))

@@ -11,6 +11,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from deploy.errors import UserError
 from deploy.fileio import atomic_write_text
 from deploy.preprocess import PreprocessSpec
 from deploy.vocab import Vocabulary
@@ -21,7 +22,7 @@ INPUT_NAME = "image"
 TASK_KINDS = ("classification", "text")
 
 
-class ContractError(ValueError):
+class ContractError(UserError):
     """A contract that is malformed or does not match its model."""
 
 

@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from deploy.contract import Contract, ContractError
+from deploy.errors import cli
 from deploy.predictor import ClassResult, Prediction, Predictor
 from deploy.runtime import BACKENDS, ModelError
 from deploy.watch import LOG_FORMATS, Watcher, is_candidate
@@ -138,4 +139,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(cli(main))

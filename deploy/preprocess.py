@@ -13,10 +13,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from deploy.errors import UserError
+
 RESIZE_MODES = ("letterbox", "center_crop", "stretch")
 
 
-class ImageError(ValueError):
+class ImageError(UserError):
     """An image file that cannot be used; the message names the file and the fix."""
 
 

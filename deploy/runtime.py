@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from deploy.contract import METADATA_KEY, Contract, ContractError, sidecar_path
+from deploy.errors import UserError
 
 BACKENDS = ("auto", "ort", "tensorrt")
 ONNX_SUFFIXES = (".onnx",)
@@ -28,7 +29,7 @@ _MAGIC = {b"\xff\xd8\xff": "a JPEG image", b"\x89PNG": "a PNG image", b"PK\x03\x
           b"%PDF": "a PDF document", b"{": "a JSON/text file"}
 
 
-class ModelError(ValueError):
+class ModelError(UserError):
     """A model file that is missing, is not a model, or cannot run here; the message says the fix."""
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from deploy.errors import cli
 from train.adapt import main as adapt_main
 from train.adapters import odir_keywords as kw
 from train.adapters.odir import find_labels
@@ -144,7 +145,7 @@ def test_odir_resize_writes_copies(tmp_path):
     assert all(r.path.startswith("images/") for r in rows.values())
     with Image.open(out / rows["6_left.jpg"].path) as img:
         assert img.size == (20, 13) and img.format == "JPEG"  # 46x30 -> longer side 20, aspect kept
-    assert adapt_main(args) == 1  # refuses to overwrite without --force
+    assert cli(adapt_main, args) == 2  # refuses to overwrite without --force
     assert adapt_main([*args, "--force"]) == 0
 
 
@@ -267,7 +268,7 @@ def test_nothing_left_is_fatal(tmp_path, capsys):
     write_kaggle_odir(src)
     for f in (src / "preprocessed_images").iterdir():
         f.unlink()
-    assert adapt_main(["odir", "--src", str(src), "--out", str(tmp_path / "ds")]) == 1
+    assert cli(adapt_main, ["odir", "--src", str(src), "--out", str(tmp_path / "ds")]) == 2
     assert "no usable image left" in capsys.readouterr().err
     with pytest.raises(DatasetError, match="no .*full_df.csv"):
         find_labels(tmp_path / "nowhere")

@@ -20,7 +20,7 @@ import os
 import sys
 from pathlib import Path
 
-from deploy.contract import ContractError
+from deploy.errors import cli
 from train.adapters import common, generic, idrid, odir
 from train.data.manifest import MANIFEST_FILE, DatasetError, load_spec
 
@@ -114,11 +114,11 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         print(run(args))
-    except (DatasetError, ContractError, ValueError, OSError) as exc:
+    except OSError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return 2
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(cli(main))

@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from deploy.contract import TaskSpec
+from deploy.errors import UserError, cli
 from deploy.fileio import atomic_write, atomic_write_text
 from train.config import from_dict, to_dict
 from train.models.multitask import ModelConfig, MultiTaskNet
@@ -35,7 +36,7 @@ MODEL_FORMAT_VERSION = 1
 _TAGS = ("__tensor__", "__dict__", "__items__", "__tuple__")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint file that cannot be read or does not fit; the message says how to fix it."""
 
 
@@ -254,4 +255,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(cli(main))

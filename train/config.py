@@ -14,12 +14,13 @@ from typing import Any, TypeVar, get_args, get_origin, get_type_hints
 
 import yaml
 
+from deploy.errors import UserError
 from deploy.fileio import atomic_write_text
 
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config file or override that does not fit its dataclass."""
 
 

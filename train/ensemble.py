@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from deploy.contract import TaskSpec
+from deploy.errors import MissingInput
 from deploy.vocab import PAD_ID
 from train.checkpoint import load_checkpoint, load_model, save_checkpoint
 from train.data.torch_data import FundusImages
@@ -110,7 +111,7 @@ def load_ensemble(paths: list[Path], tasks: list[TaskSpec], device: torch.device
     teachers = []
     for p in paths:
         if not p.exists():
-            raise FileNotFoundError(f"{p}: teacher checkpoint missing; run `make teachers` first")
+            raise MissingInput(f"{p}: teacher checkpoint missing; run `make teachers` first")
         model, _ = load_model(p)
         teachers.append(model.eval())
     return TeacherEnsemble(teachers, tasks).to(device).eval()

@@ -13,15 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
+from deploy.errors import cli
 from deploy.fileio import atomic_write_text
-from train.config import ConfigError
-from train.data.manifest import DatasetError
 from train.data.splits import PAPER_LABEL_FRACTIONS
 from train.distributed import init_distributed, shutdown_distributed
 from train.experiment import ExperimentConfig, add_config_args, load_experiment, teacher_specs
-from train.loop import TrainingDiverged
 from train.plots import plot_fractions
 from train.stage import load_splits
 from train.student import run as run_student
@@ -79,13 +76,10 @@ def main(argv: list[str] | None = None) -> int:
         atomic_write_text(out / "fractions.md", md)
         plot_fractions(rows, [(k, t) for k, t in keys], out / "fractions.png")
         print(md)
-    except (ConfigError, DatasetError, TrainingDiverged, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
     finally:
         shutdown_distributed()
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(cli(main))

@@ -26,6 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm import tqdm
 
+from deploy.errors import RunFailed
 from deploy.fileio import atomic_write_text
 from train.checkpoint import flatten_state, load_checkpoint, save_checkpoint, save_model, unflatten_state
 from train.distributed import DistInfo, all_reduce_mean, barrier, broadcast_object, gather_objects
@@ -33,7 +34,7 @@ from train.experiment import TrainConfig
 from train.plots import plot_curves
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(RunFailed):
     """The loss became NaN or infinite."""
 
 

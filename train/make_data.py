@@ -12,6 +12,7 @@ import argparse
 import sys
 from collections import Counter
 
+from deploy.errors import cli
 from train.config import ConfigError, load_config
 from train.synth.catalog import COARSE_CLASSES
 from train.synth.config import SynthConfig
@@ -69,4 +70,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(cli(main))

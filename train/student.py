@@ -17,15 +17,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import sys
 
 import numpy as np
 import torch
 
+from deploy.errors import cli
 from deploy.fileio import sha256_file
 from train.checkpoint import load_model
-from train.config import ConfigError, to_dict
-from train.data.manifest import DatasetError
+from train.config import to_dict
 from train.distributed import DistInfo, init_distributed, shutdown_distributed
 from train.ensemble import (
     SoftTargets,
@@ -35,7 +34,7 @@ from train.ensemble import (
     save_soft_targets,
 )
 from train.experiment import ExperimentConfig, TrainConfig, add_config_args, load_experiment, teacher_specs
-from train.loop import EpochPlan, Trainer, TrainingDiverged, seed_everything
+from train.loop import EpochPlan, Trainer, seed_everything
 from train.losses import MultiTaskLoss, ensemble_soft_targets, sequence_ce, soften
 from train.stage import (
     Splits,
@@ -206,13 +205,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_experiment(args.config, args.overrides)
         info, device = init_distributed(cfg.device)
         run(cfg, info, device)
-    except (ConfigError, DatasetError, TrainingDiverged, FileNotFoundError, RuntimeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
     finally:
         shutdown_distributed()
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(cli(main))

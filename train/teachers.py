@@ -16,18 +16,17 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from deploy.errors import cli
 from train.checkpoint import load_model
 from train.config import ConfigError, to_dict
-from train.data.manifest import DatasetError
 from train.distributed import DistInfo, init_distributed, shutdown_distributed
 from train.experiment import ExperimentConfig, TeacherSpec, add_config_args, load_experiment, teacher_specs
-from train.loop import EpochPlan, Trainer, TrainingDiverged, config_fingerprint, seed_everything
+from train.loop import EpochPlan, Trainer, config_fingerprint, seed_everything
 from train.losses import MultiTaskLoss
 from train.metrics import headline
 from train.stage import (
@@ -64,7 +63,7 @@ def ensure_same_config(out_dir: Path, meta: dict) -> None:
     sidecar = out_dir / "last.json"
     recorded = json.loads(sidecar.read_text()).get("fingerprint") if sidecar.exists() else None
     if recorded != config_fingerprint(meta):
-        raise RuntimeError(f"{out_dir} was trained with a different config; delete it to retrain, or use "
+        raise ConfigError(f"{out_dir} was trained with a different config; delete it to retrain, or use "
                            f"another experiment name (name=...)")
 
 
@@ -140,13 +139,10 @@ def main(argv: list[str] | None = None) -> int:
             if args.gpu == "auto" and torch.cuda.device_count() > 1 and not info.enabled:
                 device = torch.device(f"cuda:{i % torch.cuda.device_count()}")
             train_teacher(cfg, spec, splits, device, info)
-    except (ConfigError, DatasetError, TrainingDiverged, RuntimeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
     finally:
         shutdown_distributed()
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(cli(main))

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from deploy.errors import cli
 from deploy.preprocess import ImageError, load_image
 from train.data.manifest import (
     EYES,
@@ -230,4 +231,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(cli(main))

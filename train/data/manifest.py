@@ -9,6 +9,7 @@ generator and every real-data adapter — writes exactly this, so training has o
 
 from __future__ import annotations
 
+from deploy.errors import UserError
 import csv
 import io
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ BASE_COLUMNS = ("path", "patient_id", "eye", "split")
 SPEC_FILE, MANIFEST_FILE, VOCAB_FILE = "dataset.yaml", "manifest.csv", "vocab.json"
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError):
     """A dataset that cannot be used as it is; the message names the file/row and the fix."""
 
 

@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from deploy.errors import UserError
+
 LITE_SOURCES = ("efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2")
 NAMED_SOURCES = ("none", "timm", *LITE_SOURCES)
 LITE_MEAN = (0.5, 0.5, 0.5)
@@ -32,7 +34,7 @@ _OFFLINE_HINT = (f"offline options: pretrained: {' | '.join(LITE_SOURCES)} (weig
                  "for backbone efficientnet_lite0/1/2), or a path to a .safetensors state dict")
 
 
-class PretrainedError(RuntimeError):
+class PretrainedError(UserError):
     """Pretrained weights that cannot be found, loaded or matched to the backbone."""
 
 
