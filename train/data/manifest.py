@@ -9,7 +9,6 @@ generator and every real-data adapter — writes exactly this, so training has o
 
 from __future__ import annotations
 
-from deploy.errors import UserError
 import csv
 import io
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ from pathlib import Path
 import yaml
 
 from deploy.contract import TaskSpec
+from deploy.errors import UserError
 from deploy.fileio import atomic_write_text
 from deploy.vocab import Vocabulary
 
