@@ -1,22 +1,43 @@
 # fundus-mtkd: `make all` runs the whole pipeline on the embedded synthetic dataset; `make test` runs
 # the tests. Both create .venv and install the project on first use.
+#   make all DATA=data/idrid                      # your own dataset (a folder made by `python -m train.adapt`)
+#   make student DATA=data/idrid OVERRIDES="student.kd.alpha=0.5 student.kd.temperatures={dr_grade: 2}"
+#   make student OVERRIDES_FILE=my_overrides.yaml # a partial config mapping
 SHELL := /bin/bash
 PY ?= python3
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-CONFIG ?= configs/default.yaml
+SYNTHETIC := data/synthetic
+DATA ?= $(SYNTHETIC)
+override DATA := $(patsubst %/,%,$(DATA))
 DATA_CONFIG ?= configs/data.yaml
-DATA ?= data/synthetic
-# Everything a stage writes lands in the run folder named in the config (runs/<name>/).
-RUN ?= $(shell test -x $(PYTHON) && $(PYTHON) -m train.experiment --config $(CONFIG) --print run_dir 2>/dev/null || echo runs/default)
+# The synthetic default gets the CPU config tuned for it; any other dataset the real-photograph config.
+ifeq ($(DATA),$(SYNTHETIC))
+CONFIG ?= configs/default.yaml
+NAME ?= default
+else
+CONFIG ?= configs/real.yaml
+NAME ?= $(notdir $(patsubst %/,%,$(DATA)))
+endif
+# Overrides travel through the environment as one string, so spaces, commas and braces reach Python
+# intact (train.config.split_overrides splits them); OVERRIDES_FILE is a YAML mapping.
 OVERRIDES ?=
+OVERRIDES_FILE ?=
+export OVERRIDES OVERRIDES_FILE
+STAGE_ARGS = --config '$(CONFIG)' 'data.root=$(DATA)' 'name=$(NAME)' --set "$$OVERRIDES" \
+	$${OVERRIDES_FILE:+--overrides-file "$$OVERRIDES_FILE"}
+# Everything a stage writes lands in the run folder (runs/<name>/): asked from the resolved config, so
+# an override of name or runs_root is followed too; computed once.
+RUN ?= $(eval RUN := $(shell test -x $(PYTHON) && $(PYTHON) -m train.experiment --config '$(CONFIG)' \
+	'data.root=$(DATA)' 'name=$(NAME)' --set '$(OVERRIDES)' $(if $(OVERRIDES_FILE),--overrides-file '$(OVERRIDES_FILE)') \
+	--print run_dir 2>/dev/null || echo runs/$(NAME)))$(RUN)
 
-.PHONY: all venv data validate teachers student experiment-fractions export compress engine bench \
+.PHONY: all venv data check validate teachers student experiment-fractions export compress engine bench \
 	predict test lint clean help
 
-all: data teachers student export compress bench  ## the whole pipeline on the default config
+all: data check teachers student export compress bench  ## the whole pipeline (DATA=<dataset folder> for yours)
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -29,29 +50,37 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)  ## create .venv and install the project
 
-data: $(STAMP)  ## generate the synthetic default dataset + contact sheet (DATA=..., DATA_CONFIG=...)
+data: $(STAMP)  ## generate the synthetic default dataset (with DATA=<your folder>: check it exists)
+ifeq ($(DATA),$(SYNTHETIC))
 	$(PYTHON) -m train.make_data --config $(DATA_CONFIG) --out $(DATA)
+else
+	@test -f '$(DATA)/dataset.yaml' || { echo "error: $(DATA)/dataset.yaml not found; make the dataset folder with \
+	\`python -m train.adapt ... --out $(DATA)\` first (README: Your own data)" >&2; exit 2; }
+endif
+
+check: $(STAMP)  ## check every stage's config against the dataset and validate it (fast; before training)
+	$(PYTHON) -m train.experiment $(STAGE_ARGS) --check
 
 validate: $(STAMP)  ## check a dataset folder and list every problem with its row (DATA=...)
-	$(PYTHON) -m train.validate $(DATA)
+	$(PYTHON) -m train.validate '$(DATA)'
 
 teachers: $(STAMP)  ## train every teacher of the ensemble (resumes finished/interrupted ones)
-	$(PYTHON) -m train.teachers --config $(CONFIG) $(OVERRIDES)
+	$(PYTHON) -m train.teachers $(STAGE_ARGS)
 
 teacher-%: $(STAMP)  ## train one teacher by name; `make -j N teacher-a teacher-b` runs them in parallel
-	$(PYTHON) -m train.teachers --config $(CONFIG) --only $* $(OVERRIDES)
+	$(PYTHON) -m train.teachers $(STAGE_ARGS) --only $*
 
 student: $(STAMP)  ## distill the student and train the labels-only baseline, evaluate all on test
-	$(PYTHON) -m train.student --config $(CONFIG) $(OVERRIDES)
+	$(PYTHON) -m train.student $(STAGE_ARGS)
 
 experiment-fractions: $(STAMP)  ## teachers/student/baseline at 15/30/45/60/70% labels: table + plot
-	$(PYTHON) -m train.fractions --config $(CONFIG) $(OVERRIDES)
+	$(PYTHON) -m train.fractions $(STAGE_ARGS)
 
 export: $(STAMP)  ## ONNX FP32 of the student, baseline, teachers and ensemble, verified against PyTorch
-	$(PYTHON) -m compress.export --config $(CONFIG) $(OVERRIDES)
+	$(PYTHON) -m compress.export $(STAGE_ARGS)
 
 compress: $(STAMP)  ## INT8 (cpu + tensorrt flavours) and FP16 ONNX with the accuracy guard
-	$(PYTHON) -m compress.quantize --config $(CONFIG) $(OVERRIDES)
+	$(PYTHON) -m compress.quantize $(STAGE_ARGS)
 
 engine: $(STAMP)  ## TensorRT engines from the ONNX models (needs tensorrt: Jetson / NVIDIA GPU)
 	$(PYTHON) -m deploy.build_engine $(RUN)/onnx/student.int8-tensorrt.onnx --precision int8
@@ -63,7 +92,7 @@ predict: $(STAMP)  ## on-device inference with the torch-free runtime (MODEL=...
 	$(PYTHON) -m deploy.predict $(MODEL) $(IMAGES)
 
 bench: $(STAMP)  ## accuracy + latency of every artifact: report.md / report.json / plots
-	$(PYTHON) -m benchmarks.bench --config $(CONFIG) $(OVERRIDES)
+	$(PYTHON) -m benchmarks.bench $(STAGE_ARGS)
 
 test: $(STAMP)  ## the test suite (CPU, a few minutes)
 	$(PYTHON) -m pytest -q

@@ -34,7 +34,7 @@ from deploy.fileio import atomic_write, atomic_write_text, sha256_file
 from train.config import ConfigError
 from train.data.manifest import DatasetError
 from train.data.torch_data import FundusImages
-from train.experiment import add_config_args, load_experiment
+from train.experiment import add_config_args, config_overrides, load_experiment
 from train.stage import Splits, image_set, load_splits
 
 
@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     add_config_args(parser)
     args = parser.parse_args(argv)
     try:
-        cfg = load_experiment(args.config, args.overrides)
+        cfg = load_experiment(args.config, config_overrides(args))
         ccfg = compress_config(cfg)
         splits = load_splits(cfg)
     except (ConfigError, DatasetError) as exc:

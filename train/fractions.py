@@ -18,11 +18,17 @@ from deploy.errors import cli
 from deploy.fileio import atomic_write_text
 from train.data.splits import PAPER_LABEL_FRACTIONS
 from train.distributed import init_distributed, shutdown_distributed
-from train.experiment import ExperimentConfig, add_config_args, load_experiment, teacher_specs
+from train.experiment import (
+    ExperimentConfig,
+    add_config_args,
+    config_overrides,
+    load_experiment,
+    teacher_specs,
+)
 from train.plots import plot_fractions
 from train.stage import load_splits
 from train.student import run as run_student
-from train.summary import paper_columns
+from train.summary import summary_columns
 from train.teachers import train_teacher
 
 MODELS = ("ensemble", "student", "baseline")
@@ -58,14 +64,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fractions", type=float, nargs="+", default=list(PAPER_LABEL_FRACTIONS))
     args = parser.parse_args(argv)
     try:
-        base = load_experiment(args.config, args.overrides)
+        base = load_experiment(args.config, config_overrides(args))
         rows, keys = [], None
         for fraction in args.fractions:
-            cfg = fraction_config(args.config, args.overrides, fraction)
+            cfg = fraction_config(args.config, config_overrides(args), fraction)
             print(f"=== label fraction {fraction:.0%}: {cfg.run_dir} ===", flush=True)
             summary = run_fraction(cfg)
             tasks = load_splits(cfg).data.spec.tasks
-            keys = keys or [(k, t) for k, t in paper_columns(tasks) if k.endswith(("accuracy", "top5", "bleu"))]
+            keys = keys or [(k, t) for k, t in summary_columns(tasks) if k.endswith(("accuracy", "top5", "bleu"))]
             for model in MODELS:
                 if model in summary["rows"]:
                     rows.append({"fraction": fraction, "model": model,

@@ -33,12 +33,21 @@ from train.ensemble import (
     load_soft_targets,
     save_soft_targets,
 )
-from train.experiment import ExperimentConfig, TrainConfig, add_config_args, load_experiment, teacher_specs
+from train.experiment import (
+    ExperimentConfig,
+    TrainConfig,
+    add_config_args,
+    config_overrides,
+    load_experiment,
+    teacher_specs,
+)
+from train.fit_check import check_checkpoint, dataset_fingerprint
 from train.loop import EpochPlan, Trainer, seed_everything
 from train.losses import MultiTaskLoss, ensemble_soft_targets, sequence_ce, soften
 from train.stage import (
     Splits,
     build_model,
+    class_weights,
     evaluate_model,
     flat_headline,
     image_set,
@@ -123,7 +132,8 @@ def fit_student(cfg: ExperimentConfig, splits: Splits, role: str, device, info: 
     val_set = image_set(splits, splits.val, tasks, pre)
     text = next((t.name for t in tasks if t.kind == "text"), None)
     loss_fn = MultiTaskLoss(tasks, alpha=scfg.kd.alpha, temperatures=scfg.kd.temperatures,
-                            default_temperature=scfg.kd.default_temperature)
+                            default_temperature=scfg.kd.default_temperature,
+                            class_weights=class_weights(train_set, tasks, scfg.train.class_balance))
     tcfg = scfg.train
     if role == "student":
         plan = student_plan(cfg, train_set.labelled)
@@ -139,12 +149,13 @@ def fit_student(cfg: ExperimentConfig, splits: Splits, role: str, device, info: 
     model.to(device)
 
     def evaluate(m):
-        score, metrics = evaluate_model(m, val_set, tasks, device, tcfg.eval_batch_size, info)
+        score, metrics = evaluate_model(m, val_set, tasks, device, tcfg.eval_batch_size, info, tcfg.select_metric)
         return score, flat_headline(metrics, tasks)
 
     meta = {"role": role, "name": role, "preprocessing": pre.to_dict(),
             "config": {"model": to_dict(scfg.model), "train": to_dict(tcfg), "kd": to_dict(scfg.kd),
-                       "seed": cfg.seed, "data": to_dict(cfg.data), "image_size": pre.size}}
+                       "seed": cfg.seed, "data": to_dict(cfg.data), "image_size": pre.size,
+                       "dataset": dataset_fingerprint(splits.data)}}
     out_dir = cfg.run_dir / role
     trainer = Trainer(name=role, model=model, train_set=train_set, plan=plan, step=step, evaluate=evaluate,
                       cfg=tcfg, out_dir=out_dir, seed=cfg.seed, device=device, info=info, meta=meta)
@@ -160,6 +171,9 @@ def teacher_soft_targets(cfg: ExperimentConfig, splits: Splits, device, info: Di
     tasks = splits.data.spec.tasks
     specs = teacher_specs(cfg, splits.data.spec.task_names)
     paths = [teacher_dir(cfg, s.name) / "best.safetensors" for s in specs]
+    for path in paths:
+        if path.exists():  # a missing one is named by load_ensemble
+            check_checkpoint(path, splits.data)
     ensemble = load_ensemble(paths, tasks, device)
     rows = splits.train + (splits.unlabeled if cfg.student.kd.use_unlabeled else [])
     spec = preprocess_spec(cfg, cfg.teachers.image_size)
@@ -202,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     add_config_args(parser)
     args = parser.parse_args(argv)
     try:
-        cfg = load_experiment(args.config, args.overrides)
+        cfg = load_experiment(args.config, config_overrides(args))
         info, device = init_distributed(cfg.device)
         run(cfg, info, device)
     finally:

@@ -83,11 +83,18 @@ def _column(header: list[str], wanted: str, path: Path) -> str:
 
 def read_csv(path: Path, path_column: str, label_columns: list[str], images: Path | None = None,
              patient_column: str | None = None, eye_column: str | None = None,
-             text_column: str | None = None, name: str = "csv") -> Adapted:
+             text_column: str | None = None, name: str = "csv", ordinal_columns: list[str] = (),
+             joint_columns: list[str] = ()) -> Adapted:
     """A CSV with an image path column, one classification task per label column, optional text task.
 
-    Paths are relative to `images` (default: the CSV's folder) and may omit the extension.
+    Paths are relative to `images` (default: the CSV's folder) and may omit the extension. Label columns
+    in `ordinal_columns` are grades (numeric labels required, so their order is the grade order); the
+    `joint_columns` are scored together (all right on the same image).
     """
+    for option, columns in (("--ordinal-columns", ordinal_columns), ("--joint", joint_columns)):
+        extra = sorted(set(columns) - set(label_columns))
+        if extra:
+            raise DatasetError(f"{option} {extra}: not among --label-columns {label_columns}")
     with open(path, newline="", encoding="utf-8-sig") as fh:
         reader = csv.DictReader(fh)
         header = list(reader.fieldnames or [])
@@ -131,10 +138,24 @@ def read_csv(path: Path, path_column: str, label_columns: list[str], images: Pat
         if len(values) < 2:
             raise DatasetError(f"{path}: column {column!r} has {len(values)} distinct label(s) {values}; "
                                "a classification task needs at least two")
-        tasks.append(TaskSpec(task, "classification", tuple(values), f"column {column!r} of {path.name}"))
+        ordinal = column in ordinal_columns
+        if ordinal and not all(_is_number(v) for v in values):
+            raise DatasetError(f"{path}: column {column!r} is declared ordinal but has non-numeric labels "
+                               f"{[v for v in values if not _is_number(v)][:5]}; grades must be numbers")
+        tasks.append(TaskSpec(task, "classification", tuple(values), f"column {column!r} of {path.name}",
+                              ordinal=ordinal))
     tasks += [TaskSpec(t, "text", description=f"column {c!r} of {path.name}") for t, c in texts.items()]
-    return Adapted(name=name, tasks=tasks, samples=samples, skipped=skipped,
+    joint = [tuple(task_name(c) for c in joint_columns)] if len(joint_columns) >= 2 else []
+    return Adapted(name=name, tasks=tasks, samples=samples, skipped=skipped, joint=joint,
                    warnings=[] if patient_column else [NO_PATIENTS], description=f"images listed in {path}")
+
+
+def _is_number(value: str) -> bool:
+    try:
+        float(value)
+    except ValueError:
+        return False
+    return True
 
 
 def read_unlabeled(src: Path, name: str = "unlabeled") -> Adapted:
