@@ -166,8 +166,8 @@ def test_a_failed_export_check_leaves_no_model_behind(run, monkeypatch):
 def test_exported_graphs_use_only_ops_every_claimed_tensorrt_parses(run):
     _, cfg, _ = run
     files = sorted((Path(cfg.run_dir) / "onnx").glob("*.onnx"))
-    names = {f.name for f in files}  # the flavours too when test_compress_writes_every_flavour ran first
-    assert {"student.onnx", "ensemble.onnx"} <= names
+    # student + teachers/ensemble, and the INT8/FP16 flavours when the compress test ran first
+    assert "student.onnx" in {f.name for f in files} and len(files) >= 2
     for path in files:
         model = onnx.load(str(path))
         ops = {n.op_type for g in [model.graph] + [a.g for n in model.graph.node for a in n.attribute if a.g.node]
