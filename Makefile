@@ -42,10 +42,10 @@ all: data check teachers student export compress bench  ## the whole pipeline (D
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints/train.txt
 	@test -x $(PYTHON) || $(PY) -m venv $(VENV)
 	$(PYTHON) -m pip install -q --upgrade pip
-	$(PYTHON) -m pip install -q -e '.[train,dev]'
+	$(PYTHON) -m pip install -q -c constraints/train.txt -e '.[train,dev]'
 	@touch $(STAMP)
 
 venv: $(STAMP)  ## create .venv and install the project
@@ -82,14 +82,14 @@ export: $(STAMP)  ## ONNX FP32 of the student, baseline, teachers and ensemble, 
 compress: $(STAMP)  ## INT8 (cpu + tensorrt flavours) and FP16 ONNX with the accuracy guard
 	$(PYTHON) -m compress.quantize $(STAGE_ARGS)
 
-engine: $(STAMP)  ## TensorRT engines from the ONNX models (needs tensorrt: Jetson / NVIDIA GPU)
-	$(PYTHON) -m deploy.build_engine $(RUN)/onnx/student.int8-tensorrt.onnx --precision int8
-	$(PYTHON) -m deploy.build_engine $(RUN)/onnx/student.fp16.onnx --precision fp16
+engine:  ## TensorRT engines, on the device (DEPLOY_PY=python3 with tensorrt + pycuda or cuda-python)
+	$(DEPLOY_PY) -m deploy.build_engine $(RUN)/onnx/student.int8-tensorrt.onnx --precision int8 $(ENGINE_FLAGS)
+	$(DEPLOY_PY) -m deploy.build_engine $(RUN)/onnx/student.fp16.onnx --precision fp16 $(ENGINE_FLAGS)
 
 MODEL ?= $(RUN)/onnx/student.int8-cpu.onnx
 IMAGES ?= $(wordlist 1,4,$(sort $(wildcard $(DATA)/images/P*.jpg)))
-predict: $(STAMP)  ## on-device inference with the torch-free runtime (MODEL=..., IMAGES=...)
-	$(PYTHON) -m deploy.predict $(MODEL) $(IMAGES)
+predict:  ## on-device inference with the torch-free runtime (MODEL=..., IMAGES=..., DEPLOY_PY=...)
+	$(DEPLOY_PY) -m deploy.predict $(MODEL) $(IMAGES)
 
 bench: $(STAMP)  ## accuracy + latency of every artifact: report.md / report.json / plots
 	$(PYTHON) -m benchmarks.bench $(STAGE_ARGS)
@@ -102,3 +102,22 @@ lint: $(STAMP)  ## ruff
 
 clean:  ## remove generated data and runs (keeps .venv)
 	rm -rf data runs .pytest_cache .ruff_cache
+
+# --- Device side ------------------------------------------------------------------------------------
+# engine, predict and bench-device run with the deploy interpreter, never the training venv: on a Jetson
+# the system python3 (JetPack's tensorrt lives there) or a venv made with --system-site-packages and
+# `pip install '.[jetson]'` (deploy/README.md); no torch. gpu-check also trains a few AMP steps on
+# CUDA, so it uses the training venv (install tensorrt there too to check engines).
+DEPLOY_PY ?= python3
+ENGINE_FLAGS ?=
+ENGINES ?= $(wildcard $(RUN)/onnx/*.trt.engine)
+.PHONY: bench-device gpu-check device-deps
+
+bench-device:  ## latency, GPU memory and mJ/image per engine/model on the device (ENGINES=..., IMAGES=...)
+	$(DEPLOY_PY) -m benchmarks.device_bench $(or $(ENGINES),$(MODEL)) --images $(IMAGES) --out $(RUN)/bench-device
+
+gpu-check: $(STAMP)  ## any NVIDIA GPU: engines, CUDA FP16 + graphs, ORT-CUDA, AMP steps -> JSON + Markdown
+	$(PYTHON) -m benchmarks.gpu_check --run $(RUN) --out $(RUN)/gpu-check
+
+device-deps: $(STAMP)  ## CI: the device install resolves for JetPack 6 / x86-64; deploy tests pass at the lower bounds
+	$(PYTHON) .ci/device_deps.py all
