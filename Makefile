@@ -87,7 +87,7 @@ engine:  ## TensorRT engines, on the device (DEPLOY_PY=python3 with tensorrt + p
 	$(DEPLOY_PY) -m deploy.build_engine $(RUN)/onnx/student.fp16.onnx --precision fp16 $(ENGINE_FLAGS)
 
 MODEL ?= $(RUN)/onnx/student.int8-cpu.onnx
-IMAGES ?= $(wordlist 1,4,$(sort $(wildcard $(DATA)/images/P*.jpg)))
+IMAGES ?= $(wordlist 1,4,$(sort $(wildcard $(DATA)/images/*.jpg $(DATA)/images/*.png)))
 predict:  ## on-device inference with the torch-free runtime (MODEL=..., IMAGES=..., DEPLOY_PY=...)
 	$(DEPLOY_PY) -m deploy.predict $(MODEL) $(IMAGES)
 
