@@ -334,3 +334,27 @@ def test_the_bench_samples_the_split_at_random_not_its_first_rows():
     picked = sample_rows(rows, 20, seed=3)
     assert len(picked) == 20 and picked == sorted(picked) and picked != rows[:20] and max(picked) > 50
     assert picked == sample_rows(rows, 20, seed=3) and picked != sample_rows(rows, 20, seed=4)
+
+
+def test_csv_adapter_groups_eyepacs_eyes_by_patient_pattern(tmp_path):
+    import numpy as np
+    from raw_fixtures import fundus_like
+
+    rng = np.random.default_rng(0)
+    lines = ["image,level"]
+    for pid in range(12):
+        for eye in ("left", "right"):
+            fundus_like(tmp_path / "train" / f"{pid}_{eye}.jpeg", pid % 3, 0, rng, size=24)
+            lines.append(f"{pid}_{eye},{pid % 3}")
+    (tmp_path / "trainLabels.csv").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "eyepacs"
+    assert adapt_main(["csv", "--src", str(tmp_path / "trainLabels.csv"), "--images", str(tmp_path / "train"),
+                       "--path-column", "image", "--label-columns", "level", "--ordinal-columns", "level",
+                       "--patient-pattern", r"^(\d+)_", "--out", str(out)]) == 0
+    rows = load_dataset(out).rows
+    by_patient = {}
+    for r in rows:
+        by_patient.setdefault(r.patient_id, set()).add(r.split)
+    assert len(by_patient) == 12 and all(len(s) == 1 for s in by_patient.values())
+    assert {r.eye for r in rows} == {"left", "right"}
+    assert load_dataset(out).spec.task("level").ordinal
