@@ -14,10 +14,9 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 from raw_fixtures import write_aptos, write_idrid, write_odir
 from test_deploy import BLOCKER
-from tiny import tiny_model
+from tiny import tiny_model, write_yaml
 
 from deploy.errors import cli
 from train import experiment
@@ -39,14 +38,7 @@ def tiny_overrides(path: Path, runs: Path, **extra) -> Path:
             "student": {"model": tiny_model(), "train": train},
             "compress": {"calibration_images": 16},
             "bench": {"duration_s": 0.02, "batch_duration_s": 0.02, "warmup": 1, "min_runs": 2, "memory": "off"}}
-    for key, value in extra.items():
-        node = data
-        *parents, last = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[last] = value
-    path.write_text(yaml.safe_dump(data))
-    return path
+    return write_yaml(path, data, extra)
 
 
 def _predict_without_torch(model: Path, images: list[Path], cwd: Path) -> subprocess.CompletedProcess:
