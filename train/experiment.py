@@ -100,6 +100,10 @@ class TeachersConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     members: list[TeacherSpec] | None = None  # None: one teacher per non-empty subset of the tasks
     image_size: int | None = None
+    # How the ensemble combines its teachers per classification task (train/calibrate.py): mean (equal
+    # vote), calibrated_mean (each teacher temperature-scaled on the validation split) or
+    # quality_weighted (calibrated + weights from validation NLL). Soft targets and export use the same.
+    ensemble_weighting: Literal["mean", "calibrated_mean", "quality_weighted"] = "mean"
 
 
 @dataclass

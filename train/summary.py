@@ -12,7 +12,7 @@ import torch
 
 from deploy.contract import TaskSpec
 from deploy.fileio import atomic_write_text
-from train.ensemble import load_ensemble
+from train.calibrate import teacher_ensemble
 from train.evaluate import collect_outputs, score_outputs
 from train.experiment import ExperimentConfig, teacher_specs
 from train.metrics import headline
@@ -53,8 +53,7 @@ def markdown_table(rows: dict[str, dict], tasks: list[TaskSpec]) -> str:
 @torch.no_grad()
 def evaluate_ensemble(cfg: ExperimentConfig, splits: Splits, device) -> dict:
     tasks = splits.data.spec.tasks
-    specs = teacher_specs(cfg, splits.data.spec.task_names)
-    ensemble = load_ensemble([teacher_dir(cfg, s.name) / "best.safetensors" for s in specs], tasks, device)
+    ensemble, _ = teacher_ensemble(cfg, splits, device)  # the combination the student learned from
     data = image_set(splits, splits.test, tasks, preprocess_spec(cfg, cfg.teachers.image_size))
     outputs = collect_outputs(ensemble, data, device, cfg.teachers.train.eval_batch_size)
     return score_outputs(outputs, data, tasks, splits.data.vocabulary)
