@@ -169,3 +169,21 @@ def test_soft_target_cache_is_invalidated_when_the_weighting_changes(tiny_run: P
     ensemble, comb = teacher_ensemble(other, splits, cpu)
     assert comb.to_dict() == soft.combination.to_dict()
     assert torch.allclose(ensemble.weight[0], torch.tensor([0.5, 0.5]))
+
+
+def test_exported_ensemble_carries_the_fitted_combination(tiny_run: Path):
+    from compress.export import export_all
+    from compress.onnx_eval import make_session, onnx_path, run_onnx
+    from train.stage import image_set, preprocess_spec
+
+    cfg = load_experiment(tiny_run)
+    splits = load_splits(cfg)
+    ensemble, comb = teacher_ensemble(cfg, splits, torch.device("cpu"))  # writes combination.json
+    assert comb.weighting == "quality_weighted" and any(t != 1.0 for t in comb.temperatures["coarse"])
+    export_all(str(tiny_run), ["compress.models=[ensemble]"])
+    data = image_set(splits, splits.val, splits.data.spec.tasks, preprocess_spec(cfg))
+    onnx_out = run_onnx(make_session(onnx_path(cfg.run_dir, "ensemble")), data)
+    images = torch.stack([data[i]["image"] for i in range(len(data))])
+    with torch.no_grad():
+        expected = ensemble(images)["coarse"].numpy()
+    assert abs(onnx_out["coarse"] - expected).max() < 1e-4
