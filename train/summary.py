@@ -1,4 +1,5 @@
-"""The experiment's test-split summary: every teacher, the ensemble, the student and the baseline.
+"""The experiment's test-split summary: every teacher, the ensemble, the student, the baseline and the
+linear probe (train.probe), with a flag per column where the KD student is below a floor.
 
 Writes runs/<name>/summary.json and summary.md; the ensemble is evaluated here with the same metric code.
 """
@@ -16,8 +17,12 @@ from train.calibrate import teacher_ensemble
 from train.evaluate import collect_outputs, score_outputs
 from train.experiment import ExperimentConfig, teacher_specs
 from train.metrics import headline
+from train.probe import linear_probe
 from train.stage import Splits, image_set, preprocess_spec, write_final
 from train.teachers import teacher_dir
+
+PROBE_ROW = "linear probe"
+FLOOR_ROWS = ("baseline", PROBE_ROW)  # rows that need no teacher: the KD student must not fall below them
 
 
 def paper_columns(tasks: list[TaskSpec]) -> list[tuple[str, str]]:
@@ -72,6 +77,7 @@ def write_summary(cfg: ExperimentConfig, splits: Splits, results: dict[str, dict
     rows["ensemble"] = headline(ensemble_metrics, tasks)
     for role, metrics in results.items():
         rows[role] = headline(metrics, tasks)
+    rows[PROBE_ROW] = headline(linear_probe(cfg, splits, device), tasks)
     deltas = {}
     if "student" in rows:
         for key, _ in paper_columns(tasks):
@@ -79,8 +85,9 @@ def write_summary(cfg: ExperimentConfig, splits: Splits, results: dict[str, dict
             scale = 1.0 if key.endswith("bleu") else 100.0
             deltas[key] = {"student_minus_ensemble": None if s is None or e is None else scale * (s - e),
                            "student_minus_baseline": None if s is None or b is None else scale * (s - b)}
+    below = below_floors(rows, tasks)
     summary = {"experiment": cfg.name, "label_fraction": cfg.data.label_fraction or 1.0,
-               "test_images": len(splits.test), "rows": rows, "deltas_points": deltas,
+               "test_images": len(splits.test), "rows": rows, "deltas_points": deltas, "below_floor": below,
                "written": time.strftime("%Y-%m-%dT%H:%M:%S")}
     atomic_write_text(cfg.run_dir / "summary.json", json.dumps(summary, indent=1))
     md = [f"# {cfg.name}: test split ({len(splits.test)} images), label fraction "
@@ -88,9 +95,27 @@ def write_summary(cfg: ExperimentConfig, splits: Splits, results: dict[str, dict
           markdown_table(rows, tasks), "", "Student minus ensemble / minus baseline (points):", ""]
     for key, d in deltas.items():
         md.append(f"- {key}: {_pts(d['student_minus_ensemble'])} / {_pts(d['student_minus_baseline'])}")
+    md += ["", "Floors (models that need no teacher: the labels-only baseline and the linear probe):", ""]
+    md += [f"- BELOW FLOOR {key}: KD student {_pts(gap)} points vs the {floor}"
+           for key, floors in below.items() for floor, gap in floors.items()] or \
+          ["- the KD student is at or above every floor on every column"]
     atomic_write_text(cfg.run_dir / "summary.md", "\n".join(md) + "\n")
     print("\n".join(md), flush=True)
     return summary
+
+
+def below_floors(rows: dict[str, dict], tasks: list[TaskSpec]) -> dict[str, dict[str, float]]:
+    """Column -> {floor row: student minus floor (points)} where the KD student is below a floor row
+    (baseline, linear probe) that has the column. Empty when the student is at or above every floor."""
+    below: dict[str, dict[str, float]] = {}
+    student = rows.get("student", {})
+    for key, _ in paper_columns(tasks):
+        scale = 1.0 if key.endswith("bleu") else 100.0
+        for floor in FLOOR_ROWS:
+            s, f = student.get(key), rows.get(floor, {}).get(key)
+            if s is not None and f is not None and s < f:
+                below.setdefault(key, {})[floor] = scale * (s - f)
+    return below
 
 
 def _pts(v) -> str:
