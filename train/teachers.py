@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from deploy.errors import cli
+from train.budget import teacher_train_config
 from train.checkpoint import load_model
 from train.config import ConfigError, to_dict
 from train.distributed import DistInfo, init_distributed, shutdown_distributed
@@ -81,7 +82,7 @@ def train_teacher(cfg: ExperimentConfig, spec: TeacherSpec, splits: Splits, devi
     val_set = image_set(splits, splits.val, tasks, pre)
     text = next((t.name for t in tasks if t.kind == "text"), None)
     loss_fn = MultiTaskLoss(tasks)
-    tcfg = cfg.teachers.train
+    tcfg = teacher_train_config(cfg, splits, info.world_size)  # the budget policy (teachers.budget_multiple)
 
     def evaluate(m):
         score, metrics = evaluate_model(m, val_set, tasks, device, tcfg.eval_batch_size, info)
