@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 from tiny import make_tiny_dataset, write_tiny_config
 
-from train.budget import schedule_steps, student_steps, student_train_config, teacher_train_config
+from train.budget import schedule_steps, student_steps, teacher_train_config
 from train.distributed import DistInfo
 from train.experiment import load_experiment
 from train.loop import Trainer
@@ -27,8 +28,10 @@ def _trainer_steps(cfg, splits, world_size: int) -> int:
     rows = splits.train + splits.unlabeled
     data = image_set(splits, rows, splits.data.spec.tasks, preprocess_spec(cfg))
     model = build_model(cfg.student.model, splits.data, splits.data.spec.task_names)
+    staged = cfg.student.kd.schedule == "staged"  # the paper's schedule runs the sum of its stages' epochs
+    tcfg = dataclasses.replace(cfg.student.train, epochs=sum(cfg.student.kd.stage_epochs)) if staged else cfg.student.train
     trainer = Trainer(name="s", model=model, train_set=data, plan=student_plan(cfg, data.labelled), step=None,
-                      evaluate=None, cfg=student_train_config(cfg), out_dir=Path("unused"), seed=0,
+                      evaluate=None, cfg=tcfg, out_dir=Path("unused"), seed=0,
                       device=torch.device("cpu"), info=DistInfo(rank=0, world_size=world_size), meta={})
     return trainer.total_steps
 

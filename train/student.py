@@ -23,6 +23,7 @@ import torch
 
 from deploy.errors import cli
 from deploy.fileio import sha256_file
+from train.budget import student_train_config
 from train.calibrate import teacher_ensemble, teacher_paths
 from train.checkpoint import load_model
 from train.config import to_dict
@@ -131,8 +132,7 @@ def fit_student(cfg: ExperimentConfig, splits: Splits, role: str, device, info: 
     if role == "student":
         plan = student_plan(cfg, train_set.labelled)
         step = distill_step(loss_fn, soft, cfg, text)
-        if scfg.kd.schedule == "staged":
-            tcfg = dataclasses.replace(tcfg, epochs=sum(scfg.kd.stage_epochs))
+        tcfg = student_train_config(cfg)  # staged: the sum of the stages' epochs
     else:
         tcfg = budget_config(tcfg, len(train_set), info.world_size, steps_budget)
         plan = lambda epoch: EpochPlan(np.arange(len(train_set)), "labels")  # noqa: E731
