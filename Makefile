@@ -73,3 +73,15 @@ lint: $(STAMP)  ## ruff
 
 clean:  ## remove generated data and runs (keeps .venv)
 	rm -rf data runs .pytest_cache .ruff_cache
+
+# --- KD recipe sweep (issue 9) --------------------------------------------------------------------
+# Needs trained teachers (`make teachers`). Each grid point trains the student from the cached soft
+# targets for SWEEP_STEPS optimizer steps and is scored on the validation split: runs/<name>/sweep/.
+SWEEP_STEPS ?= 150
+SWEEP_ARGS ?= --alpha 0.5 0.8 0.95 --temperature 1 2 4 --weighting mean calibrated_mean quality_weighted
+.PHONY: sweep-kd probe
+sweep-kd: $(STAMP)  ## KD sweep (alpha, temperature, schedule, ensemble weighting) on validation: sweep.md
+	$(PYTHON) -m train.sweep --config $(CONFIG) --steps $(SWEEP_STEPS) $(SWEEP_ARGS) $(OVERRIDES)
+
+probe: $(STAMP)  ## linear probe floor: frozen student backbone + logistic regression, test split
+	$(PYTHON) -m train.probe --config $(CONFIG) $(OVERRIDES)
