@@ -11,7 +11,14 @@ from tiny import make_tiny_dataset, tiny_model, write_tiny_config
 
 import train.student as student_mod
 from deploy.contract import TaskSpec
-from train.calibrate import fit_mixture_weights, fit_task, fit_temperature, nll, teacher_ensemble
+from train.calibrate import (
+    fit_mixture_weights,
+    fit_task,
+    fit_temperature,
+    format_report,
+    nll,
+    teacher_ensemble,
+)
 from train.ensemble import (
     Combination,
     SoftTargets,
@@ -66,6 +73,17 @@ def test_quality_weights_favour_the_better_teacher():
     # ...and better than the equal vote.
     _, equal, mean_report = fit_task(torch.stack([bad, good]), labels, "calibrated_mean")
     assert equal == [0.5, 0.5] and report["ensemble_nll"] < mean_report["ensemble_nll"]
+    assert not report["below_best_teacher"]
+
+
+def test_an_ensemble_below_its_best_teacher_is_reported():
+    good, labels = _teacher_logits(300, 4, accuracy=0.9, scale=3.0, seed=5)
+    noise = [torch.randn(300, 4, generator=torch.Generator().manual_seed(s)) * 5 for s in (6, 7)]
+    temps, weights, report = fit_task(torch.stack([good, *noise]), labels, "mean")
+    assert report["below_best_teacher"]
+    comb = Combination("mean", ["good", "n1", "n2"], {"coarse": temps}, {"coarse": weights})
+    rep = {"teachers": ["good", "n1", "n2"], "temperature": temps, "weight": weights, **report}
+    assert "WARNING coarse" in format_report(comb, {"coarse": rep})
 
 
 def test_mixture_weights_stay_equal_for_identical_teachers():

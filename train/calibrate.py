@@ -121,6 +121,8 @@ def fit_task(logits: torch.Tensor, labels: torch.Tensor, weighting: str) -> tupl
                    "accuracy": [float((lg.argmax(-1) == labels).float().mean()) for lg in logits],
                    "ensemble_nll_plain_mean": nll(raw_mean, labels), "ensemble_nll": nll(combined, labels),
                    "ensemble_accuracy": float((combined.argmax(-1) == labels).float().mean())}
+        # The ensemble is worth distilling only if it beats its best member: say so when it does not.
+        report["below_best_teacher"] = report["ensemble_accuracy"] < max(report["accuracy"])
     return temps, weights.tolist(), report
 
 
@@ -152,6 +154,10 @@ def format_report(combination: Combination, report: dict) -> str:
             cells = [f"{rep['temperature'][i]:.3f}", f"{rep['weight'][i]:.3f}"]
             cells += [f"{rep[k][i]:.4f}" if k in rep else "—" for k in ("accuracy", "nll_raw", "nll_calibrated")]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        if rep.get("below_best_teacher"):
+            lines += ["", f"WARNING {task}: the ensemble ({100 * rep['ensemble_accuracy']:.1f} % validation "
+                      f"accuracy) is below its best teacher ({100 * max(rep['accuracy']):.1f} %); try "
+                      f"teachers.ensemble_weighting=quality_weighted or stronger teachers (teachers.budget_multiple)"]
     return "\n".join(lines)
 
 
