@@ -205,3 +205,15 @@ def test_exported_ensemble_carries_the_fitted_combination(tiny_run: Path):
     with torch.no_grad():
         expected = ensemble(images)["coarse"].numpy()
     assert abs(onnx_out["coarse"] - expected).max() < 1e-4
+
+
+def test_a_student_from_other_ensemble_weights_is_not_reused(tiny_run: Path):
+    from train.checkpoint import load_checkpoint
+
+    _, meta = load_checkpoint(tiny_run.parent / "runs" / "tiny" / "student" / "last.safetensors")
+    assert json.loads(meta["fingerprint"])["ensemble"]["weighting"] == "quality_weighted"
+    cfg = load_experiment(tiny_run, ["teachers.ensemble_weighting=calibrated_mean"])
+    splits = load_splits(cfg)
+    soft = student_mod.teacher_soft_targets(cfg, splits, torch.device("cpu"), student_mod.DistInfo())
+    with pytest.raises(RuntimeError, match="different config"):  # not silently "resumed" as finished
+        student_mod.fit_student(cfg, splits, "student", torch.device("cpu"), student_mod.DistInfo(), soft)
