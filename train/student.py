@@ -148,6 +148,10 @@ def fit_student(cfg: ExperimentConfig, splits: Splits, role: str, device, info: 
     meta = {"role": role, "name": role, "preprocessing": pre.to_dict(),
             "config": {"model": to_dict(scfg.model), "train": to_dict(tcfg), "kd": to_dict(scfg.kd),
                        "seed": cfg.seed, "data": to_dict(cfg.data), "image_size": pre.size}}
+    if soft is not None and soft.combination.weighting != "mean":
+        # A student distilled from other ensemble weights is another run (the plain mean keeps the
+        # fingerprints of runs made before weighting existed).
+        meta["config"]["ensemble"] = {k: v for k, v in soft.combination.to_dict().items() if k != "hashes"}
     out_dir = cfg.run_dir / role
     trainer = Trainer(name=role, model=model, train_set=train_set, plan=plan, step=step, evaluate=evaluate,
                       cfg=tcfg, out_dir=out_dir, seed=cfg.seed, device=device, info=info, meta=meta)
