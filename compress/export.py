@@ -29,7 +29,7 @@ from deploy.errors import MissingInput, RunFailed, cli
 from deploy.fileio import atomic_write, atomic_write_text, sha256_file
 from train.checkpoint import load_model
 from train.data.torch_data import FundusImages
-from train.ensemble import TeacherEnsemble
+from train.ensemble import TeacherEnsemble, attach_stored_combination
 from train.evaluate import collect_outputs
 from train.experiment import add_config_args, config_overrides, load_experiment, teacher_specs
 from train.fit_check import check_checkpoint
@@ -179,7 +179,7 @@ def export_all(cfg_path: str | None, overrides: list[str]) -> dict:
             if "teachers" in ccfg.models:
                 jobs.append((spec.name, ExportModel(model), _contract(cfg, splits, spec.name, model.tasks, meta, ckpt)))
     if "ensemble" in ccfg.models:
-        ens = TeacherEnsemble(teachers, tasks).eval()
+        ens = attach_stored_combination(TeacherEnsemble(teachers, tasks), cfg.run_dir, teacher_paths).eval()
         contract = model_contract("ensemble", cfg.name, splits.data, ens.tasks, preprocess_spec(cfg, cfg.teachers.image_size))
         contract.hashes = {p.parent.name: sha256_file(p) for p in teacher_paths}
         jobs.append(("ensemble", EnsembleExport(ens), contract))

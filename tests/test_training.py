@@ -148,7 +148,7 @@ def test_student_and_baseline_pipeline(tiny_data, tmp_path):
                               capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "runs" / "tiny" / "summary.json").read_text())
-    assert set(summary["rows"]) == {"t_cls", "t_all", "ensemble", "student", "baseline"}
+    assert set(summary["rows"]) == {"t_cls", "t_all", "ensemble", "student", "baseline", "linear probe"}
     soft = tmp_path / "runs" / "tiny" / "student" / "teacher_outputs.safetensors"
     tensors, meta = load_checkpoint(soft)
     n_rows = len(meta["key"]["rows"])
@@ -193,7 +193,8 @@ def test_label_fraction_experiment_table_and_plot(tiny_data, tmp_path):
     out = tmp_path / "runs" / "tiny" / "fractions"
     rows = json.loads((out / "fractions.json").read_text())
     assert {(r["fraction"], r["model"]) for r in rows} == {(f, m) for f in (0.5, 1.0)
-                                                           for m in ("ensemble", "student", "baseline")}
+                                                           for m in ("ensemble", "student", "baseline",
+                                                                     "linear probe")}
     assert (out / "fractions.png").stat().st_size > 0 and "| 50% | student |" in (out / "fractions.md").read_text()
     half = load_dataset(tiny_data, manifest="manifest.frac050.seed0.csv")
     full = load_dataset(tiny_data)

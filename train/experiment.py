@@ -107,6 +107,17 @@ class TeachersConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     members: list[TeacherSpec] | None = None  # None: one teacher per non-empty subset of the tasks
     image_size: int | None = None
+    # How the ensemble combines its teachers per classification task (train/calibrate.py): mean (equal
+    # vote), calibrated_mean (each teacher temperature-scaled on the validation split) or
+    # quality_weighted (calibrated + weights from validation NLL). Soft targets and export use the same.
+    ensemble_weighting: Literal["mean", "calibrated_mean", "quality_weighted"] = "mean"
+    # Budget policy (train/budget.py): every teacher gets at least budget_multiple x the student's
+    # optimizer steps (train.min_steps is raised, adding epochs). null = the configured schedule only.
+    budget_multiple: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.budget_multiple is not None and self.budget_multiple <= 0:
+            raise ValueError(f"teachers.budget_multiple must be > 0 (or null), got {self.budget_multiple}")
 
 
 @dataclass

@@ -5,8 +5,9 @@
 For each fraction f the labelled training patients are subsampled (train.data.splits.label_fraction,
 stratified, seeded; validation and test untouched) and the rest join the unlabelled pool. Teachers are
 trained on the kept labels, the student learns from them plus the whole unlabelled pool, the baseline
-from the kept labels only. Each fraction is an ordinary run (runs/<name>-frac015/ ...), so an
-interrupted experiment resumes where it stopped. Writes runs/<name>/fractions/fractions.{md,json,png}.
+from the kept labels only, the linear probe (train.probe) from the kept labels on frozen features.
+Each fraction is an ordinary run (runs/<name>-frac015/ ...), so an interrupted experiment resumes
+where it stopped. Writes runs/<name>/fractions/fractions.{md,json,png}.
 """
 
 from __future__ import annotations
@@ -28,10 +29,10 @@ from train.experiment import (
 from train.plots import plot_fractions
 from train.stage import load_splits
 from train.student import run as run_student
-from train.summary import summary_columns
+from train.summary import PROBE_ROW, summary_columns
 from train.teachers import train_teacher
 
-MODELS = ("ensemble", "student", "baseline")
+MODELS = ("ensemble", "student", "baseline", PROBE_ROW)  # the probe has no text head
 
 
 def fraction_config(path: str | None, overrides: list[str], fraction: float) -> ExperimentConfig:
@@ -74,8 +75,9 @@ def main(argv: list[str] | None = None) -> int:
             keys = keys or [(k, t) for k, t in summary_columns(tasks) if k.endswith(("accuracy", "top5", "bleu"))]
             for model in MODELS:
                 if model in summary["rows"]:
+                    values = {k: summary["rows"][model].get(k) for k, _ in keys}
                     rows.append({"fraction": fraction, "model": model,
-                                 **{k: summary["rows"][model].get(k) for k, _ in keys}})
+                                 **{k: v for k, v in values.items() if v is not None}})
         out = base.run_dir / "fractions"
         atomic_write_text(out / "fractions.json", json.dumps(rows, indent=1))
         md = f"# Label-fraction experiment ({base.name}), test split\n\n{table(rows, keys)}\n"

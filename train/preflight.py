@@ -116,9 +116,6 @@ def experiment_problems(cfg: ExperimentConfig, spec: DatasetSpec) -> list[str]:
                  ] if set(cfg.compress.models) - set(EXPORTABLE) else []
     problems += [f"compress.quantize: unknown {sorted(set(cfg.compress.quantize) - set(QUANTIZABLE))}; use "
                  f"{list(QUANTIZABLE)}"] if set(cfg.compress.quantize) - set(QUANTIZABLE) else []
-    not_exported = sorted(set(cfg.compress.quantize) - set(cfg.compress.models))
-    problems += [f"compress.quantize {not_exported} are not in compress.models {cfg.compress.models}: "
-                 "they would have no FP32 ONNX to quantize"] if not_exported else []
     return problems + _floor_problems(cfg, keys)
 
 

@@ -1,4 +1,5 @@
-"""The experiment's test-split summary: every teacher, the ensemble, the student and the baseline.
+"""The experiment's test-split summary: every teacher, the ensemble, the student, the baseline and the
+linear probe (train.probe), with a flag per column where the KD student is below a floor.
 
 Writes runs/<name>/summary.json and summary.md; the ensemble is evaluated here with the same metric code.
 """
@@ -12,14 +13,17 @@ import torch
 
 from deploy.contract import TaskSpec
 from deploy.fileio import atomic_write_text
-from train.ensemble import load_ensemble
+from train.calibrate import teacher_ensemble
 from train.evaluate import collect_outputs, score_outputs
 from train.experiment import ExperimentConfig, teacher_specs
-from train.fit_check import check_checkpoint
 from train.metrics import headline, joint_key, present_ks, primary_metric, to_points
 from train.plots import plot_confusion_matrix
+from train.probe import linear_probe
 from train.stage import Splits, image_set, preprocess_spec, write_final
 from train.teachers import teacher_dir
+
+PROBE_ROW = "linear probe"
+FLOOR_ROWS = ("baseline", PROBE_ROW)  # rows that need no teacher: the KD student must not fall below them
 
 
 def summary_columns(tasks: list[TaskSpec], joint: list[tuple[str, ...]] | tuple = ()) -> list[tuple[str, str]]:
@@ -58,12 +62,7 @@ def markdown_table(rows: dict[str, dict], tasks: list[TaskSpec], joint: list[tup
 @torch.no_grad()
 def evaluate_ensemble(cfg: ExperimentConfig, splits: Splits, device) -> dict:
     tasks = splits.data.spec.tasks
-    specs = teacher_specs(cfg, splits.data.spec.task_names)
-    paths = [teacher_dir(cfg, s.name) / "best.safetensors" for s in specs]
-    for path in paths:
-        if path.exists():
-            check_checkpoint(path, splits.data)
-    ensemble = load_ensemble(paths, tasks, device)
+    ensemble, _ = teacher_ensemble(cfg, splits, device)  # the combination the student learned from
     data = image_set(splits, splits.test, tasks, preprocess_spec(cfg, cfg.teachers.image_size))
     outputs = collect_outputs(ensemble, data, device, cfg.teachers.train.eval_batch_size)
     return score_outputs(outputs, data, tasks, splits.data.vocabulary)
@@ -82,6 +81,7 @@ def write_summary(cfg: ExperimentConfig, splits: Splits, results: dict[str, dict
     rows["ensemble"] = headline(ensemble_metrics, tasks)
     for role, metrics in results.items():
         rows[role] = headline(metrics, tasks)
+    rows[PROBE_ROW] = headline(linear_probe(cfg, splits, device), tasks)
     joint = splits.data.spec.joint
     deltas = {}
     if "student" in rows:
@@ -89,8 +89,9 @@ def write_summary(cfg: ExperimentConfig, splits: Splits, results: dict[str, dict
             s, e, b = rows["student"].get(key), rows["ensemble"].get(key), rows.get("baseline", {}).get(key)
             deltas[key] = {"student_minus_ensemble": None if s is None or e is None else to_points(key, s - e),
                            "student_minus_baseline": None if s is None or b is None else to_points(key, s - b)}
+    below = below_floors(rows, tasks, joint)
     summary = {"experiment": cfg.name, "label_fraction": cfg.data.label_fraction or 1.0,
-               "test_images": len(splits.test), "rows": rows, "deltas_points": deltas,
+               "test_images": len(splits.test), "rows": rows, "deltas_points": deltas, "below_floor": below,
                "written": time.strftime("%Y-%m-%dT%H:%M:%S")}
     atomic_write_text(cfg.run_dir / "summary.json", json.dumps(summary, indent=1))
     md = [f"# {cfg.name}: test split ({len(splits.test)} images), label fraction "
@@ -98,12 +99,30 @@ def write_summary(cfg: ExperimentConfig, splits: Splits, results: dict[str, dict
           markdown_table(rows, tasks, joint), "", "Student minus ensemble / minus baseline (points):", ""]
     for key, d in deltas.items():
         md.append(f"- {key}: {_pts(d['student_minus_ensemble'])} / {_pts(d['student_minus_baseline'])}")
+    md += ["", "Floors (models that need no teacher: the labels-only baseline and the linear probe):", ""]
+    md += [f"- BELOW FLOOR {key}: KD student {_pts(gap)} points vs the {floor}"
+           for key, floors in below.items() for floor, gap in floors.items()] or \
+          ["- the KD student is at or above every floor on every column"]
     deployed = "student" if "student" in results else next(iter(results), None)
     if deployed:
         md += ["", *per_class_section(deployed, results[deployed], tasks, cfg.run_dir)]
     atomic_write_text(cfg.run_dir / "summary.md", "\n".join(md) + "\n")
     print("\n".join(md), flush=True)
     return summary
+
+
+def below_floors(rows: dict[str, dict], tasks: list[TaskSpec],
+                 joint: list[tuple[str, ...]] | tuple = ()) -> dict[str, dict[str, float]]:
+    """Column -> {floor row: student minus floor (points)} where the KD student is below a floor row
+    (baseline, linear probe) that has the column. Empty when the student is at or above every floor."""
+    below: dict[str, dict[str, float]] = {}
+    student = rows.get("student", {})
+    for key, _ in summary_columns(tasks, joint):
+        for floor in FLOOR_ROWS:
+            s, f = student.get(key), rows.get(floor, {}).get(key)
+            if s is not None and f is not None and s < f:
+                below.setdefault(key, {})[floor] = to_points(key, s - f)
+    return below
 
 
 def _pts(v) -> str:

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from deploy.errors import cli
+from train.budget import teacher_train_config
 from train.checkpoint import load_model
 from train.config import ConfigError, to_dict
 from train.distributed import DistInfo, init_distributed, shutdown_distributed
@@ -89,7 +90,7 @@ def train_teacher(cfg: ExperimentConfig, spec: TeacherSpec, splits: Splits, devi
     train_set = image_set(splits, train_rows, tasks, pre, cfg.teachers.train.augment)
     val_set = image_set(splits, splits.val, tasks, pre)
     text = next((t.name for t in tasks if t.kind == "text"), None)
-    tcfg = cfg.teachers.train
+    tcfg = teacher_train_config(cfg, splits, info.world_size)  # the budget policy (teachers.budget_multiple)
     loss_fn = MultiTaskLoss(tasks, class_weights=class_weights(train_set, tasks, tcfg.class_balance))
 
     def evaluate(m):
