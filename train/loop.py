@@ -48,6 +48,9 @@ StepFn = Callable[[torch.nn.Module, dict, str], tuple[torch.Tensor, dict[str, fl
 EvalFn = Callable[[torch.nn.Module], tuple[float, dict[str, float]]]  # -> (selection score, flat metrics)
 
 
+CURVES_EVERY_S = 60.0
+
+
 def config_fingerprint(meta: dict) -> str:
     """What must match for a run folder to be resumed or reused: the run's config, canonically."""
     return json.dumps(meta.get("config", {}), sort_keys=True, default=str)
@@ -110,6 +113,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
         self.history: list[dict] = []
         self.best_score, self.start_epoch = -math.inf, 0
+        self._curves_drawn = -math.inf
 
     @property
     def last_path(self) -> Path:
@@ -271,4 +275,9 @@ class Trainer:
                 if k != "epoch" and isinstance(v, (int, float)):
                     writer.add_scalar(k, v, record["epoch"])
             writer.flush()
-        plot_curves(self.history, self.out_dir / "curves.png", title=self.name)
+        # The PNG costs ~0.5 s of matplotlib: redrawn at most every CURVES_EVERY_S and after the last epoch
+        # (metrics.csv and TensorBoard above are always current).
+        last_epoch = record["epoch"] >= self.cfg.epochs
+        if last_epoch or time.monotonic() - self._curves_drawn >= CURVES_EVERY_S:
+            plot_curves(self.history, self.out_dir / "curves.png", title=self.name)
+            self._curves_drawn = time.monotonic()
