@@ -8,7 +8,10 @@ Runs what the machine has, on the run's exported models (runs/<name>/onnx) and s
   with ORT-CPU (fp32 |dp| <= 1e-4 with TF32 off; top-1 agreement fp16 >= 99 %, int8 >= 98 %), 50
   open/close cycles without GPU memory growth, batch-1 p50 per precision and int8 not slower than fp16.
 Writes gpu_check.json + gpu_check.md to --out; exit 1 if any check failed. Without CUDA: one line, exit 2.
-Not done yet: AMP training steps and the inspector's per-layer Int8 check (reported as skipped).
+- the inspector of the int8 engine: Q/DQ-fed layers actually run in Int8 (engines are built with
+  detailed profiling verbosity);
+- a few mixed-precision (AMP) training steps of the student and of one teacher on CUDA: finite losses,
+  a loss that goes down on one repeated batch, every parameter updated.
 """
 
 from __future__ import annotations
@@ -47,6 +50,30 @@ def int8_not_slower(p50_ms: dict[str, float]) -> tuple[bool, str]:
     """INT8 batch-1 p50 <= FP16's (5 % timing noise allowed)."""
     ok = p50_ms["int8"] <= 1.05 * p50_ms["fp16"]
     return ok, f"int8 {p50_ms['int8']:.3f} ms vs fp16 {p50_ms['fp16']:.3f} ms"
+
+
+def int8_layers(engine_info_json: str) -> tuple[int, int]:
+    """(layers with an Int8 input or output, all layers) from EngineInspector's JSON. Layer entries are
+    plain names when the engine was built without detailed profiling verbosity: then (0, n)."""
+    layers = json.loads(engine_info_json).get("Layers", [])
+    int8 = sum(1 for layer in layers if isinstance(layer, dict) and any(
+        "Int8" in str(t.get("Format/Datatype", "")) for t in [*layer.get("Inputs", []), *layer.get("Outputs", [])]))
+    return int8, len(layers)
+
+
+def int8_verdict(int8: int, total: int) -> tuple[bool, str]:
+    if total and int8 == 0:
+        return False, f"0 of {total} layers run in Int8: the Q/DQ nodes were not fused (or no detailed profile)"
+    return int8 > 0, f"{int8} of {total} layers have Int8 inputs or outputs"
+
+
+def amp_verdict(losses: Sequence[float], frozen: Sequence[str]) -> tuple[bool, str]:
+    """AMP steps on one repeated batch: losses finite and going down, no parameter left unchanged."""
+    finite = all(np.isfinite(losses))
+    detail = f"losses {' -> '.join(f'{v:.3f}' for v in losses)}"
+    if frozen:
+        detail += f"; not updated: {', '.join(frozen[:3])}"
+    return finite and losses[-1] < losses[0] and not frozen, detail
 
 
 def cuda_reason() -> str | None:
@@ -107,9 +134,70 @@ def check_tensorrt(run: Path, out: Path, batch: np.ndarray) -> list[dict]:
             used.append((total - free) / 2**20)
         ok, detail = memory_growth_verdict(used)
         checks.append({"name": f"trt {precision} 50 open/close", "ok": ok, "detail": detail})
+        if precision == "int8":
+            ok, detail = int8_verdict(*int8_layers(_engine_information(engine)))
+            checks.append({"name": "trt int8 layers run in Int8 (inspector)", "ok": ok, "detail": detail})
     ok, detail = int8_not_slower(p50)
     checks.append({"name": "trt batch-1 p50 per precision", "ok": True, "detail": json.dumps(p50)})
     checks.append({"name": "trt int8 not slower than fp16", "ok": ok, "detail": detail})
+    return checks
+
+
+def _engine_information(engine_path: Path) -> str:
+    import tensorrt as trt
+
+    runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+    engine = runtime.deserialize_cuda_engine(Path(engine_path).read_bytes())
+    return engine.create_engine_inspector().get_engine_information(trt.LayerInformationFormat.JSON)
+
+
+def amp_steps(checkpoint: Path, batch: np.ndarray, steps: int = 6,
+              device: str = "cuda") -> tuple[list[float], list[str]]:
+    """Train a saved model for `steps` mixed-precision steps on one batch with random labels (the training
+    loss code; FP16 + GradScaler on CUDA, bfloat16 on CPU); returns the losses and the names of the
+    classification parameters that did not change."""
+    import torch
+
+    from train.checkpoint import load_model
+    from train.losses import MultiTaskLoss
+
+    model, _ = load_model(checkpoint)
+    model = model.to(device).train()
+    tasks = model.classification_tasks
+    gen = torch.Generator().manual_seed(0)
+    targets = {t.name: torch.randint(t.num_classes, (len(batch),), generator=gen).to(device) for t in tasks}
+    labelled = torch.ones(len(batch), dtype=torch.bool, device=device)
+    loss_fn, x = MultiTaskLoss(tasks), torch.from_numpy(batch).to(device)
+    cuda = device.startswith("cuda")
+    opt, scaler = torch.optim.AdamW(model.parameters(), lr=1e-3), torch.amp.GradScaler("cuda", enabled=cuda)
+    text = f"heads.{model.text_task}." if model.text_task else None  # the decoder gets no loss here
+    before = {n: p.detach().clone() for n, p in model.named_parameters()
+              if p.requires_grad and not (text and n.startswith(text))}
+    losses = []
+    for _ in range(steps):
+        with torch.autocast("cuda" if cuda else "cpu", dtype=torch.float16 if cuda else torch.bfloat16):
+            features = model.features(x)
+            out = {t.name: model.heads[t.name](features) for t in tasks}
+            loss, _ = loss_fn(out, targets, None, labelled)
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        losses.append(float(loss))
+    params = dict(model.named_parameters())
+    return losses, [n for n in before if torch.equal(before[n], params[n].detach())]
+
+
+def check_amp_training(run: Path, batch: np.ndarray) -> list[dict]:
+    """The desktop-GPU training path: AMP steps of the student and of the first teacher with a class head."""
+    checks = []
+    teachers = sorted((run / "teachers").glob("*/best.safetensors"))
+    for name, path in (("student", run / "student" / "best.safetensors"), ("teacher", next(iter(teachers), None))):
+        if path is None or not path.is_file():
+            checks.append({"name": f"amp training steps ({name})", "ok": None, "detail": "skipped: no checkpoint"})
+            continue
+        ok, detail = amp_verdict(*amp_steps(path, batch))
+        checks.append({"name": f"amp training steps ({name}: {path.parent.name})", "ok": ok, "detail": detail})
     return checks
 
 
@@ -186,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         checks.append({"name": "tensorrt engines", "ok": None, "detail": "skipped: tensorrt not installed"})
     else:
         checks += _guarded("tensorrt", lambda: check_tensorrt(args.run, args.out, batch))
-    checks.append({"name": "amp training steps", "ok": None, "detail": "skipped: not implemented yet"})
+    checks += _guarded("amp training steps", lambda: check_amp_training(args.run, batch))
     report = {"machine": describe_machine(), "checks": checks}
     atomic_write_text(args.out / "gpu_check.json", json.dumps(report, indent=2, default=str))
     atomic_write_text(args.out / "gpu_check.md", to_markdown(report))

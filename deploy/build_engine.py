@@ -149,6 +149,8 @@ def configure(trt, builder, precision: str, workspace_mb: int):
             config.set_flag(trt.BuilderFlag.FP16)
         if precision == "int8":
             config.set_flag(trt.BuilderFlag.INT8)
+    # Layer types and precisions in the engine, for the inspector (gpu-check: "INT8 layers run in Int8").
+    config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
     if precision == "fp32":  # TF32 is on by default on Ampere and later: a "fp32" engine would not be
         config.clear_flag(trt.BuilderFlag.TF32)
     return config

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from test_deploy import write_image, write_tiny_model  # tests/ is on sys.path
 
@@ -50,3 +51,40 @@ def test_gpu_check_without_cuda_is_one_line(tmp_path: Path, capsys, monkeypatch)
     assert cli(gpu_check.main, ["--run", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and "no CUDA device" in err and not (tmp_path / "o").exists()
+
+
+def test_int8_layers_from_the_inspector_json():
+    info = json.dumps({"Layers": [
+        {"Name": "conv1", "Inputs": [{"Format/Datatype": "Channel major INT8 format where... Int8"}], "Outputs": []},
+        {"Name": "conv2", "Inputs": [{"Format/Datatype": "Row major linear FP32 format"}],
+         "Outputs": [{"Format/Datatype": "Row major linear Int8 format"}]},
+        {"Name": "softmax", "Inputs": [{"Format/Datatype": "Row major linear FP32 format"}], "Outputs": []}]})
+    assert gpu_check.int8_layers(info) == (2, 3)
+    assert gpu_check.int8_verdict(2, 3)[0]
+    names_only = json.dumps({"Layers": ["conv1", "conv2"]})  # built without detailed profiling verbosity
+    assert gpu_check.int8_layers(names_only) == (0, 2) and not gpu_check.int8_verdict(0, 2)[0]
+
+
+def test_amp_verdict_needs_finite_falling_losses_and_every_parameter_updated():
+    assert gpu_check.amp_verdict([2.0, 1.5, 1.0], [])[0]
+    assert not gpu_check.amp_verdict([2.0, float("nan"), 1.0], [])[0]
+    assert not gpu_check.amp_verdict([1.0, 1.2], [])[0]
+    ok, detail = gpu_check.amp_verdict([2.0, 1.0], ["heads.coarse.0.weight"])
+    assert not ok and "heads.coarse.0.weight" in detail
+
+
+def test_amp_steps_train_a_saved_model(tmp_path):
+    """The same code the GPU check runs, on CPU in bfloat16: the loss falls and every class parameter moves."""
+    from tiny import tiny_model
+
+    from deploy.contract import TaskSpec
+    from train.checkpoint import save_model
+    from train.experiment import ModelConfig
+    from train.models.multitask import MultiTaskNet
+
+    tasks = [TaskSpec("coarse", "classification", ("a", "b", "c")), TaskSpec("diagnosis", "text")]
+    model = MultiTaskNet(ModelConfig(**tiny_model()), tasks, vocab_size=12, max_len=5)
+    path = save_model(tmp_path / "best.safetensors", model)
+    batch = np.random.default_rng(0).standard_normal((8, 3, 32, 32)).astype(np.float32)
+    losses, frozen = gpu_check.amp_steps(path, batch, steps=6, device="cpu")
+    assert gpu_check.amp_verdict(losses, frozen)[0], (losses, frozen)

@@ -658,6 +658,7 @@ def fake_builder(request, fake_trt):
     trt.NetworkDefinitionCreationFlag = types.SimpleNamespace(EXPLICIT_BATCH=0, STRONGLY_TYPED=5)
     trt.BuilderFlag = types.SimpleNamespace(**{f: f for f in _BUILDER_FLAGS[major]})
     trt.MemoryPoolType = types.SimpleNamespace(WORKSPACE="workspace")
+    trt.ProfilingVerbosity = types.SimpleNamespace(LAYER_NAMES_ONLY="names", DETAILED="detailed")
     trt.LayerType = types.SimpleNamespace(QUANTIZE="QuantizeLinear", DEQUANTIZE="DequantizeLinear")
     return trt
 
@@ -673,6 +674,7 @@ def test_build_engine_writes_engine_sidecar_and_timing_cache(fake_builder, tmp_p
     builder = _FakeBuilder.last
     assert builder.network_flags == 1 << 5 and builder.config.flags == {"TF32"}  # strongly typed, no FP16 flag
     assert builder.config.workspace == 64 << 20
+    assert builder.config.profiling_verbosity == "detailed"  # the inspector can see layer precisions
     assert builder.config.profiles[0].shapes["image"] == ((2, 3, 32, 32), (3, 3, 32, 32), (4, 3, 32, 32))
     assert cache.read_bytes() == b"old+"  # loaded, then saved after the build
     engine = default_engine_path(onnx_path)
