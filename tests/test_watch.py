@@ -11,7 +11,11 @@ import time
 from pathlib import Path
 
 import pytest
-from test_deploy import predict_main, write_image, write_tiny_model  # tests/ is on sys.path (pytest rootdir-less layout)
+from test_deploy import (  # tests/ is on sys.path (pytest rootdir-less layout)
+    predict_main,
+    write_image,
+    write_tiny_model,
+)
 
 from deploy.predictor import Predictor
 from deploy.watch import RecordLog, Watcher, is_candidate, scan_folder

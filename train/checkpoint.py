@@ -15,7 +15,6 @@ import argparse
 import dataclasses
 import json
 import struct
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -205,17 +204,41 @@ def load_model(path: str | Path) -> tuple[MultiTaskNet, dict]:
                               "by train.checkpoint.save_model")
     if meta.get("format_version") != MODEL_FORMAT_VERSION:
         raise CheckpointError(f"{path}: model format version {meta.get('format_version')!r} is not supported")
-    info = meta["model"]
-    cfg = from_dict(ModelConfig, info["config"], where=f"{path}: model.config")
-    # The weights come from this file: skip the pretrained source (it may be absent on this machine).
-    cfg = dataclasses.replace(cfg, pretrained="none")
-    tasks = [TaskSpec.from_dict(t) for t in info["tasks"]]
-    model = MultiTaskNet(cfg, tasks, vocab_size=info["vocab_size"], max_len=int(info["max_len"]))
+    model = _build_described_model(path, meta["model"])
     try:
         model.load_state_dict(tensors)
     except RuntimeError as exc:
         raise CheckpointError(f"{path}: weights do not fit the model described in its meta ({exc})") from exc
     return model.eval(), meta
+
+
+def _build_described_model(path: Path, info: Any) -> MultiTaskNet:
+    """The (untrained) model a checkpoint's `model` meta describes; CheckpointError naming the bad field."""
+    fix = "the checkpoint's meta was edited or damaged: re-save it with train.checkpoint.save_model"
+    if not isinstance(info, dict):
+        raise CheckpointError(f"{path}: meta 'model' must be an object, got {type(info).__name__}; {fix}")
+    missing = [k for k in ("config", "tasks", "vocab_size", "max_len") if k not in info]
+    if missing:
+        raise CheckpointError(f"{path}: meta 'model' lacks {missing}; {fix}")
+    if not isinstance(info["tasks"], list) or not info["tasks"]:
+        raise CheckpointError(f"{path}: meta 'model.tasks' must be a non-empty list, got {info['tasks']!r}; {fix}")
+    for key, optional in (("vocab_size", True), ("max_len", False)):  # vocab_size is None without a text task
+        value = info[key]
+        if not (value is None and optional) and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise CheckpointError(f"{path}: meta 'model.{key}' must be a whole number, got {value!r}; {fix}")
+    if not isinstance(info["config"], dict):
+        raise CheckpointError(f"{path}: meta 'model.config' must be an object, got {info['config']!r}; {fix}")
+    cfg = from_dict(ModelConfig, info["config"], where=f"{path}: model.config")
+    # The weights come from this file: skip the pretrained source (it may be absent on this machine).
+    cfg = dataclasses.replace(cfg, pretrained="none")
+    try:
+        tasks = [TaskSpec.from_dict(t) for t in info["tasks"]]
+        return MultiTaskNet(cfg, tasks, vocab_size=info["vocab_size"], max_len=info["max_len"])
+    except UserError as exc:
+        raise CheckpointError(f"{path}: {exc}") from exc
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:  # e.g. a backbone timm does not know
+        raise CheckpointError(f"{path}: cannot build the model its meta describes ({type(exc).__name__}: {exc}); "
+                              f"{fix}, or install the library version it was trained with") from exc
 
 
 # --- command line -------------------------------------------------------------------------------------
@@ -240,17 +263,13 @@ def main(argv: list[str] | None = None) -> int:
     conv.add_argument("src", type=Path)
     conv.add_argument("dst", type=Path)
     args = parser.parse_args(argv)
-    try:
-        if args.command == "convert":
-            print(f"wrote {convert(args.src, args.dst)}")
-        else:
-            tensors, meta = load_checkpoint(args.path)
-            numel = sum(t.numel() for t in tensors.values())
-            print(f"{args.path}: {len(tensors)} tensors, {numel:,} values")
-            print(json.dumps({k: v for k, v in meta.items() if k != "state_structure"}, indent=1))
-    except (CheckpointError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    if args.command == "convert":
+        print(f"wrote {convert(args.src, args.dst)}")
+    else:
+        tensors, meta = load_checkpoint(args.path)
+        numel = sum(t.numel() for t in tensors.values())
+        print(f"{args.path}: {len(tensors)} tensors, {numel:,} values")
+        print(json.dumps({k: v for k, v in meta.items() if k != "state_structure"}, indent=1))
     return 0
 
 
