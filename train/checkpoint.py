@@ -1,7 +1,9 @@
 """Checkpoints as safetensors: tensors + JSON metadata, never pickles.
 
 A checkpoint `run/best.safetensors` holds the tensors and, in the safetensors header, the JSON meta
-(also written next to it as `run/best.json` for people and tools). Loading never unpickles, so a
+(also written next to it as `run/best.json` for people and tools). The header is the truth: a crash
+between the two writes can leave the sidecar one save behind, so loading rewrites a sidecar that
+differs from the header. Loading never unpickles, so a
 checkpoint from elsewhere cannot run code. Nested training state (optimizer, LR scheduler, RNG) is
 stored with `flatten_state`/`unflatten_state`: its tensors go to the file, its structure to the meta.
 
@@ -20,12 +22,12 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch import Tensor
 
 from deploy.contract import TaskSpec
 from deploy.errors import UserError, cli
-from deploy.fileio import atomic_write, atomic_write_text
+from deploy.fileio import atomic_write_bytes, atomic_write_text
 from train.config import from_dict, to_dict
 from train.models.multitask import ModelConfig, MultiTaskNet
 
@@ -121,8 +123,10 @@ def save_checkpoint(path: str | Path, tensors: dict[str, Tensor], meta: dict) ->
         meta_json = json.dumps(meta, sort_keys=False)
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"{path}: meta is not JSON-serializable ({exc})") from exc
-    prepared = _prepare(tensors)
-    atomic_write(path, lambda tmp: save_file(prepared, str(tmp), metadata={META_KEY: meta_json}))
+    # Serialized here, not by safetensors' save_file: that writes its own ".tmpXXXXXX" next to the target,
+    # which a kill would orphan where nothing cleans it; atomic_write's temporary files are cleaned.
+    data = save(_prepare(tensors), metadata={META_KEY: meta_json})
+    atomic_write_bytes(path, data)
     atomic_write_text(path.with_suffix(".json"), json.dumps(meta, indent=1))
     return path
 
@@ -176,7 +180,22 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict]:
         meta = json.loads(raw_meta) if raw_meta else {}
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{path}: metadata {META_KEY!r} is not valid JSON ({exc})") from exc
+    if raw_meta:
+        _repair_sidecar(path.with_suffix(".json"), meta)
     return tensors, meta
+
+
+def _repair_sidecar(sidecar: Path, meta: dict) -> None:
+    """Rewrite an existing JSON sidecar that differs from the header (best effort: read-only is fine)."""
+    try:
+        if not sidecar.is_file() or json.loads(sidecar.read_text(encoding="utf-8")) == meta:
+            return
+    except (OSError, ValueError):  # unreadable or not JSON: rewrite it
+        pass
+    try:
+        atomic_write_text(sidecar, json.dumps(meta, indent=1))
+    except OSError:
+        pass
 
 
 # --- whole models -----------------------------------------------------------------------------------
