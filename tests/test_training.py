@@ -64,7 +64,8 @@ def test_resume_after_interruption_matches_uninterrupted_run(tiny_data, tmp_path
 
         def run(model, batch, mode):
             steps["n"] += 1
-            if steps["armed"] and steps["n"] == 5:  # 3 steps per epoch: the 2nd step of epoch 2
+            # 3 steps per epoch and the end-of-epoch check of the last update: the 2nd step of epoch 2
+            if steps["armed"] and steps["n"] == 6:
                 steps["armed"] = False
                 raise KeyboardInterrupt  # as if Ctrl-C / kill arrived in the middle of epoch 2
             return step(model, batch, mode)
@@ -104,6 +105,18 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_data, tmp_path, monk
         _teacher(cfg)
     _, meta = load_checkpoint(tmp_path / "runs" / "tiny" / "teachers" / "t_cls" / "last.safetensors")
     assert meta["epoch"] == 0
+
+
+@pytest.mark.parametrize("lr, match", [("1.0e+30", "weights after the last update of epoch 1"),
+                                       ("1.0e+39", "optimizer update overflowed at epoch 1 step 1")])
+def test_divergence_in_a_one_step_epoch_is_caught_before_evaluation(tiny_data, tmp_path, lr, match):
+    # One step per epoch: the only update of the epoch is never followed by a loss check in the epoch.
+    cfg = write_tiny_config(tmp_path / "c.yaml", tiny_data, tmp_path / "runs",
+                            **{"teachers.train.batch_size": 64, "teachers.train.optim.lr": lr})
+    with pytest.raises(TrainingDiverged, match=match) as info:
+        _teacher(cfg)
+    assert "no checkpoint was written yet" in str(info.value) and "optim.lr" in str(info.value)
+    assert not (tmp_path / "runs" / "tiny" / "teachers" / "t_cls" / "last.safetensors").exists()
 
 
 def _free_port() -> int:
