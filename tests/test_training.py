@@ -141,6 +141,74 @@ def test_two_process_gloo_ddp_run(tiny_data, tmp_path):
     assert final["headline"]["coarse/accuracy"] >= 0.6
 
 
+
+class _Items(torch.utils.data.Dataset):
+    """16 separable points, as dicts (the Trainer's batch format)."""
+
+    def __init__(self, n: int = 16):
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randn(n, 4, generator=g)
+        self.y = (self.x[:, 0] > 0).long()
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"x": self.x[i], "y": self.y[i]}
+
+
+def _fit_linear(out_dir: Path, items, info) -> str:
+    """Train a linear model with the project's Trainer; returns the SHA-256 of its parameters."""
+    import hashlib
+    from unittest import mock
+
+    from train.loop import EpochPlan, Trainer
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    trainer = Trainer(name="probe", model=model, train_set=items, plan=lambda e: EpochPlan(np.arange(len(items))),
+                      step=lambda m, b, mode: (torch.nn.functional.cross_entropy(m(b["x"]), b["y"]), {}),
+                      evaluate=lambda m: (0.0, {}), cfg=TrainConfig(epochs=2, batch_size=4, max_evals=1),
+                      out_dir=out_dir, seed=0, device=torch.device("cpu"), info=info, meta={})
+    with mock.patch("train.loop.save_model"):  # best.safetensors is for MultiTaskNets; last.* is kept
+        trainer.fit()
+    return hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in model.parameters())).hexdigest()
+
+
+def _ddp_rank(rank: int, port: int, out: Path) -> None:
+    from train.distributed import init_distributed, shutdown_distributed
+
+    torch.set_num_threads(1)  # forked from a process with thread pools
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    info, _ = init_distributed("cpu")
+    digest = _fit_linear(out / "run", _Items(), info)
+    (out / f"rank{rank}.sha256").write_text(digest)
+    shutdown_distributed()
+
+
+def test_ddp_ranks_end_identical_and_learn_from_all_the_data(tmp_path):
+    """Gradients are all-reduced: both ranks hold the same weights, which are not what one process
+    gets from half of the data (each rank's shard) alone."""
+    import multiprocessing
+
+    from train.distributed import DistInfo
+
+    ctx = multiprocessing.get_context("fork")  # forked: no interpreter and torch start-up per rank
+    port = _free_port()
+    procs = [ctx.Process(target=_ddp_rank, args=(r, port, tmp_path)) for r in range(2)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(timeout=120)
+        assert proc.exitcode == 0
+    rank0, rank1 = ((tmp_path / f"rank{r}.sha256").read_text() for r in range(2))
+    assert rank0 == rank1
+    items = _Items()
+    half = torch.utils.data.Subset(items, list(range(8)))
+    assert _fit_linear(tmp_path / "half", half, DistInfo()) != rank0
+
+
 def test_staged_schedule_follows_the_paper(tiny_data, tmp_path):
     cfg = load_experiment(write_tiny_config(tmp_path / "c.yaml", tiny_data, tmp_path / "runs",
                                             **{"student.kd.schedule": "staged",
