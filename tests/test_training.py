@@ -220,25 +220,20 @@ def test_staged_schedule_follows_the_paper(tiny_data, tmp_path):
     assert list(plan(0).indices) == [0, 1] and list(plan(3).indices) == [2, 3, 4]
 
 
-@pytest.mark.slow
-def test_student_and_baseline_pipeline(tiny_data, tmp_path):
-    cfg = write_tiny_config(tmp_path / "c.yaml", tiny_data, tmp_path / "runs")
-    env = {**os.environ, "OMP_NUM_THREADS": "2"}
-    for module in ("train.teachers", "train.student"):
-        proc = subprocess.run([sys.executable, "-m", module, "--config", str(cfg)], cwd=REPO, env=env,
-                              capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = json.loads((tmp_path / "runs" / "tiny" / "summary.json").read_text())
+def test_student_and_baseline_pipeline(trained_run):
+    # The session's run: `python -m train.teachers` then `python -m train.student` (tests/conftest.py).
+    run = trained_run.root / "runs" / "tiny"
+    summary = json.loads((run / "summary.json").read_text())
     assert set(summary["rows"]) == {"t_cls", "t_all", "ensemble", "student", "baseline"}
-    soft = tmp_path / "runs" / "tiny" / "student" / "teacher_outputs.safetensors"
+    soft = run / "student" / "teacher_outputs.safetensors"
     tensors, meta = load_checkpoint(soft)
     n_rows = len(meta["key"]["rows"])
     assert set(meta["key"]["teachers"]) == {"t_cls", "t_all"}  # the cache is tied to these checkpoints
     assert tensors["logits.coarse"].shape[:2] == (2, n_rows)  # both teachers have the coarse head
     assert tensors["text_logits"].shape[0] == 1  # only t_all has the text head
     # The baseline got the student's optimizer-step budget on fewer images: more epochs.
-    student_epochs = len((tmp_path / "runs/tiny/student/metrics.csv").read_text().splitlines()) - 1
-    baseline_epochs = len((tmp_path / "runs/tiny/baseline/metrics.csv").read_text().splitlines()) - 1
+    student_epochs = len((run / "student/metrics.csv").read_text().splitlines()) - 1
+    baseline_epochs = len((run / "baseline/metrics.csv").read_text().splitlines()) - 1
     assert baseline_epochs > student_epochs
 
 

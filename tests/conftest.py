@@ -1,0 +1,48 @@
+"""Shared fixtures. `trained_run`: one tiny teachers + student + baseline run, trained through the real
+entry points and exported once per test session, shared by the training, compress and bench tests
+(each used to train its own). Tests that write into a run take a private copy (`copy_run`)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from tiny import make_tiny_dataset, write_tiny_config  # tests/ is on sys.path
+
+REPO = Path(__file__).resolve().parents[1]
+# Enough epochs for the tiny models to learn the colours (the compress and bench checks need a real model).
+TRAINED = {"teachers.train.epochs": 4, "student.train.epochs": 4}
+
+
+@dataclass(frozen=True)
+class TrainedRun:
+    root: Path  # holds data/, runs/ and cfg.yaml
+    data: Path
+    config: Path
+    export_reports: dict
+
+    def copy(self, dest: Path, **extra) -> Path:
+        """A private copy of the run folder with its own config over the same (read-only) dataset."""
+        shutil.copytree(self.root / "runs", dest / "runs")
+        return write_tiny_config(dest / "cfg.yaml", self.data, dest / "runs", **TRAINED, **extra)
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory) -> TrainedRun:
+    from compress.export import export_all
+
+    root = tmp_path_factory.mktemp("trained")
+    data = make_tiny_dataset(root / "data", patients=36)
+    cfg = write_tiny_config(root / "cfg.yaml", data, root / "runs", **TRAINED)
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+    for module in ("train.teachers", "train.student"):
+        proc = subprocess.run([sys.executable, "-m", module, "--config", str(cfg)], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    reports = export_all(str(cfg), ["compress.models=[student,baseline,ensemble]"])
+    return TrainedRun(root, data, cfg, reports)
