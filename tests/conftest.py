@@ -5,14 +5,20 @@ entry points and exported once per test session, shared by the training, compres
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
-import sys
-from dataclasses import dataclass
-from pathlib import Path
 
-import pytest
-from tiny import make_tiny_dataset, write_tiny_config  # tests/ is on sys.path
+# The tests' models are tiny: one thread each is as fast, and on a machine whose cores are shared (CI,
+# several developers) OpenMP's spinning threads made single trainings 10-20x slower. Set before torch
+# is imported; subprocesses inherit it. An explicit OMP_NUM_THREADS wins.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+from tiny import make_tiny_dataset, write_tiny_config  # noqa: E402  (tests/ is on sys.path)
 
 REPO = Path(__file__).resolve().parents[1]
 # Enough epochs for the tiny models to learn the colours (the compress and bench checks need a real model).
@@ -39,9 +45,8 @@ def trained_run(tmp_path_factory) -> TrainedRun:
     root = tmp_path_factory.mktemp("trained")
     data = make_tiny_dataset(root / "data", patients=36)
     cfg = write_tiny_config(root / "cfg.yaml", data, root / "runs", **TRAINED)
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
     for module in ("train.teachers", "train.student"):
-        proc = subprocess.run([sys.executable, "-m", module, "--config", str(cfg)], cwd=REPO, env=env,
+        proc = subprocess.run([sys.executable, "-m", module, "--config", str(cfg)], cwd=REPO,
                               capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
     reports = export_all(str(cfg), ["compress.models=[student,baseline,ensemble]"])
