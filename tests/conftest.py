@@ -51,3 +51,15 @@ def trained_run(tmp_path_factory) -> TrainedRun:
         assert proc.returncode == 0, proc.stderr[-3000:]
     reports = export_all(str(cfg), ["compress.models=[student,baseline,ensemble]"])
     return TrainedRun(root, data, cfg, reports)
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads_restored():
+    """Some code under test sets torch's thread count for its own run (the benchmarks do): restore it,
+    so that one test cannot slow down every later one."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)

@@ -135,7 +135,8 @@ def tiny_run(trained_run, tmp_path_factory) -> Path:
     student, baseline and ensemble), with quick benchmark settings."""
     return trained_run.copy(tmp_path_factory.mktemp("bench"),
                             bench={"warmup": 1, "min_runs": 2, "duration_s": 0.02, "batch_duration_s": 0.02,
-                                   "batch_sizes": [1, 2], "memory": "off", "stage_images": 2})
+                                   "batch_sizes": [1, 2], "memory": "off", "stage_images": 2,
+                                   "threads": 1})
 
 
 def _report(cfg_path: Path, out: str) -> dict:
