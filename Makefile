@@ -1,69 +1,98 @@
 # fundus-mtkd: `make all` runs the whole pipeline on the embedded synthetic dataset; `make test` runs
 # the tests. Both create .venv and install the project on first use.
+#   make all DATA=data/idrid                      # your own dataset (a folder made by `python -m train.adapt`)
+#   make student DATA=data/idrid OVERRIDES="student.kd.alpha=0.5 student.kd.temperatures={dr_grade: 2}"
+#   make student OVERRIDES_FILE=my_overrides.yaml # a partial config mapping
 SHELL := /bin/bash
 PY ?= python3
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-CONFIG ?= configs/default.yaml
+SYNTHETIC := data/synthetic
+DATA ?= $(SYNTHETIC)
+override DATA := $(patsubst %/,%,$(DATA))
 DATA_CONFIG ?= configs/data.yaml
-DATA ?= data/synthetic
-# Everything a stage writes lands in the run folder named in the config (runs/<name>/).
-RUN ?= $(shell test -x $(PYTHON) && $(PYTHON) -m train.experiment --config $(CONFIG) --print run_dir 2>/dev/null || echo runs/default)
+# The synthetic default gets the CPU config tuned for it; any other dataset the real-photograph config.
+ifeq ($(DATA),$(SYNTHETIC))
+CONFIG ?= configs/default.yaml
+NAME ?= default
+else
+CONFIG ?= configs/real.yaml
+NAME ?= $(notdir $(patsubst %/,%,$(DATA)))
+endif
+# Overrides travel through the environment as one string, so spaces, commas and braces reach Python
+# intact (train.config.split_overrides splits them); OVERRIDES_FILE is a YAML mapping.
 OVERRIDES ?=
+OVERRIDES_FILE ?=
+export OVERRIDES OVERRIDES_FILE
+STAGE_ARGS = --config '$(CONFIG)' 'data.root=$(DATA)' 'name=$(NAME)' --set "$$OVERRIDES" \
+	$${OVERRIDES_FILE:+--overrides-file "$$OVERRIDES_FILE"}
+# Everything a stage writes lands in the run folder (runs/<name>/): asked from the resolved config, so
+# an override of name or runs_root is followed too; computed once.
+RUN ?= $(eval RUN := $(shell test -x $(PYTHON) && $(PYTHON) -m train.experiment --config '$(CONFIG)' \
+	'data.root=$(DATA)' 'name=$(NAME)' --set '$(OVERRIDES)' $(if $(OVERRIDES_FILE),--overrides-file '$(OVERRIDES_FILE)') \
+	--print run_dir 2>/dev/null || echo runs/$(NAME)))$(RUN)
 
-.PHONY: all venv data validate teachers student experiment-fractions export compress engine bench \
+.PHONY: all venv data check validate teachers student experiment-fractions export compress engine bench \
 	predict test lint clean help
 
-all: data teachers student export compress bench  ## the whole pipeline on the default config
+all: data check teachers student export compress bench  ## the whole pipeline (DATA=<dataset folder> for yours)
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints/train.txt
 	@test -x $(PYTHON) || $(PY) -m venv $(VENV)
 	$(PYTHON) -m pip install -q --upgrade pip
-	$(PYTHON) -m pip install -q -e '.[train,dev]'
+	$(PYTHON) -m pip install -q -c constraints/train.txt -e '.[train,dev]'
 	@touch $(STAMP)
 
 venv: $(STAMP)  ## create .venv and install the project
 
-data: $(STAMP)  ## generate the synthetic default dataset + contact sheet (DATA=..., DATA_CONFIG=...)
+data: $(STAMP)  ## generate the synthetic default dataset (with DATA=<your folder>: check it exists)
+ifeq ($(DATA),$(SYNTHETIC))
 	$(PYTHON) -m train.make_data --config $(DATA_CONFIG) --out $(DATA)
+else
+	@test -f '$(DATA)/dataset.yaml' || { echo "error: $(DATA)/dataset.yaml not found; make the dataset folder with \
+	\`python -m train.adapt ... --out $(DATA)\` first (README: Your own data)" >&2; exit 2; }
+endif
+
+check: $(STAMP)  ## check every stage's config against the dataset and validate it (fast; before training)
+	$(PYTHON) -m train.experiment $(STAGE_ARGS) --check
 
 validate: $(STAMP)  ## check a dataset folder and list every problem with its row (DATA=...)
-	$(PYTHON) -m train.validate $(DATA)
+	$(PYTHON) -m train.validate '$(DATA)'
 
 teachers: $(STAMP)  ## train every teacher of the ensemble (resumes finished/interrupted ones)
-	$(PYTHON) -m train.teachers --config $(CONFIG) $(OVERRIDES)
+	$(PYTHON) -m train.teachers $(STAGE_ARGS)
 
 teacher-%: $(STAMP)  ## train one teacher by name; `make -j N teacher-a teacher-b` runs them in parallel
-	$(PYTHON) -m train.teachers --config $(CONFIG) --only $* $(OVERRIDES)
+	$(PYTHON) -m train.teachers $(STAGE_ARGS) --only $*
 
 student: $(STAMP)  ## distill the student and train the labels-only baseline, evaluate all on test
-	$(PYTHON) -m train.student --config $(CONFIG) $(OVERRIDES)
+	$(PYTHON) -m train.student $(STAGE_ARGS)
 
 experiment-fractions: $(STAMP)  ## teachers/student/baseline at 15/30/45/60/70% labels: table + plot
-	$(PYTHON) -m train.fractions --config $(CONFIG) $(OVERRIDES)
+	$(PYTHON) -m train.fractions $(STAGE_ARGS)
 
 export: $(STAMP)  ## ONNX FP32 of the student, baseline, teachers and ensemble, verified against PyTorch
-	$(PYTHON) -m compress.export --config $(CONFIG) $(OVERRIDES)
+	$(PYTHON) -m compress.export $(STAGE_ARGS)
 
 compress: $(STAMP)  ## INT8 (cpu + tensorrt flavours) and FP16 ONNX with the accuracy guard
-	$(PYTHON) -m compress.quantize --config $(CONFIG) $(OVERRIDES)
+	$(PYTHON) -m compress.quantize $(STAGE_ARGS)
 
-engine: $(STAMP)  ## TensorRT engines from the ONNX models (needs tensorrt: Jetson / NVIDIA GPU)
-	$(PYTHON) -m deploy.build_engine $(RUN)/onnx/student.int8-tensorrt.onnx --precision int8
-	$(PYTHON) -m deploy.build_engine $(RUN)/onnx/student.fp16.onnx --precision fp16
+engine:  ## TensorRT engines, on the device (DEPLOY_PY=python3 with tensorrt + pycuda or cuda-python)
+	$(DEPLOY_PY) -m deploy.build_engine $(RUN)/onnx/student.int8-tensorrt.onnx --precision int8 $(ENGINE_FLAGS)
+	$(DEPLOY_PY) -m deploy.build_engine $(RUN)/onnx/student.fp16.onnx --precision fp16 $(ENGINE_FLAGS)
 
 MODEL ?= $(RUN)/onnx/student.int8-cpu.onnx
-IMAGES ?= $(wordlist 1,4,$(sort $(wildcard $(DATA)/images/P*.jpg)))
-predict: $(STAMP)  ## on-device inference with the torch-free runtime (MODEL=..., IMAGES=...)
-	$(PYTHON) -m deploy.predict $(MODEL) $(IMAGES)
+IMAGES ?= $(wordlist 1,4,$(sort $(wildcard $(DATA)/images/*.jpg $(DATA)/images/*.png)))
+predict:  ## on-device inference with the torch-free runtime (MODEL=..., IMAGES=..., DEPLOY_PY=...)
+	$(DEPLOY_PY) -m deploy.predict $(MODEL) $(IMAGES)
 
 bench: $(STAMP)  ## accuracy + latency of every artifact: report.md / report.json / plots
-	$(PYTHON) -m benchmarks.bench --config $(CONFIG) $(OVERRIDES)
+	$(PYTHON) -m benchmarks.bench $(STAGE_ARGS)
 
 test: $(STAMP)  ## the test suite (CPU, a few minutes)
 	$(PYTHON) -m pytest -q
@@ -73,3 +102,36 @@ lint: $(STAMP)  ## ruff
 
 clean:  ## remove generated data and runs (keeps .venv)
 	rm -rf data runs .pytest_cache .ruff_cache
+
+# --- Device side ------------------------------------------------------------------------------------
+# engine, predict and bench-device run with the deploy interpreter, never the training venv: on a Jetson
+# the system python3 (JetPack's tensorrt lives there) or a venv made with --system-site-packages and
+# `pip install '.[jetson]'` (deploy/README.md); no torch. gpu-check also trains a few AMP steps on
+# CUDA, so it uses the training venv (install tensorrt there too to check engines).
+DEPLOY_PY ?= python3
+ENGINE_FLAGS ?=
+ENGINES ?= $(wildcard $(RUN)/onnx/*.trt.engine)
+.PHONY: bench-device gpu-check device-deps
+
+bench-device:  ## latency, GPU memory and mJ/image per engine/model on the device (ENGINES=..., IMAGES=...)
+	$(DEPLOY_PY) -m benchmarks.device_bench $(or $(ENGINES),$(MODEL)) --images $(IMAGES) --out $(RUN)/bench-device
+
+gpu-check: $(STAMP)  ## any NVIDIA GPU: engines, CUDA FP16 + graphs, ORT-CUDA, AMP steps -> JSON + Markdown
+	$(PYTHON) -m benchmarks.gpu_check --run $(RUN) --out $(RUN)/gpu-check
+
+device-deps: $(STAMP)  ## CI: the device install resolves for JetPack 6 / x86-64; deploy tests pass at the lower bounds
+	$(PYTHON) .ci/device_deps.py all
+
+# --- KD recipe sweep (issue 9) --------------------------------------------------------------------
+# Needs trained teachers (`make teachers`). Each grid point trains the student from the cached soft
+# targets for SWEEP_STEPS optimizer steps and is scored on the validation split: runs/<name>/sweep/.
+# The default student takes ~0.75 s a step on 2 cores (README: 382 steps in 4.7 min), so the default
+# grid (6 points + the baseline at 150 steps) is ~15 min; widen it with SWEEP_ARGS="--temperature 1 2 4 ...".
+SWEEP_STEPS ?= 150
+SWEEP_ARGS ?= --alpha 0.5 0.8 0.95 --weighting mean quality_weighted
+.PHONY: sweep-kd probe
+sweep-kd: $(STAMP)  ## KD sweep (alpha, temperature, schedule, ensemble weighting) on validation: sweep.md
+	$(PYTHON) -m train.sweep $(STAGE_ARGS) --steps $(SWEEP_STEPS) $(SWEEP_ARGS)
+
+probe: $(STAMP)  ## linear probe floor: frozen student backbone + logistic regression, test split
+	$(PYTHON) -m train.probe $(STAGE_ARGS)

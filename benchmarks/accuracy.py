@@ -12,10 +12,7 @@ a floor that names no measured artifact fails too (nothing was checked).
 
 from __future__ import annotations
 
-import fnmatch
-import re
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -24,19 +21,27 @@ from deploy.preprocess import PreprocessSpec
 from deploy.vocab import Vocabulary
 from train.data.torch_data import FundusImages
 from train.evaluate import score_outputs
-from train.metrics import agreement, headline
+from train.metrics import LOWER_IS_BETTER, Floor, agreement, headline, parse_floor  # noqa: F401 (re-exported)
 from train.stage import Splits, image_set
 
-LOWER_IS_BETTER = ("ece", "nll", "mean_kl")
 CACHE_MB = 512  # preprocessed test images kept in memory up to this size
 
 
-class TestImages:
-    """The test split (optionally its first `limit` rows), preprocessed with each model's spec."""
+def sample_rows(rows: list, limit: int | None, seed: int) -> list:
+    """All rows, or a seeded random sample of `limit` of them in manifest order. Never the first rows:
+    manifests are often in patient or class order, so a head is not a sample of the split."""
+    if not limit or limit >= len(rows):
+        return list(rows)
+    keep = np.sort(np.random.default_rng(seed).choice(len(rows), size=limit, replace=False))
+    return [rows[i] for i in keep]
 
-    def __init__(self, splits: Splits, limit: int | None = None):
+
+class TestImages:
+    """The test split (or a seeded random sample of `limit` rows), preprocessed with each model's spec."""
+
+    def __init__(self, splits: Splits, limit: int | None = None, seed: int = 0):
         self.splits = splits
-        self.rows = splits.test[:limit] if limit else list(splits.test)
+        self.rows = sample_rows(list(splits.test), limit, seed)
         self.tasks: list[TaskSpec] = list(splits.data.spec.tasks)
         self.vocab: Vocabulary | None = splits.data.vocabulary
         self._data: dict[PreprocessSpec, FundusImages] = {}
@@ -123,50 +128,6 @@ def retention(metrics: dict[str, float], reference: dict[str, float]) -> dict[st
         if ref and not key.endswith(LOWER_IS_BETTER):
             out[key] = value / ref
     return out
-
-
-@dataclass(frozen=True)
-class Floor:
-    """A minimum (or, for ece/nll/kl, maximum) of one metric for the artifacts matching a pattern."""
-
-    pattern: str
-    metric: str
-    value: float
-
-    @property
-    def is_ceiling(self) -> bool:
-        return self.metric.endswith(LOWER_IS_BETTER)
-
-    def applies(self, artifact: str) -> bool:
-        return fnmatch.fnmatchcase(artifact, self.pattern)
-
-    def violation(self, metrics: dict[str, float]) -> str | None:
-        """Why `metrics` miss this floor, or None when met."""
-        got = metrics.get(self.metric)
-        if got is None:
-            return f"{self.metric} not measured (floor {self.value:g})"
-        if (got > self.value) if self.is_ceiling else (got < self.value):
-            return f"{self.metric} {got:.4g} {'>' if self.is_ceiling else '<'} {self.value:g}"
-        return None
-
-    def __str__(self) -> str:
-        return f"{self.pattern}:{self.metric}={self.value:g}"
-
-
-_FLOOR = re.compile(r"^(?P<pattern>[^:=\s]+):(?P<metric>[\w/]+)=(?P<value>[-+0-9.eE]+)$")
-
-
-def parse_floor(text: str) -> Floor:
-    """`student.int8-cpu:coarse/accuracy=0.8` -> Floor; ValueError with the expected form otherwise."""
-    match = _FLOOR.match(text.strip())
-    if not match:
-        raise ValueError(f"floor {text!r} must look like ARTIFACT:METRIC=VALUE, e.g. "
-                         "student.int8-cpu:coarse/accuracy=0.8 (accuracies are fractions, BLEU is 0-100)")
-    try:
-        value = float(match["value"])
-    except ValueError as exc:
-        raise ValueError(f"floor {text!r}: {match['value']!r} is not a number") from exc
-    return Floor(match["pattern"], match["metric"], value)
 
 
 def floor_violations(floors: Sequence[Floor], name: str, metrics: dict[str, float]) -> list[str]:

@@ -259,7 +259,7 @@ class TorchRunner(Runner):
         import torch
 
         from train.checkpoint import load_model
-        from train.ensemble import TeacherEnsemble
+        from train.ensemble import TeacherEnsemble, attach_stored_combination
         from train.models.multitask import ExportModel
 
         self.torch = torch
@@ -272,7 +272,10 @@ class TorchRunner(Runner):
             raise ValueError(f"{artifact.paths[0]}: checkpoint meta has no 'preprocessing'; re-train or re-save it")
         self.spec = PreprocessSpec.from_dict(metas[0]["preprocessing"])
         if artifact.role == "ensemble":
-            module = TeacherEnsemble(list(models), tasks)
+            # The ensemble as the student saw it: calibration/weights stored in runs/<name>/ensemble/
+            # (teacher checkpoints live in runs/<name>/teachers/<teacher>/, see train.teachers).
+            run_dir = Path(artifact.paths[0]).parents[2]
+            module = attach_stored_combination(TeacherEnsemble(list(models), tasks), run_dir, list(artifact.paths))
             self.tasks = list(module.tasks)
         else:
             module = ExportModel(models[0])

@@ -24,7 +24,6 @@ import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 
@@ -37,47 +36,23 @@ from deploy.errors import cli
 from deploy.fileio import atomic_write_text
 from train.config import ConfigError, from_dict
 from train.data.manifest import DatasetError
-from train.experiment import ExperimentConfig, add_config_args, load_experiment, teacher_specs
+from train.experiment import (
+    BenchConfig,
+    ExperimentConfig,
+    add_config_args,
+    config_overrides,
+    load_experiment,
+    teacher_specs,
+)
+from train.fit_check import check_tasks, vocabulary_sha256
 from train.stage import load_splits
 from train.teachers import teacher_dir
 
 REFERENCES = ("ensemble.pytorch", "ensemble.fp32")  # agreement/retention are measured against the first that runs
 
 
-@dataclass
-class BenchConfig:
-    """The `bench:` section of the experiment config."""
-
-    duration_s: float = 1.0  # minimum timed seconds at batch 1
-    batch_duration_s: float = 0.3  # minimum timed seconds at each larger batch
-    warmup: int = 5
-    min_runs: int = 10
-    batch_sizes: list[int] = field(default_factory=lambda: [1, 8])
-    threads: int | None = None  # None: every usable core
-    providers: list[str] | None = None  # onnxruntime providers; None: deploy.runtime's default
-    max_test_images: int | None = 200
-    eval_batch_size: int = 32
-    floors: list[str] = field(default_factory=list)  # "ARTIFACT:METRIC=VALUE", see benchmarks.accuracy
-    # Peak memory, measured in a fresh process per artifact: "deploy" = ONNX and TensorRT artifacts
-    # (~0.5 s each), "all" = also PyTorch (~3-6 s each: the process imports torch), "off".
-    memory: Literal["deploy", "all", "off"] = "deploy"
-    stage_images: int = 16  # images timed for the preprocess stage
-    only: list[str] | None = None  # glob patterns of artifact names
-
-    def __post_init__(self) -> None:
-        if self.duration_s <= 0 or self.batch_duration_s <= 0 or self.warmup < 0 or self.min_runs < 1:
-            raise ValueError("durations must be > 0, warmup >= 0 and min_runs >= 1")
-        if 1 not in self.batch_sizes or min(self.batch_sizes) < 1:
-            raise ValueError(f"batch_sizes must be positive and include 1 (the headline batch), got {self.batch_sizes}")
-        self.batch_sizes = sorted(set(self.batch_sizes))
-        if self.threads is not None and self.threads < 1:
-            raise ValueError(f"threads must be >= 1, got {self.threads}")
-        for floor in self.floors:
-            acc.parse_floor(floor)
-
-
 def bench_config(cfg: ExperimentConfig) -> BenchConfig:
-    return from_dict(BenchConfig, cfg.bench, where="bench")
+    return cfg.bench
 
 
 @dataclass
@@ -107,6 +82,7 @@ def _measure(ctx: Context, art: Artifact, record: dict) -> dict[str, np.ndarray]
     b = ctx.bench
     runner = open_artifact(art, ctx.test.tasks, ctx.test.vocab, ctx.threads, b.providers, ctx.device)
     try:
+        check_tasks(art.paths[0], runner.tasks, ctx.test.splits.data, vocabulary_sha256(runner.vocab))
         outputs = acc.predict_all(runner.run, ctx.test.batches(runner.spec, b.eval_batch_size))
         full = acc.score(outputs, ctx.test, runner.spec, runner.tasks)
         record["metrics"] = acc.summarize(full, runner.tasks)
@@ -181,7 +157,7 @@ def _reference(ctx: Context, arts: list[Artifact], outputs: dict[str, dict]) -> 
 def run_bench(cfg: ExperimentConfig, bench: BenchConfig, out_dir: Path | None = None) -> tuple[dict, str]:
     """Benchmark the run's artifacts; returns (report dict, Markdown). Raises ConfigError/DatasetError."""
     splits = load_splits(cfg)
-    test = acc.TestImages(splits, bench.max_test_images)
+    test = acc.TestImages(splits, bench.max_test_images, seed=cfg.seed)
     floors = [acc.parse_floor(f) for f in bench.floors]
     teachers = {s.name: teacher_dir(cfg, s.name) / "best.safetensors"
                 for s in teacher_specs(cfg, splits.data.spec.task_names)}
@@ -212,7 +188,8 @@ def run_bench(cfg: ExperimentConfig, bench: BenchConfig, out_dir: Path | None = 
     measured = [r["name"] for r in records if r["status"] in RAN]
     unmatched = [str(f) for f in acc.unmatched_floors(floors, measured)]
     machine = describe_machine(threads, bench.providers)
-    settings = {**dataclasses.asdict(bench), "threads": threads, "images": len(test), "device": device}
+    settings = {**dataclasses.asdict(bench), "threads": threads, "images": len(test),
+                "test_split_images": len(splits.test), "sample_seed": cfg.seed, "device": device}
     report = build_report(cfg.name, records, test.tasks, machine, settings, ref_name, unmatched)
     fractions = cfg.run_dir / "fractions" / "fractions.png"
     md = write_report(report, out_dir or cfg.run_dir / "bench", fractions)
@@ -260,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        cfg = load_experiment(args.config, args.overrides)
+        cfg = load_experiment(args.config, config_overrides(args))
         bench = bench_config(cfg)
         changes = {"threads": args.threads, "duration_s": args.duration, "batch_sizes": args.batch,
                    "only": args.only, "floors": [*bench.floors, *args.min_metric] if args.min_metric else None,

@@ -16,28 +16,17 @@ from pathlib import Path
 
 from deploy.contract import TaskSpec
 from deploy.fileio import atomic_write, atomic_write_text
-from train.plots import plt, save_figure
-from train.summary import paper_columns
+from train.metrics import primary_metric, to_points
+from train.plots import plot_confusion_matrix, plt, save_figure
+from train.summary import summary_columns
 
 RAN = ("passed", "below floor")  # statuses whose numbers exist
 LATENCY_PREF = ("fp32", "pytorch")  # the format of the ensemble/student pair in ratios, by preference
 
 
 def primary_metrics(tasks: Sequence[TaskSpec]) -> list[str]:
-    """The paper's headline per task: accuracy of the first classification task, top-5 of the others, BLEU."""
-    keys, first = [], True
-    for t in tasks:
-        if t.kind == "text":
-            keys.append(f"{t.name}/bleu")
-        else:
-            keys.append(f"{t.name}/accuracy" if first else f"{t.name}/top5")
-            first = False
-    return keys
-
-
-def points(key: str, value: float) -> float:
-    """A metric in points: fractions x100, BLEU (already 0-100) as is."""
-    return value if key.endswith("bleu") else 100.0 * value
+    """Each task's primary metric (train.metrics.primary_metric): what selects checkpoints and is guarded."""
+    return [primary_metric(t) for t in tasks]
 
 
 def pareto_front(xy: Sequence[tuple[float, float]]) -> list[int]:
@@ -121,15 +110,15 @@ def targets(records: list[dict], tasks: Sequence[TaskSpec]) -> list[dict]:
         ref = _ran(records, f"{r['model']}.fp32")
         for key in primary_metrics(tasks) if ref else ():
             if key in r["metrics"] and key in ref["metrics"]:
-                drop = points(key, ref["metrics"][key]) - points(key, r["metrics"][key])
+                drop = to_points(key, ref["metrics"][key]) - to_points(key, r["metrics"][key])
                 if worst is None or drop > worst:
                     worst, where = drop, f"worst: {r['name']} {key} ({drop:+.2f} points below FP32)"
     out.append(_target("every INT8 flavour within 1 point of FP32 on every task", worst, 1.0, False, "points",
                        where or "an INT8 artifact and its model's FP32 ONNX"))
-    first = next((k for k in primary_metrics(tasks) if k.endswith("/accuracy")), None)
+    first = next((primary_metric(t) for t in tasks if t.kind == "classification"), None)
     gap = None
     if first and ens and stu and first in ens["metrics"] and first in stu["metrics"]:
-        gap = points(first, ens["metrics"][first]) - points(first, stu["metrics"][first])
+        gap = to_points(first, ens["metrics"][first]) - to_points(first, stu["metrics"][first])
     pair = f"{stu['name']} vs {ens['name']}" if ens and stu else "student vs ensemble in one format"
     out.append(_target("KD student within 3 T1 points of the ensemble", gap, 3.0, False, "points",
                        f"{pair} on {first}"))
@@ -137,6 +126,15 @@ def targets(records: list[dict], tasks: Sequence[TaskSpec]) -> list[dict]:
 
 
 # --- Markdown -------------------------------------------------------------------------------------
+def _images_line(settings: dict) -> str:
+    """The whole split, or how the sample was drawn (so a reader knows why numbers may differ from summary.md)."""
+    total = settings.get("test_split_images", settings["images"])
+    if settings["images"] >= total:
+        return f"all {total} images (the same images as summary.md)"
+    return (f"{settings['images']} of {total} images, a random sample (seed {settings.get('sample_seed')}); "
+            "summary.md scores the whole split")
+
+
 def _num(value, spec: str, suffix: str = "") -> str:
     return "—" if value is None else f"{value:{spec}}{suffix}"
 
@@ -147,14 +145,14 @@ def metric_cell(key: str, value: float | None) -> str:
         return "—"
     if key.endswith("/ece"):
         return f"{value:.3f}"
-    return f"{points(key, value):.1f}"
+    return f"{to_points(key, value):.1f}"
 
 
 def main_columns(tasks: Sequence[TaskSpec], batches: Sequence[int]) -> list[tuple[str, str]]:
     """(column title, JSON path) of the main table; paths are read by `cell`."""
     cols = [("Artifact", "name"), ("Format", "format"), ("Precision", "precision"), ("Status", "status"),
             ("Size (MB)", "size_mb")]
-    cols += [(title, f"metrics.{key}") for key, title in paper_columns(list(tasks))]
+    cols += [(title, f"metrics.{key}") for key, title in summary_columns(list(tasks))]
     first = next((t.name for t in tasks if t.kind == "classification"), None)
     if first:
         cols.append((f"{first} ECE", f"metrics.{first}/ece"))
@@ -231,7 +229,7 @@ def render_markdown(report: dict) -> str:
            f"Machine: {m.get('cpu')} ({m.get('usable_cores')} usable cores), GPU: {m.get('gpu') or 'none'}, "
            f"onnxruntime {m.get('onnxruntime')}, torch {m.get('torch')}, TensorRT {m.get('tensorrt') or 'none'}; "
            f"threads {s['threads']}, providers {s.get('providers') or 'default'}.",
-           f"Test split: {s['images']} images; latency: {s['warmup']} warm-up runs, then >= {s['duration_s']} s "
+           f"Test split: {_images_line(s)}; latency: {s['warmup']} warm-up runs, then >= {s['duration_s']} s "
            f"at batch 1 and >= {s['batch_duration_s']} s at larger batches; ms/im = p50 batch time / batch. "
            f"Absolute times hold for this machine only; the ratios below compare artifacts on it.", "",
            "## Headline (one run, one machine, same runtime, threads and images)", "", *_headline_lines(report),
@@ -257,7 +255,7 @@ def render_markdown(report: dict) -> str:
 # --- plots ----------------------------------------------------------------------------------------
 def plot_accuracy_latency(records: list[dict], key: str, path: Path) -> Path | None:
     """`key` (e.g. coarse/accuracy) against batch-1 ms/image (log) for every artifact; Pareto front marked."""
-    pts = [(r["latency"]["1"]["per_image_ms"], points(key, r["metrics"][key]), r["name"]) for r in records
+    pts = [(r["latency"]["1"]["per_image_ms"], to_points(key, r["metrics"][key]), r["name"]) for r in records
            if r["status"] in RAN and "1" in r.get("latency", {}) and key in r.get("metrics", {})]
     if not pts:
         return None
@@ -278,17 +276,7 @@ def plot_confusion(record: dict, path: Path) -> Path | None:
     conf = record.get("confusion")
     if not conf:
         return None
-    fig, ax = plt.subplots(figsize=(5, 4.4))
-    ax.imshow(conf["matrix"], cmap="Blues")
-    n = len(conf["classes"])
-    ax.set_xticks(range(n), conf["classes"], rotation=45, ha="right", fontsize=7)
-    ax.set_yticks(range(n), conf["classes"], fontsize=7)
-    top = max((v for row in conf["matrix"] for v in row), default=0)
-    for i, row in enumerate(conf["matrix"]):
-        for j, v in enumerate(row):
-            ax.text(j, i, str(v), ha="center", va="center", fontsize=7, color="white" if v > top / 2 else "black")
-    ax.set(xlabel="predicted", ylabel="true", title=f"{record['name']}: {conf['task']}")
-    return save_figure(fig, path)
+    return plot_confusion_matrix(conf["matrix"], conf["classes"], f"{record['name']}: {conf['task']}", path)
 
 
 def write_plots(report: dict, out_dir: Path, fractions_png: Path | None) -> list[str]:

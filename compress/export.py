@@ -29,9 +29,10 @@ from deploy.errors import MissingInput, RunFailed, cli
 from deploy.fileio import atomic_write, atomic_write_text, sha256_file
 from train.checkpoint import load_model
 from train.data.torch_data import FundusImages
-from train.ensemble import TeacherEnsemble
+from train.ensemble import TeacherEnsemble, attach_stored_combination
 from train.evaluate import collect_outputs
-from train.experiment import add_config_args, load_experiment, teacher_specs
+from train.experiment import add_config_args, config_overrides, load_experiment, teacher_specs
+from train.fit_check import check_checkpoint
 from train.models.multitask import ExportModel
 from train.stage import Splits, image_set, load_splits, model_contract, preprocess_spec
 from train.teachers import teacher_dir
@@ -164,6 +165,7 @@ def export_all(cfg_path: str | None, overrides: list[str]) -> dict:
             ckpt = cfg.run_dir / role / "best.safetensors"
             if not ckpt.exists():
                 raise MissingInput(f"{ckpt}: missing; run `make student` first")
+            check_checkpoint(ckpt, splits.data)
             model, meta = load_model(ckpt)
             jobs.append((role, ExportModel(model.eval()), _contract(cfg, splits, role, model.tasks, meta, ckpt)))
     teachers = []
@@ -171,12 +173,13 @@ def export_all(cfg_path: str | None, overrides: list[str]) -> dict:
         for spec, ckpt in zip(specs, teacher_paths):
             if not ckpt.exists():
                 raise MissingInput(f"{ckpt}: missing; run `make teachers` first")
+            check_checkpoint(ckpt, splits.data)
             model, meta = load_model(ckpt)
             teachers.append(model.eval())
             if "teachers" in ccfg.models:
                 jobs.append((spec.name, ExportModel(model), _contract(cfg, splits, spec.name, model.tasks, meta, ckpt)))
     if "ensemble" in ccfg.models:
-        ens = TeacherEnsemble(teachers, tasks).eval()
+        ens = attach_stored_combination(TeacherEnsemble(teachers, tasks), cfg.run_dir, teacher_paths).eval()
         contract = model_contract("ensemble", cfg.name, splits.data, ens.tasks, preprocess_spec(cfg, cfg.teachers.image_size))
         contract.hashes = {p.parent.name: sha256_file(p) for p in teacher_paths}
         jobs.append(("ensemble", EnsembleExport(ens), contract))
@@ -212,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     add_config_args(parser)
     args = parser.parse_args(argv)
     try:
-        export_all(args.config, args.overrides)
+        export_all(args.config, config_overrides(args))
     except onnx.checker.ValidationError as exc:
         raise ExportMismatch(f"the exported graph is not valid ONNX: {exc}") from exc
     return 0

@@ -34,7 +34,7 @@ from deploy.contract import TaskSpec
 from deploy.errors import RunFailed
 from deploy.fileio import atomic_write
 from train.data.torch_data import FundusImages
-from train.metrics import agreement, headline
+from train.metrics import agreement, headline, present_ks, primary_metric, to_points
 
 QUANTIZERS = {"int8-cpu": quantize_cpu, "int8-tensorrt": quantize_tensorrt}
 
@@ -66,36 +66,27 @@ class Attempt:
 
 
 def guarded_metrics(tasks: list[TaskSpec]) -> list[tuple[str, str]]:
-    """(headline key, which threshold): T1 accuracy, other classification top-5, text BLEU."""
-    out, first = [], True
+    """(headline key, which threshold): each task's primary metric (train.metrics.primary_metric:
+    balanced accuracy, kappa for ordinal tasks, BLEU) and top-5 where it can fail (more than 5 classes)."""
+    out = []
     for t in tasks:
-        if t.kind == "classification":
-            out.append((f"{t.name}/accuracy", "accuracy") if first else (f"{t.name}/top5", "top5"))
-            first = False
-        else:
-            out.append((f"{t.name}/bleu", "bleu"))
+        out.append((primary_metric(t), "bleu" if t.kind == "text" else "accuracy"))
+        if t.kind == "classification" and 5 in present_ks(t.num_classes):
+            out.append((f"{t.name}/top5", "top5"))
     return out
 
 
 def metric_drops(reference: dict, candidate: dict, tasks: list[TaskSpec]) -> dict[str, float]:
     """Drop in points (positive = worse) of each guarded metric; accuracies in %, BLEU as is."""
     ref, cand = headline(reference, tasks), headline(candidate, tasks)
-    drops = {}
-    for key, kind in guarded_metrics(tasks):
-        scale = 1.0 if kind == "bleu" else 100.0
-        drops[key] = round(scale * (ref.get(key, 0.0) - cand.get(key, 0.0)), 3)
-    return drops
+    return {key: round(to_points(key, ref.get(key, 0.0) - cand.get(key, 0.0)), 3)
+            for key, _ in guarded_metrics(tasks)}
 
 
-def within(drops: dict[str, float], guard: GuardConfig) -> bool:
+def within(drops: dict[str, float], guard: GuardConfig, tasks: list[TaskSpec]) -> bool:
     limits = {"accuracy": guard.max_drop_accuracy_points, "top5": guard.max_drop_top5_points,
               "bleu": guard.max_drop_bleu}
-    return all(drops[k] <= limits[kind] for k, kind in _kinds(drops))
-
-
-def _kinds(drops: dict[str, float]):
-    for key in drops:
-        yield key, ("bleu" if key.endswith("/bleu") else "top5" if key.endswith("/top5") else "accuracy")
+    return all(drops[k] <= limits[kind] for k, kind in guarded_metrics(tasks) if k in drops)
 
 
 class Guard:
@@ -132,7 +123,7 @@ class Guard:
         outputs, metrics = evaluate_onnx(out, self.val, self.tasks, self.cfg.threads)
         drops = metric_drops(self.fp32_metrics, metrics, self.tasks)
         agree = agreement(outputs, self.fp32_outputs, self.tasks, self.val.dataset.vocabulary)
-        attempt = Attempt(step, method, n, list(float_layers), drops, agree, within(drops, self.cfg.guard),
+        attempt = Attempt(step, method, n, list(float_layers), drops, agree, within(drops, self.cfg.guard, self.tasks),
                           round(time.perf_counter() - t0, 2), metrics)
         self.attempts.append(attempt)
         print(f"  [{self.flavour}] {step}: {method}, {n} images, {len(float_layers)} float layers -> drops "
@@ -208,7 +199,7 @@ class Guard:
         """The largest drop relative to its threshold (> 1 means over the limit)."""
         g = self.cfg.guard
         scale = {"accuracy": g.max_drop_accuracy_points, "top5": g.max_drop_top5_points, "bleu": g.max_drop_bleu}
-        return max((drops[k] / max(scale[kind], 1e-9) for k, kind in _kinds(drops)), default=0.0)
+        return max((drops[k] / max(scale[kind], 1e-9) for k, kind in guarded_metrics(self.tasks) if k in drops), default=0.0)
 
     def _worst(self, attempt: Attempt) -> float:
         return self._worst_drops(attempt.drops) if attempt.drops else float("inf")

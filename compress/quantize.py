@@ -32,7 +32,7 @@ from deploy.contract import Contract, sidecar_path
 from deploy.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, MissingInput, UserError, cli
 from deploy.fileio import atomic_write, atomic_write_text, sha256_file
 from train.data.torch_data import FundusImages
-from train.experiment import add_config_args, load_experiment
+from train.experiment import add_config_args, config_overrides, load_experiment
 from train.stage import Splits, image_set, load_splits
 
 
@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(parser)
     args = parser.parse_args(argv)
-    cfg = load_experiment(args.config, args.overrides)  # config/data errors: exit 2 through the CLI boundary
+    cfg = load_experiment(args.config, config_overrides(args))  # config/data errors: exit 2 (CLI boundary)
     ccfg = compress_config(cfg)
     splits = load_splits(cfg)
     reports, failed, user_error = {}, False, False

@@ -254,6 +254,47 @@ def _parse(table: str) -> dict[str, OpSupport]:
 
 
 TABLES: dict[str, dict[str, OpSupport]] = {"10.3": _parse(_TABLE_10_3)}
+_UNKNOWN = OpSupport("?", "N", frozenset(), "not in the table")
+
+
+# The current 10.x parser: ops marked Y in onnx-tensorrt's docs/operators.md whose header reads
+# "TensorRT 10.15 supports operators in the inclusive range of opset 9 to opset 24" (names only,
+# transcribed 2026-11-30 from the stored copy of that file). It lists DeformConv, Gelu, Hardmax, Mish,
+# Mod, Shrink, the window ops and STFT as supported; the 10.3 rows above keep `?`/`N` for those because
+# no 10.3 copy of the file was at hand to confirm them, so a model using them fails the check below.
+# TensorRT 11.x is not transcribed (no copy of its operators.md was available); its parser is the
+# 10.x parser plus additions, but that is NVIDIA's statement, not checked here.
+SOURCE_CURRENT = "https://github.com/onnx/onnx-tensorrt/blob/main/docs/operators.md (TensorRT 10.15 GA)"
+SUPPORTED_10_15 = frozenset("""
+Abs Acos Acosh Add And ArgMax ArgMin Asin Asinh Atan Atanh Attention AveragePool BatchNormalization
+BlackmanWindow Cast CastLike Ceil Celu Clip Concat Constant ConstantOfShape Conv ConvTranspose Cos Cosh
+CumSum DeformConv DepthToSpace DequantizeLinear Div Dropout Einsum Elu Equal Erf Exp Expand EyeLike Flatten
+Floor Gather GatherElements GatherND Gelu Gemm GlobalAveragePool GlobalLpPool GlobalMaxPool Greater
+GreaterOrEqual GridSample GroupNormalization GRU HammingWindow HannWindow HardSigmoid HardSwish Hardmax
+Identity If ImageScaler InstanceNormalization IsInf IsNaN LayerNormalization LeakyRelu Less LessOrEqual Log
+LogSoftmax Loop LRN LSTM LpNormalization LpPool MatMul Max MaxPool Mean MeanVarianceNormalization Min Mish
+Mod Mul Neg NonMaxSuppression NonZero Not OneHot Or Pad ParametricSoftplus Pow PRelu QuantizeLinear
+RandomNormal RandomNormalLike RandomUniform RandomUniformLike Range Reciprocal ReduceL1 ReduceL2
+ReduceLogSum ReduceLogSumExp ReduceMax ReduceMean ReduceMin ReduceProd ReduceSum ReduceSumSquare Relu
+Reshape Resize ReverseSequence RMSNormalization RNN RoiAlign RotaryEmbedding Round STFT ScaledTanh Scan
+Scatter ScatterElements ScatterND Selu Shape Shrink Sigmoid Sign Sin Sinh Size Slice Softmax Softplus
+Softsign SpaceToDepth Split Sqrt Squeeze Sub Sum Tan Tanh TensorScatter ThresholdedRelu Tile TopK Transpose
+Trilu Unsqueeze Upsample Where Xor
+""".split())
+# The parsers this project claims to target: JetPack 6's and the current 10.x.
+CLAIMED_VERSIONS = ("10.3", "10.15")
+
+
+def unsupported_in_claimed(ops: set[str] | frozenset[str]) -> dict[str, list[str]]:
+    """{op: [claimed versions whose ONNX parser does not support it]} for the ops given ('?' counts as
+    not supported: unconfirmed); empty when every op runs on every claimed version."""
+    missing: dict[str, list[str]] = {}
+    for op in sorted(ops):
+        where = [] if TABLES["10.3"].get(op, _UNKNOWN).supported == "Y" else ["10.3"]
+        where += [] if op in SUPPORTED_10_15 else ["10.15"]
+        if where:
+            missing[op] = where
+    return missing
 
 
 def op_table(trt_version: str) -> dict[str, OpSupport]:

@@ -26,14 +26,25 @@ class ContractError(UserError):
     """A contract that is malformed or does not match its model."""
 
 
+def _flag(value: object, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise ContractError(f"{where} must be true or false, got {value!r}")
+    return value
+
+
 @dataclass(frozen=True)
 class TaskSpec:
-    """One prediction task. Classification tasks carry their ordered class list."""
+    """One prediction task. Classification tasks carry their ordered class list.
+
+    `ordinal`: the classes are grades in order (DR grade 0-4, oedema risk 0-2), so a prediction one grade
+    off is less wrong than three off; such tasks are scored with quadratic-weighted kappa as well.
+    """
 
     name: str
     kind: str
     classes: tuple[str, ...] = ()
     description: str = ""
+    ordinal: bool = False
 
     def __post_init__(self) -> None:
         if not self.name.isidentifier():
@@ -45,8 +56,8 @@ class TaskSpec:
                 raise ContractError(f"task {self.name!r}: a classification task needs >= 2 classes")
             if len(set(self.classes)) != len(self.classes):
                 raise ContractError(f"task {self.name!r}: duplicate class names")
-        elif self.classes:
-            raise ContractError(f"task {self.name!r}: a text task has no class list")
+        elif self.classes or self.ordinal:
+            raise ContractError(f"task {self.name!r}: a text task has no class list and is not ordinal")
 
     @property
     def num_classes(self) -> int:
@@ -61,12 +72,14 @@ class TaskSpec:
         data = {"name": self.name, "kind": self.kind, "description": self.description}
         if self.kind == "classification":
             data["classes"] = list(self.classes)
+        if self.ordinal:  # written only when set, so contracts of nominal tasks stay byte-identical
+            data["ordinal"] = True
         return data
 
     @classmethod
     def from_dict(cls, data: dict) -> TaskSpec:
         data = _mapping(data, "a task")
-        unknown = set(data) - {"name", "kind", "classes", "description"}
+        unknown = set(data) - {"name", "kind", "classes", "description", "ordinal"}
         if unknown:
             raise ContractError(f"task {data.get('name')!r}: unknown keys {sorted(unknown)}")
         return cls(
@@ -74,6 +87,7 @@ class TaskSpec:
             kind=str(data["kind"]),
             classes=tuple(str(c) for c in data.get("classes", ())),
             description=str(data.get("description", "")),
+            ordinal=_flag(data.get("ordinal", False), f"task {data.get('name')!r}: ordinal"),
         )
 
 

@@ -20,6 +20,7 @@ from compress.quantize import main as quantize_main
 from compress.quantize_flavours import qdq_summary
 from compress.settings import CompressConfig, GuardConfig
 from compress.trt_check import check_model, check_qdq_for_tensorrt
+from compress.trt_ops import CLAIMED_VERSIONS, unsupported_in_claimed
 from deploy.contract import METADATA_KEY, Contract
 from train.checkpoint import load_model
 from train.experiment import load_experiment
@@ -184,3 +185,15 @@ def test_a_failed_export_check_leaves_no_model_behind(run, monkeypatch):
         export_all(str(cfg_path), ["compress.models=[ensemble]"])
     assert not onnx_path(cfg.run_dir, "ensemble").exists()
     assert not onnx_path(cfg.run_dir, "ensemble").with_suffix(".json").exists()
+
+
+def test_exported_graphs_use_only_ops_every_claimed_tensorrt_parses(run):
+    _, cfg, _ = run
+    files = sorted((Path(cfg.run_dir) / "onnx").glob("*.onnx"))
+    # student + teachers/ensemble, and the INT8/FP16 flavours when the compress test ran first
+    assert "student.onnx" in {f.name for f in files} and len(files) >= 2
+    for path in files:
+        model = onnx.load(str(path))
+        ops = {n.op_type for g in [model.graph] + [a.g for n in model.graph.node for a in n.attribute if a.g.node]
+               for n in g.node}
+        assert unsupported_in_claimed(ops) == {}, f"{path.name}: not parsed by TensorRT {CLAIMED_VERSIONS}"

@@ -13,12 +13,15 @@ import sacrebleu
 
 from deploy.contract import TaskSpec
 from deploy.vocab import Vocabulary
+from train.evaluate import selection_score
 from train.metrics import (
     agreement,
     classification_metrics,
     evaluate,
     expected_calibration_error,
     headline,
+    primary_metric,
+    quadratic_kappa,
     text_metrics,
 )
 
@@ -40,8 +43,7 @@ def test_hand_computed_classification_metrics():
     assert m["accuracy"] == pytest.approx(0.5)
     assert m["top1"] == pytest.approx(0.5)
     assert m["top2"] == pytest.approx(0.75)
-    assert m["top3"] == pytest.approx(1.0)
-    assert m["top5"] == pytest.approx(1.0)  # capped at C = 3
+    assert "top3" not in m and "top5" not in m  # k >= C = 3: 100 % for any model, so not reported
     assert m["confusion_matrix"] == [[1, 1, 0], [0, 1, 0], [1, 0, 0]]
     assert m["per_class_recall"] == {"a": 0.5, "b": 1.0, "c": 0.0}
     assert m["balanced_accuracy"] == pytest.approx((0.5 + 1.0 + 0.0) / 3)
@@ -63,7 +65,7 @@ def test_absent_classes_are_left_out_of_balanced_accuracy_but_predicted_ones_cou
 
 def test_no_labelled_sample_gives_none_and_zero_count():
     m = classification_metrics(PROBS[:2], np.array([-1, -1]), CLASSES)
-    assert m["n"] == 0 and m["accuracy"] is None and m["top5"] is None
+    assert m["n"] == 0 and m["accuracy"] is None and m["top2"] is None
 
 
 def test_logits_and_bad_labels_are_rejected():
@@ -147,8 +149,8 @@ def test_evaluate_decodes_normalizes_groups_and_is_json(tmp_path):
     assert set(m["text"]["per_group"]) == {"normal", "dr"}
     (tmp_path / "m.json").write_text(json.dumps(m, allow_nan=False))
     flat = headline(m, tasks)
-    assert flat == {"coarse/accuracy": 1.0, "coarse/macro_f1": 1.0, "coarse/top1": 1.0, "coarse/top5": 1.0,
-                    "text/bleu": pytest.approx(m["text"]["bleu"]), "text/exact_match": 1.0}
+    assert flat == {"coarse/accuracy": 1.0, "coarse/balanced_accuracy": 1.0, "coarse/macro_f1": 1.0,
+                    "coarse/top1": 1.0, "text/bleu": pytest.approx(m["text"]["bleu"]), "text/exact_match": 1.0}
     with pytest.raises(ValueError, match="no output for task 'fine'"):
         evaluate({"coarse": outputs["coarse"], "text": ids}, targets, tasks, vocab)
     with pytest.raises(ValueError, match="pass the vocabulary"):
@@ -178,3 +180,55 @@ def test_metrics_module_does_not_import_torch():
     code = "import sys, train.metrics; sys.exit('torch' in sys.modules)"
     root = Path(__file__).resolve().parents[1]
     assert subprocess.run([sys.executable, "-c", code], cwd=root, check=False).returncode == 0
+
+
+def test_topk_only_where_it_can_fail():
+    probs = np.random.default_rng(0).dirichlet(np.ones(7), size=20)
+    labels = np.arange(20) % 7
+    m = classification_metrics(probs, labels, [f"c{i}" for i in range(7)])
+    assert {k for k in m if k.startswith("top")} == {"top1", "top2", "top3", "top4", "top5"}
+    m = classification_metrics(probs[:, :5] / probs[:, :5].sum(1, keepdims=True), labels % 5, list("abcde"))
+    assert {k for k in m if k.startswith("top")} == {"top1", "top2", "top3", "top4"}  # top5 of 5 classes: 100 %
+
+
+def test_quadratic_kappa_by_hand():
+    # 3 grades; labels/preds below give O = [[2,0,0],[1,1,0],[0,1,1]], N = 6.
+    labels, preds = np.array([0, 0, 1, 1, 2, 2]), np.array([0, 0, 0, 1, 1, 2])
+    # W = (i-j)^2/4: W01 = W12 = 0.25, W02 = 1. sum(W*O) = 0.25*(1 + 1) = 0.5.
+    # Histograms: true [2,2,2], pred [3,2,1]; E = outer/6 -> E[i][j] = true_i*pred_j/6.
+    e = np.outer([2, 2, 2], [3, 2, 1]) / 6
+    w = np.array([[0, .25, 1], [.25, 0, .25], [1, .25, 0]])
+    assert quadratic_kappa(labels, preds, 3) == pytest.approx(1 - 0.5 / (w * e).sum())
+    assert quadratic_kappa(labels, labels, 3) == pytest.approx(1.0)
+    assert quadratic_kappa(np.zeros(4, int), np.zeros(4, int), 3) is None  # undefined, not 1 or 0
+
+
+def test_ordinal_tasks_get_kappa_and_grade_error_and_joint_accuracy():
+    grade = TaskSpec("grade", "classification", ("0", "1", "2", "3", "4"), ordinal=True)
+    risk = TaskSpec("risk", "classification", ("0", "1", "2"), ordinal=True)
+    g_probs = np.eye(5)[[0, 1, 4, 2]] * 0.9 + 0.02
+    r_probs = np.eye(3)[[0, 2, 2, 1]] * 0.9 + 0.1 / 3
+    targets = {"grade": np.array([0, 1, 2, 2]), "risk": np.array([0, 1, 2, -1])}
+    m = evaluate({"grade": g_probs, "risk": r_probs}, targets, [grade, risk], None, joint=[("grade", "risk")])
+    assert m["grade"]["mae"] == pytest.approx((0 + 0 + 2 + 0) / 4)
+    assert m["grade"]["kappa"] == pytest.approx(quadratic_kappa(np.array([0, 1, 2, 2]), np.array([0, 1, 4, 2]), 5))
+    # Both right on image 0 only, of the 3 images labelled for both tasks.
+    assert m["grade+risk"] == {"joint_accuracy": pytest.approx(1 / 3), "n": 3}
+    flat = headline(m, [grade, risk])
+    assert flat["grade+risk/joint_accuracy"] == pytest.approx(1 / 3) and "grade/top5" not in flat
+    assert primary_metric(grade) == "grade/kappa"
+
+
+def test_selection_prefers_a_model_that_sees_the_minority_class():
+    """On a skewed 3-class task the majority-class model has higher accuracy but must not be selected."""
+    task = TaskSpec("dme", "classification", ("none", "mild", "severe"))
+    labels = np.array([0] * 8 + [1, 2])
+    majority = np.tile([0.9, 0.05, 0.05], (10, 1))
+    seeing = np.eye(3)[[0] * 6 + [1, 1, 1, 2]] * 0.9 + 0.1 / 3
+    scores = {}
+    for name, probs in (("majority", majority), ("seeing", seeing)):
+        metrics = evaluate({"dme": probs}, {"dme": labels}, [task], None)
+        assert metrics["dme"]["accuracy"] == pytest.approx(0.8 if name == "majority" else 0.8)
+        scores[name] = selection_score(metrics, [task])
+    assert scores["seeing"] > scores["majority"]
+    assert selection_score(evaluate({"dme": majority}, {"dme": labels}, [task], None), [task], "dme/accuracy") == 0.8

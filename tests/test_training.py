@@ -224,7 +224,7 @@ def test_student_and_baseline_pipeline(trained_run):
     # The session's run: `python -m train.teachers` then `python -m train.student` (tests/conftest.py).
     run = trained_run.root / "runs" / "tiny"
     summary = json.loads((run / "summary.json").read_text())
-    assert set(summary["rows"]) == {"t_cls", "t_all", "ensemble", "student", "baseline"}
+    assert set(summary["rows"]) == {"t_cls", "t_all", "ensemble", "student", "baseline", "linear probe"}
     soft = run / "student" / "teacher_outputs.safetensors"
     tensors, meta = load_checkpoint(soft)
     n_rows = len(meta["key"]["rows"])
@@ -269,7 +269,8 @@ def test_label_fraction_experiment_table_and_plot(tiny_data, tmp_path):
     out = tmp_path / "runs" / "tiny" / "fractions"
     rows = json.loads((out / "fractions.json").read_text())
     assert {(r["fraction"], r["model"]) for r in rows} == {(f, m) for f in (0.5, 1.0)
-                                                           for m in ("ensemble", "student", "baseline")}
+                                                           for m in ("ensemble", "student", "baseline",
+                                                                     "linear probe")}
     assert (out / "fractions.png").stat().st_size > 0 and "| 50% | student |" in (out / "fractions.md").read_text()
     half = load_dataset(tiny_data, manifest="manifest.frac050.seed0.csv")
     full = load_dataset(tiny_data)

@@ -8,7 +8,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from compress.trt_check import Violation, check_model, check_qdq_for_tensorrt, format_table, main
-from compress.trt_ops import TABLES, op_table
+from compress.trt_ops import SUPPORTED_10_15, TABLES, op_table, unsupported_in_claimed
 
 
 def _model(nodes, inits=(), inputs=None, outputs=None, opset=17) -> onnx.ModelProto:
@@ -142,3 +142,14 @@ def test_cli_exit_codes_and_table(tmp_path, capsys):
     assert main([str(bad), "--ops-only"]) == 0
     assert main([str(tmp_path / "missing.onnx")]) == 2
     assert "severity" in format_table([Violation("n", "Op", "rule", "msg")])
+
+
+def test_claimed_versions_agree_where_they_should():
+    table = op_table("10.3")
+    # Support does not regress between releases: everything 10.3 supports, 10.15 does too.
+    assert sorted(op for op, row in table.items() if row.supported == "Y" and op not in SUPPORTED_10_15) == []
+    # The ops the issue found disputed: supported in 10.15, unconfirmed for 10.3, so not "everywhere".
+    disputed = {"DeformConv", "Gelu", "Hardmax", "Mish", "Mod", "Shrink"}
+    assert disputed <= SUPPORTED_10_15 and set(unsupported_in_claimed(disputed)) == disputed
+    assert unsupported_in_claimed({"Conv", "Relu", "QuantizeLinear"}) == {}
+    assert unsupported_in_claimed({"Unique", "MadeUpOp"}) == {"MadeUpOp": ["10.3", "10.15"], "Unique": ["10.3", "10.15"]}

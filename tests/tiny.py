@@ -76,11 +76,16 @@ def write_tiny_config(path: Path, data_root: Path, runs_root: Path, **extra) -> 
         "student": {"model": tiny_model(), "train": {**train, "epochs": 2}, "kd": {"alpha": 0.9}},
         "compress": {"calibration_images": 16, "models": ["student", "ensemble"], "quantize": ["student"]},
     }
-    for key, value in extra.items():
-        node = cfg
+    return write_yaml(path, cfg, extra)
+
+
+def write_yaml(path: Path, data: dict, dotted: dict) -> Path:
+    """Write `data` as YAML after setting each `a.b.c` key of `dotted` (nested mappings made as needed)."""
+    for key, value in dotted.items():
+        node = data
         *parents, last = key.split(".")
         for part in parents:
             node = node.setdefault(part, {})
         node[last] = value
-    path.write_text(yaml.safe_dump(cfg))
+    path.write_text(yaml.safe_dump(data))
     return path

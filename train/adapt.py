@@ -57,8 +57,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--patient-column")
     p.add_argument("--eye-column", help="values left/right (also l/r, os/od)")
     p.add_argument("--text-column", help="diagnosis text (a text task)")
+    p.add_argument("--ordinal-columns", default="", help="comma-separated label columns that are grades in "
+                   "order (e.g. a DR grade 0-4): scored with quadratic kappa; classes sorted numerically")
+    p.add_argument("--patient-pattern", help="regex whose first group in the path column is the patient id, "
+                   "e.g. '^(\\d+)_' for EyePACS 10_left/10_right")
+    p.add_argument("--joint", default="", help="comma-separated label columns scored together (joint accuracy)")
     sub.add_parser("unlabeled", parents=[shared], help="append images below --src as split 'unlabeled'")
     return parser
+
+
+def _names(text: str) -> list[str]:
+    return [c.strip() for c in text.split(",") if c.strip()]
 
 
 def _read(args: argparse.Namespace) -> common.Adapted:
@@ -79,9 +88,11 @@ def _read(args: argparse.Namespace) -> common.Adapted:
     if args.adapter == "folders":
         return generic.read_folders(args.src, name=name)
     if args.adapter == "csv":
-        return generic.read_csv(args.src, args.path_column, [c for c in args.label_columns.split(",") if c],
+        return generic.read_csv(args.src, args.path_column, _names(args.label_columns),
                                 images=args.images, patient_column=args.patient_column,
-                                eye_column=args.eye_column, text_column=args.text_column, name=name)
+                                eye_column=args.eye_column, text_column=args.text_column, name=name,
+                                ordinal_columns=_names(args.ordinal_columns), joint_columns=_names(args.joint),
+                                patient_pattern=args.patient_pattern)
     return generic.read_unlabeled(args.src, name=name)
 
 

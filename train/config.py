@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import shlex
 import types
 import typing
 from pathlib import Path
@@ -129,6 +130,54 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
                 raise ConfigError(f"override {item!r}: {part!r} is not a mapping")
         node[parts[-1]] = yaml.safe_load(raw)
     return data
+
+
+_KEY = re.compile(r"^[A-Za-z_][\w.]*=")
+
+
+def split_overrides(text: str) -> list[str]:
+    """`a.b=1 c={x: 1, y: 2} name='my run'` -> ['a.b=1', 'c={x: 1, y: 2}', 'name=my run'].
+
+    Shell-style quotes are honoured, and a word that does not start with `key=` belongs to the value
+    before it, so YAML flow values with spaces and commas need no quoting. (The Makefile passes its
+    OVERRIDES through this, so neither make nor bash splits or brace-expands them.)"""
+    try:
+        words = shlex.split(text)
+    except ValueError as exc:
+        raise ConfigError(f"overrides {text!r}: {exc} (close the quote)") from exc
+    items: list[str] = []
+    for word in words:
+        if items and not _KEY.match(word):
+            items[-1] += " " + word
+        else:
+            items.append(word)
+    return items
+
+
+def flatten_mapping(data: dict, prefix: str = "") -> list[str]:
+    """A nested mapping (an overrides YAML file) -> `a.b.c=value` overrides, values as YAML flow text."""
+    items = []
+    for key, value in data.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            items += flatten_mapping(value, path + ".")
+        else:
+            items.append(f"{path}={yaml.safe_dump(value, default_flow_style=True, width=1 << 30).strip().removesuffix(chr(10) + '...')}")
+    return items
+
+
+def read_overrides_file(path: str | Path) -> list[str]:
+    """The overrides in a YAML file holding a (partial, nested) config mapping."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: overrides file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: invalid YAML ({exc})") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: an overrides file holds a mapping, e.g. `student: {{kd: {{alpha: 0.5}}}}`")
+    return flatten_mapping(data)
 
 
 def load_config(cls: type[T], path: str | Path | None, overrides: list[str] | None = None) -> T:

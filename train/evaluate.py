@@ -77,28 +77,34 @@ def targets_of(data: FundusImages, tasks: list[TaskSpec]) -> dict[str, np.ndarra
 
 def score_outputs(outputs: dict[str, np.ndarray], data: FundusImages, tasks: list[TaskSpec],
                   vocab: Vocabulary | None) -> dict:
-    """Full metrics per task (train.metrics.evaluate) for the tasks present in `outputs`."""
+    """Full metrics per task (train.metrics.evaluate) for the tasks present in `outputs`, plus the joint
+    accuracy of the dataset's declared task groups."""
     present = [t for t in tasks if t.name in outputs]
     # Per-class BLEU is grouped by the first classification task the model itself predicts.
     group = next((t.name for t in present if t.kind == "classification"), None)
-    return metrics.evaluate(outputs, targets_of(data, present), present, vocab, group_task=group)
+    joint = [g for g in data.dataset.spec.joint if all(n in outputs for n in g)]
+    return metrics.evaluate(outputs, targets_of(data, present), present, vocab, group_task=group, joint=joint)
 
 
 def selection_score(task_metrics: dict, tasks: list[TaskSpec], select: str = "auto") -> float:
-    """One number to pick the best epoch: a named headline metric, or the mean of all headline metrics."""
+    """One number to pick the best checkpoint (higher is better).
+
+    `select` = a headline key (`coarse/accuracy`): that number alone; otherwise the mean over the tasks
+    of each task's primary metric (train.metrics.primary_metric: balanced accuracy, kappa for ordinal
+    tasks, BLEU/100 for text; or the named metric for every classification task that has it). A metric
+    that cannot be computed (e.g. kappa with one class) counts as 0."""
     heads = metrics.headline(task_metrics, tasks)
-    if select != "auto":
+    if "/" in select:
         if select not in heads:
             raise KeyError(f"select_metric {select!r} not among {sorted(heads)}")
         return float(heads[select])
-    # The paper's headline per task: accuracy for the first (coarse) task, top-5 for the fine ones, BLEU.
-    first_cls = next((t.name for t in tasks if t.kind == "classification"), None)
     picked = []
     for t in tasks:
         if t.name not in task_metrics:
             continue
-        if t.kind == "text":
-            picked.append(heads[f"{t.name}/bleu"] / 100.0)
-        else:
-            picked.append(heads[f"{t.name}/accuracy" if t.name == first_cls else f"{t.name}/top5"])
+        key = metrics.primary_metric(t, select)
+        if key not in heads and t.kind == "classification":
+            key = metrics.primary_metric(t)  # e.g. top5 asked, but this task has <= 5 classes
+        value = heads.get(key, 0.0)
+        picked.append(value / 100.0 if key.endswith("/bleu") else value)
     return float(np.mean(picked)) if picked else 0.0

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Literal
 
 from deploy.errors import cli
-from train.config import ConfigError, load_config, to_dict
+from train.config import ConfigError, load_config, read_overrides_file, split_overrides, to_dict
+from train.metrics import parse_floor
 from train.models.multitask import ModelConfig
 
 
@@ -71,7 +72,13 @@ class TrainConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     amp: bool = True  # mixed precision on CUDA only; ignored on CPU
     grad_clip: float = 5.0
-    select_metric: str = "auto"  # validation metric for the best checkpoint; auto = mean of headline metrics
+    # Validation metric for the best checkpoint: auto = mean over tasks of balanced accuracy (kappa for
+    # ordinal tasks, BLEU for text); a metric name (macro_f1, accuracy, ...) for every classification
+    # task; or one headline key (coarse/accuracy). See train.metrics.primary_metric.
+    select_metric: str = "auto"
+    # Cross-entropy class weights against skew: none | sqrt_inverse | inverse (n_c^-0.5 / n_c^-1, mean 1
+    # over the training labels). Real sets are skewed (ODIR ~44 % normal, ~2 % hypertension).
+    class_balance: Literal["none", "sqrt_inverse", "inverse"] = "none"
     num_workers: int = 0
     eval_batch_size: int = 64
     max_steps_per_epoch: int | None = None  # caps an epoch (used to give the baseline the student's budget)
@@ -100,6 +107,17 @@ class TeachersConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     members: list[TeacherSpec] | None = None  # None: one teacher per non-empty subset of the tasks
     image_size: int | None = None
+    # How the ensemble combines its teachers per classification task (train/calibrate.py): mean (equal
+    # vote), calibrated_mean (each teacher temperature-scaled on the validation split) or
+    # quality_weighted (calibrated + weights from validation NLL). Soft targets and export use the same.
+    ensemble_weighting: Literal["mean", "calibrated_mean", "quality_weighted"] = "mean"
+    # Budget policy (train/budget.py): every teacher gets at least budget_multiple x the student's
+    # optimizer steps (train.min_steps is raised, adding epochs). null = the configured schedule only.
+    budget_multiple: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.budget_multiple is not None and self.budget_multiple <= 0:
+            raise ValueError(f"teachers.budget_multiple must be > 0 (or null), got {self.budget_multiple}")
 
 
 @dataclass
@@ -132,6 +150,77 @@ class StudentConfig:
     image_size: int | None = None
 
 
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+
+
+@dataclass
+class GuardConfig:
+    """Largest allowed drop of an INT8 model against its FP32 model on the validation split."""
+
+    max_drop_accuracy_points: float = 1.0  # first classification task (T1) accuracy
+    max_drop_top5_points: float = 1.0  # other classification tasks (T2) top-5
+    max_drop_bleu: float = 1.0  # text task BLEU
+    # Tried in order when the first attempt misses a threshold (see compress/guard.py).
+    fallbacks: list[Literal["method", "more_images", "sensitive_layers"]] = field(
+        default_factory=lambda: ["method", "more_images", "sensitive_layers"])
+    sensitivity_candidates: int = 12  # how many layers the per-layer sensitivity pass tries
+    max_float_layers: int = 4  # at most this many sensitive layers are kept in float
+
+    def __post_init__(self) -> None:
+        if self.sensitivity_candidates < 1 or self.max_float_layers < 1:
+            raise ValueError("guard.sensitivity_candidates and guard.max_float_layers must be >= 1")
+        if min(self.max_drop_accuracy_points, self.max_drop_top5_points, self.max_drop_bleu) < 0:
+            raise ValueError("guard thresholds are drops in points and must be >= 0")
+
+
+@dataclass
+class CompressConfig:
+    opset: int = 17
+    models: list[str] = field(default_factory=lambda: ["student", "baseline", "ensemble", "teachers"])
+    quantize: list[str] = field(default_factory=lambda: ["student", "baseline"])
+    verify_images: int | None = None  # validation images for the export check (None: all)
+    verify_atol: float = 1e-4  # max |p_onnx - p_torch| of FP32 probabilities
+    verify_min_agreement: float = 0.995  # identical top-1 and decoded text on at least this share
+    calibration_images: int = 500
+    calibration_method: Literal["minmax", "entropy", "percentile"] = "minmax"
+    percentile: float = 99.999
+    calibration_batch: int = 16
+    guard: GuardConfig = field(default_factory=GuardConfig)
+    threads: int = 2
+
+
+@dataclass
+class BenchConfig:
+    """The `bench:` section of the experiment config."""
+
+    duration_s: float = 1.0  # minimum timed seconds at batch 1
+    batch_duration_s: float = 0.3  # minimum timed seconds at each larger batch
+    warmup: int = 5
+    min_runs: int = 10
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 8])
+    threads: int | None = None  # None: every usable core
+    providers: list[str] | None = None  # onnxruntime providers; None: deploy.runtime's default
+    max_test_images: int | None = None  # None: the whole test split (the summary's images); else a seeded sample
+    eval_batch_size: int = 32
+    floors: list[str] = field(default_factory=list)  # "ARTIFACT:METRIC=VALUE", see benchmarks.accuracy
+    # Peak memory, measured in a fresh process per artifact: "deploy" = ONNX and TensorRT artifacts
+    # (~0.5 s each), "all" = also PyTorch (~3-6 s each: the process imports torch), "off".
+    memory: Literal["deploy", "all", "off"] = "deploy"
+    stage_images: int = 16  # images timed for the preprocess stage
+    only: list[str] | None = None  # glob patterns of artifact names
+
+    def __post_init__(self) -> None:
+        if self.duration_s <= 0 or self.batch_duration_s <= 0 or self.warmup < 0 or self.min_runs < 1:
+            raise ValueError("durations must be > 0, warmup >= 0 and min_runs >= 1")
+        if 1 not in self.batch_sizes or min(self.batch_sizes) < 1:
+            raise ValueError(f"batch_sizes must be positive and include 1 (the headline batch), got {self.batch_sizes}")
+        self.batch_sizes = sorted(set(self.batch_sizes))
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
+        for floor in self.floors:
+            parse_floor(floor)
+
+
 @dataclass
 class ExperimentConfig:
     name: str = "default"
@@ -146,8 +235,8 @@ class ExperimentConfig:
     data: DataConfig = field(default_factory=DataConfig)
     teachers: TeachersConfig = field(default_factory=TeachersConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
-    compress: dict = field(default_factory=dict)  # validated by compress/ (its own dataclass)
-    bench: dict = field(default_factory=dict)  # validated by benchmarks/ (its own dataclass)
+    compress: CompressConfig = field(default_factory=CompressConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -176,29 +265,55 @@ def load_experiment(path: str | Path | None, overrides: list[str] | None = None)
 
 
 def add_config_args(parser: argparse.ArgumentParser) -> None:
-    """The arguments every stage shares: --config and key=value overrides."""
+    """The arguments every stage shares: --config and overrides (read them with `config_overrides`)."""
     parser.add_argument("--config", default="configs/default.yaml", help="experiment YAML (configs/)")
+    parser.add_argument("--overrides-file", default=None, metavar="YAML",
+                        help="a (partial) config mapping applied on top of --config")
+    parser.add_argument("--set", dest="set_text", action="append", default=[], metavar="'k=v k2=v2'",
+                        help="overrides in one string (how make passes OVERRIDES)")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value",
                         help="override config values, e.g. student.train.epochs=2")
 
 
+def config_overrides(args: argparse.Namespace) -> list[str]:
+    """All overrides of a stage's command line, later ones winning: key=value words (the Makefile's
+    data.root and name), then the overrides file, then the --set strings (the user's OVERRIDES)."""
+    items = list(args.overrides)
+    items += read_overrides_file(args.overrides_file) if args.overrides_file else []
+    for text in args.set_text:
+        items += split_overrides(text)
+    return items
+
+
+def _lookup(cfg: ExperimentConfig, key: str):
+    node = to_dict(cfg)
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise ConfigError(f"--print {key}: no such config key; top-level keys: {sorted(to_dict(cfg))}")
+        node = node[part]
+    return node
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Print resolved experiment config values.")
+    parser = argparse.ArgumentParser(prog="python -m train.experiment", description=__doc__.split("\n")[0])
     add_config_args(parser)
-    parser.add_argument("--print", dest="key", default=None, help="print one value (e.g. run_dir)")
+    parser.add_argument("--print", dest="key", default=None, help="print one value (e.g. run_dir, data.root)")
+    parser.add_argument("--check", action="store_true",
+                        help="check the config against the dataset and validate the dataset, then exit")
     args = parser.parse_args(argv)
-    try:
-        cfg = load_experiment(args.config, args.overrides)
-    except ConfigError as exc:
-        print(f"error: {exc}")
-        return 2
-    if args.key == "run_dir":
+    cfg = load_experiment(args.config, config_overrides(args))
+    if args.check:
+        from train.stage import load_splits  # the dataset check needs the data layer, not for --print
+
+        splits = load_splits(cfg)
+        print(f"[check] {args.config} fits dataset {splits.data.spec.name!r} ({cfg.data.root}): "
+              f"{len(splits.train)} train / {len(splits.val)} val / {len(splits.test)} test / "
+              f"{len(splits.unlabeled)} unlabelled images; tasks {splits.data.spec.task_names}; "
+              f"run folder {cfg.run_dir}", flush=True)
+    elif args.key == "run_dir":
         print(cfg.run_dir)
     elif args.key:
-        node = to_dict(cfg)
-        for part in args.key.split("."):
-            node = node[part]
-        print(node)
+        print(_lookup(cfg, args.key))
     else:
         import yaml
 

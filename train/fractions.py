@@ -5,8 +5,9 @@
 For each fraction f the labelled training patients are subsampled (train.data.splits.label_fraction,
 stratified, seeded; validation and test untouched) and the rest join the unlabelled pool. Teachers are
 trained on the kept labels, the student learns from them plus the whole unlabelled pool, the baseline
-from the kept labels only. Each fraction is an ordinary run (runs/<name>-frac015/ ...), so an
-interrupted experiment resumes where it stopped. Writes runs/<name>/fractions/fractions.{md,json,png}.
+from the kept labels only, the linear probe (train.probe) from the kept labels on frozen features.
+Each fraction is an ordinary run (runs/<name>-frac015/ ...), so an interrupted experiment resumes
+where it stopped. Writes runs/<name>/fractions/fractions.{md,json,png}.
 """
 
 from __future__ import annotations
@@ -18,14 +19,20 @@ from deploy.errors import cli
 from deploy.fileio import atomic_write_text
 from train.data.splits import PAPER_LABEL_FRACTIONS
 from train.distributed import init_distributed, shutdown_distributed
-from train.experiment import ExperimentConfig, add_config_args, load_experiment, teacher_specs
+from train.experiment import (
+    ExperimentConfig,
+    add_config_args,
+    config_overrides,
+    load_experiment,
+    teacher_specs,
+)
 from train.plots import plot_fractions
 from train.stage import load_splits
 from train.student import run as run_student
-from train.summary import paper_columns
+from train.summary import PROBE_ROW, summary_columns
 from train.teachers import train_teacher
 
-MODELS = ("ensemble", "student", "baseline")
+MODELS = ("ensemble", "student", "baseline", PROBE_ROW)  # the probe has no text head
 
 
 def fraction_config(path: str | None, overrides: list[str], fraction: float) -> ExperimentConfig:
@@ -58,18 +65,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fractions", type=float, nargs="+", default=list(PAPER_LABEL_FRACTIONS))
     args = parser.parse_args(argv)
     try:
-        base = load_experiment(args.config, args.overrides)
+        base = load_experiment(args.config, config_overrides(args))
         rows, keys = [], None
         for fraction in args.fractions:
-            cfg = fraction_config(args.config, args.overrides, fraction)
+            cfg = fraction_config(args.config, config_overrides(args), fraction)
             print(f"=== label fraction {fraction:.0%}: {cfg.run_dir} ===", flush=True)
             summary = run_fraction(cfg)
             tasks = load_splits(cfg).data.spec.tasks
-            keys = keys or [(k, t) for k, t in paper_columns(tasks) if k.endswith(("accuracy", "top5", "bleu"))]
+            keys = keys or [(k, t) for k, t in summary_columns(tasks) if k.endswith(("accuracy", "top5", "bleu"))]
             for model in MODELS:
                 if model in summary["rows"]:
+                    values = {k: summary["rows"][model].get(k) for k, _ in keys}
                     rows.append({"fraction": fraction, "model": model,
-                                 **{k: summary["rows"][model].get(k) for k, _ in keys}})
+                                 **{k: v for k, v in values.items() if v is not None}})
         out = base.run_dir / "fractions"
         atomic_write_text(out / "fractions.json", json.dumps(rows, indent=1))
         md = f"# Label-fraction experiment ({base.name}), test split\n\n{table(rows, keys)}\n"

@@ -264,7 +264,7 @@ class Trainer:
             record = {"epoch": epoch + 1, **logs, **val, "val/score": score,
                       "lr": self.optimizer.param_groups[0]["lr"], "seconds": round(time.perf_counter() - t0, 2)}
             self.history.append(record)
-            improved = score > self.best_score
+            improved = score >= self.best_score  # a tie keeps the later (longer-trained) checkpoint
             if improved:
                 self.best_score = score
             if self.info.is_main:

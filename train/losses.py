@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -23,6 +24,23 @@ from deploy.contract import TaskSpec
 from deploy.vocab import EOS_ID, PAD_ID
 
 ENSEMBLE_MODES = ("mean_probs", "kl_sum")
+# class_balance option -> exponent p of the CE class weight n_c^-p (n_c = training images of class c).
+CLASS_BALANCE_POWERS = {"none": 0.0, "sqrt_inverse": 0.5, "inverse": 1.0}
+
+
+def class_balance_weights(labels: np.ndarray, num_classes: int, mode: str) -> Tensor | None:
+    """CE weights w_c = n_c^-p (p from CLASS_BALANCE_POWERS), scaled so that the mean weight over the
+    training labels is 1: the loss keeps its scale, rare classes count more per image. None for "none".
+    A class absent from `labels` (-1 = unlabelled, ignored) gets weight 0: it has no image to weigh."""
+    if mode not in CLASS_BALANCE_POWERS:
+        raise ValueError(f"class_balance must be one of {list(CLASS_BALANCE_POWERS)}, got {mode!r}")
+    if mode == "none":
+        return None
+    labels = np.asarray(labels).reshape(-1)
+    counts = np.bincount(labels[labels >= 0], minlength=num_classes).astype(np.float64)
+    weights = np.where(counts > 0, np.maximum(counts, 1.0) ** -CLASS_BALANCE_POWERS[mode], 0.0)
+    mean = (counts * weights).sum() / max(counts.sum(), 1.0)
+    return torch.tensor(weights / mean if mean > 0 else weights, dtype=torch.float32)
 
 
 def _zero_like_graph(t: Tensor) -> Tensor:
@@ -170,7 +188,8 @@ class MultiTaskLoss(nn.Module):
 
     def __init__(self, tasks: Sequence[TaskSpec], alpha: float = 0.95,
                  temperatures: Mapping[str, float] | None = None, default_temperature: float = 4.0,
-                 weights: Mapping[str, float] | None = None) -> None:
+                 weights: Mapping[str, float] | None = None,
+                 class_weights: Mapping[str, Tensor | None] | None = None) -> None:
         super().__init__()
         self.tasks = list(tasks)
         names = [t.name for t in self.tasks]
@@ -187,6 +206,8 @@ class MultiTaskLoss(nn.Module):
         self.alpha = alpha
         self.temperatures = {n: float((temperatures or {}).get(n, default_temperature)) for n in names}
         self.weights = {n: float((weights or {}).get(n, 1.0)) for n in names}
+        # Per-class CE weights of classification tasks (class_balance_weights); KD terms stay unweighted.
+        self.class_weights = {n: w for n, w in (class_weights or {}).items() if w is not None}
         bad = {n: t for n, t in self.temperatures.items() if t <= 0}
         if bad:
             raise ValueError(f"temperatures must be > 0, got {bad}")
@@ -195,11 +216,13 @@ class MultiTaskLoss(nn.Module):
         """The softening temperature of `task` (use it for the teachers' soft targets too)."""
         return self.temperatures[task]
 
-    def _classification_terms(self, logits: Tensor, target: Tensor, labelled: Tensor) -> tuple[Tensor, Tensor]:
+    def _classification_terms(self, logits: Tensor, target: Tensor, labelled: Tensor,
+                              class_weight: Tensor | None = None) -> tuple[Tensor, Tensor]:
         if target.shape != logits.shape[:1]:
             raise ValueError(f"targets {tuple(target.shape)} do not match logits {tuple(logits.shape)}")
         has_label = labelled & (target >= 0)
-        ce = F.cross_entropy(logits.float(), target.clamp(min=0), reduction="none")
+        weight = class_weight.to(logits.device) if class_weight is not None else None
+        ce = F.cross_entropy(logits.float(), target.clamp(min=0), weight=weight, reduction="none")
         return ce, has_label
 
     def _text_terms(self, logits: Tensor, target: Tensor, labelled: Tensor,
@@ -244,7 +267,7 @@ class MultiTaskLoss(nn.Module):
             # the "kl_sum" ensemble mode, KD = mean over teachers of each teacher's KL.
             per_teacher = teacher is not None and teacher.dim() == logits.dim() + 1
             if task.kind == "classification":
-                ce, has_label = self._classification_terms(logits, target, lab)
+                ce, has_label = self._classification_terms(logits, target, lab, self.class_weights.get(name))
                 kd = self._kd(logits, teacher, temp, per_teacher) if teacher is not None else None
             else:
                 mean = teacher.mean(0) if per_teacher else teacher

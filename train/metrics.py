@@ -12,7 +12,10 @@ they can be written to JSON as they are; a metric that cannot be computed (nothi
 
 from __future__ import annotations
 
+import fnmatch
+import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import sacrebleu
@@ -25,6 +28,8 @@ KL_EPS = 1e-8
 # A row of "probabilities" further than this from summing to 1 is almost surely logits; INT8 outputs
 # are dequantized floats and may be a little off, hence not a tight tolerance.
 _PROB_SUM_TOL = 0.02
+TOP_KS = (1, 2, 3, 4, 5)
+LOWER_IS_BETTER = ("ece", "nll", "mean_kl", "mae")
 
 
 def _check_probs(probs: np.ndarray, where: str) -> np.ndarray:
@@ -70,21 +75,42 @@ def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, n_bins: in
     return float(ece)
 
 
+def quadratic_kappa(labels: np.ndarray, preds: np.ndarray, num_classes: int) -> float | None:
+    """Cohen's kappa with quadratic weights (the DR-grading standard: APTOS, EyePACS).
+
+    1 - sum(W*O) / sum(W*E) with W[i, j] = (i - j)^2 / (C - 1)^2, O the confusion matrix and E the
+    outer product of the true and predicted class histograms over N. None when chance agreement is
+    already perfect (every label and prediction in one class): kappa is undefined there."""
+    observed = confusion_matrix(labels, preds, num_classes).astype(np.float64)
+    grades = np.arange(num_classes)
+    weights = (grades[:, None] - grades[None, :]) ** 2 / max(num_classes - 1, 1) ** 2
+    expected = np.outer(observed.sum(1), observed.sum(0)) / max(observed.sum(), 1.0)
+    chance = float((weights * expected).sum())
+    return None if chance == 0 else 1.0 - float((weights * observed).sum()) / chance
+
+
+def present_ks(num_classes: int, ks: Sequence[int] = TOP_KS) -> tuple[int, ...]:
+    """The k of top-k that can fail: k = 1 always, larger k only while k < C (top-C is always 100 %)."""
+    return tuple(k for k in ks if k == 1 or k < num_classes)
+
+
 def classification_metrics(
     probs: np.ndarray,
     labels: np.ndarray,
     class_names: Sequence[str],
-    ks: Sequence[int] = (1, 2, 3, 4, 5),
+    ks: Sequence[int] = TOP_KS,
     n_bins: int = 15,
+    ordinal: bool = False,
 ) -> dict:
     """Metrics of one classification head over a whole evaluation set.
 
     probs [N, C] softmax outputs; labels [N] int with -1 = no label (excluded everywhere).
-    - accuracy, top{k} for each k (k larger than C is capped at C, the key keeps the asked k);
+    - accuracy, top{k} for each k in `ks` with k < C (top-C and beyond would be 100 % for any model);
     - balanced_accuracy: mean recall over the classes present among the labels;
     - macro_f1: mean F1 over the classes present among the labels *or* the predictions (a class that is
       predicted but never true has F1 0 and counts; one neither true nor predicted is left out — the
       same rule as scikit-learn's default);
+    - with `ordinal` (graded classes): kappa (quadratic-weighted) and mae (mean absolute grade error);
     - per_class_recall {class: recall or None when the class has no labelled sample}, support {class: n};
     - confusion_matrix: C x C list of lists over all classes, rows = true class;
     - ece (15 equal-width bins on the max probability), nll (mean -log p(true), clipped at 1e-8), n.
@@ -92,6 +118,7 @@ def classification_metrics(
     probs = _check_probs(probs, "classification_metrics")
     labels = np.asarray(labels).astype(np.int64).reshape(-1)
     num_classes = len(class_names)
+    ks = present_ks(num_classes, ks)
     if probs.shape != (labels.shape[0], num_classes):
         raise ValueError(f"probs shape {probs.shape} does not match {labels.shape[0]} labels x "
                          f"{num_classes} classes")
@@ -106,6 +133,8 @@ def classification_metrics(
                     "per_class_recall": dict.fromkeys(class_names), "support": dict.fromkeys(class_names, 0),
                     "confusion_matrix": np.zeros((num_classes, num_classes), int).tolist()})
         out.update({f"top{k}": None for k in ks})
+        if ordinal:
+            out.update({"kappa": None, "mae": None})
         return out
 
     preds = probs.argmax(axis=1)
@@ -127,7 +156,24 @@ def classification_metrics(
         "confusion_matrix": cm.tolist(),
     })
     out.update({f"top{k}": float(np.mean(topk_correct(probs, labels, k))) for k in ks})
+    if ordinal:
+        out.update({"kappa": quadratic_kappa(labels, preds, num_classes),
+                    "mae": float(np.mean(np.abs(preds - labels)))})
     return out
+
+
+def joint_accuracy(outputs: dict[str, np.ndarray], targets: dict, group: Sequence[str]) -> dict:
+    """Share of images on which every task of `group` is right, over the images labelled for all of them
+    (IDRiD's "DR grade and macular-oedema risk both right")."""
+    labels = [np.asarray(targets[name]).astype(np.int64).reshape(-1) for name in group]
+    preds = [np.asarray(outputs[name]).argmax(axis=1) for name in group]
+    keep = np.all([y >= 0 for y in labels], axis=0)
+    right = np.all([p == y for p, y in zip(preds, labels)], axis=0)[keep]
+    return {"joint_accuracy": float(right.mean()) if right.size else None, "n": int(keep.sum())}
+
+
+def joint_key(group: Sequence[str]) -> str:
+    return "+".join(group)
 
 
 def _bleu(hyps: list[str], refs: list[str]) -> float | None:
@@ -190,6 +236,7 @@ def evaluate(
     tasks: Sequence[TaskSpec],
     vocab: Vocabulary | None,
     group_task: str | None = None,
+    joint: Sequence[Sequence[str]] = (),
 ) -> dict[str, dict]:
     """Metrics of every task: {task: classification_metrics(...) or text_metrics(...)}.
 
@@ -198,6 +245,7 @@ def evaluate(
     reference strings ('' = missing; normalized with `normalize_reference`). Every task must have an
     output; a task without a targets entry has no labels in this data set and is left out. With
     `group_task` (a classification task), text metrics are also broken down by its true class name.
+    Each `joint` group of classification tasks adds `{joint_key(group)}: joint_accuracy(...)`.
     """
     groups = None
     if group_task is not None:
@@ -214,26 +262,60 @@ def evaluate(
             continue
         if task.kind == "classification":
             results[task.name] = classification_metrics(outputs[task.name], np.asarray(targets[task.name]),
-                                                        task.classes)
+                                                        task.classes, ordinal=task.ordinal)
         else:
             hyps = _decode_all(outputs[task.name], vocab, task.name)
             refs = [normalize_reference(r) if r else "" for r in targets[task.name]]
             results[task.name] = text_metrics(hyps, refs, groups)
+    for group in joint:
+        if all(name in targets and name in outputs for name in group):
+            results[joint_key(group)] = joint_accuracy(outputs, targets, group)
     return results
 
 
+HEADLINE_KEYS = {"classification": ("accuracy", "balanced_accuracy", "macro_f1", "top1", "top5", "kappa", "mae"),
+                 "text": ("bleu", "exact_match")}
+# Values reported as they are (BLEU is 0-100, mae is in grades); every other metric is a fraction
+# reported in percent points.
+NATIVE_UNITS = ("bleu", "mae")
+
+
 def headline(metrics: dict[str, dict], tasks: Sequence[TaskSpec]) -> dict[str, float]:
-    """The paper-style numbers, flat: `{task}/accuracy`, `/macro_f1`, `/top1`, `/top5` for every
-    classification task (top5 is capped at C) and `{task}/bleu`, `/exact_match` for text tasks.
-    Tasks not in `metrics` and metrics that are None (nothing to score) are left out."""
-    keys = {"classification": ("accuracy", "macro_f1", "top1", "top5"), "text": ("bleu", "exact_match")}
+    """The headline numbers, flat: `{task}/accuracy`, `/balanced_accuracy`, `/macro_f1`, `/top1`,
+    `/top5` (only where 5 < C), `/kappa` and `/mae` (ordinal tasks) for classification, `{task}/bleu`,
+    `/exact_match` for text, and `{a+b}/joint_accuracy` for joint task groups. Tasks not in `metrics`
+    and metrics that are None (nothing to score) are left out."""
     flat: dict[str, float] = {}
     for task in tasks:
-        for key in keys[task.kind] if task.name in metrics else ():
+        for key in HEADLINE_KEYS[task.kind] if task.name in metrics else ():
             value = metrics[task.name].get(key)
             if value is not None:
                 flat[f"{task.name}/{key}"] = float(value)
+    for name, values in metrics.items():
+        if "+" in name and values.get("joint_accuracy") is not None:
+            flat[f"{name}/joint_accuracy"] = float(values["joint_accuracy"])
     return flat
+
+
+def primary_metric(task: TaskSpec, select: str = "auto") -> str:
+    """The one headline key per task that selects checkpoints, is guarded through INT8 and leads the
+    reports. `auto`: BLEU for text; quadratic kappa for ordinal tasks; balanced accuracy otherwise —
+    metrics that a model predicting the majority class (or anything, for top-k with k >= C) cannot pass.
+    Another name (`macro_f1`, `accuracy`, `top5`, ...) picks that metric for every classification task."""
+    if task.kind == "text":
+        return f"{task.name}/bleu"
+    if select == "auto":
+        return f"{task.name}/{'kappa' if task.ordinal else 'balanced_accuracy'}"
+    return f"{task.name}/{select}"
+
+
+def selectable_metrics() -> tuple[str, ...]:
+    return ("auto", *HEADLINE_KEYS["classification"])
+
+
+def to_points(key: str, value: float) -> float:
+    """A headline value in the unit the reports print: percent points, except BLEU (0-100) and mae."""
+    return value if key.endswith(NATIVE_UNITS) else 100.0 * value
 
 
 def _until_eos(row: np.ndarray) -> tuple[int, ...]:
@@ -280,3 +362,48 @@ def agreement(
                 same = [_until_eos(a) == _until_eos(b) for a, b in zip(s, r)]
             out[task.name] = {"sequence_agreement": float(np.mean(same)) if same else None, "n": len(same)}
     return out
+
+
+# --- floors: minimum (or maximum) values a report checks -------------------------------------------
+@dataclass(frozen=True)
+class Floor:
+    """A minimum (or, for ece/nll/kl, maximum) of one metric for the artifacts matching a pattern."""
+
+    pattern: str
+    metric: str
+    value: float
+
+    @property
+    def is_ceiling(self) -> bool:
+        return self.metric.endswith(LOWER_IS_BETTER)
+
+    def applies(self, artifact: str) -> bool:
+        return fnmatch.fnmatchcase(artifact, self.pattern)
+
+    def violation(self, metrics: dict[str, float]) -> str | None:
+        """Why `metrics` miss this floor, or None when met."""
+        got = metrics.get(self.metric)
+        if got is None:
+            return f"{self.metric} not measured (floor {self.value:g})"
+        if (got > self.value) if self.is_ceiling else (got < self.value):
+            return f"{self.metric} {got:.4g} {'>' if self.is_ceiling else '<'} {self.value:g}"
+        return None
+
+    def __str__(self) -> str:
+        return f"{self.pattern}:{self.metric}={self.value:g}"
+
+
+_FLOOR = re.compile(r"^(?P<pattern>[^:=\s]+):(?P<metric>[\w/]+)=(?P<value>[-+0-9.eE]+)$")
+
+
+def parse_floor(text: str) -> Floor:
+    """`student.int8-cpu:coarse/accuracy=0.8` -> Floor; ValueError with the expected form otherwise."""
+    match = _FLOOR.match(text.strip())
+    if not match:
+        raise ValueError(f"floor {text!r} must look like ARTIFACT:METRIC=VALUE, e.g. "
+                         "student.int8-cpu:coarse/accuracy=0.8 (accuracies are fractions, BLEU is 0-100)")
+    try:
+        value = float(match["value"])
+    except ValueError as exc:
+        raise ValueError(f"floor {text!r}: {match['value']!r} is not a number") from exc
+    return Floor(match["pattern"], match["metric"], value)

@@ -1,4 +1,4 @@
-"""Matplotlib figures written by training (curves) and the label-fraction experiment."""
+"""Matplotlib figures written by training (curves, confusion matrices) and the label-fraction experiment."""
 
 from __future__ import annotations
 
@@ -54,4 +54,20 @@ def plot_fractions(rows: list[dict], metrics: list[tuple[str, str]], path: str |
         ax.set(xlabel="labelled training patients (%)", ylabel=label, title=label)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
+    return save_figure(fig, path)
+
+
+def plot_confusion_matrix(matrix: list[list[int]], classes: list[str], title: str, path: str | Path) -> Path:
+    """Counts with rows = true class, columns = predicted class; each cell labelled."""
+    n = len(classes)
+    side = max(4.4, 0.35 * n + 2)
+    fig, ax = plt.subplots(figsize=(side + 0.6, side))
+    ax.imshow(matrix, cmap="Blues")
+    ax.set_xticks(range(n), classes, rotation=45, ha="right", fontsize=7)
+    ax.set_yticks(range(n), classes, fontsize=7)
+    top = max((v for row in matrix for v in row), default=0)
+    for i, row in enumerate(matrix):
+        for j, v in enumerate(row):
+            ax.text(j, i, str(v), ha="center", va="center", fontsize=7, color="white" if v > top / 2 else "black")
+    ax.set(xlabel="predicted", ylabel="true", title=title)
     return save_figure(fig, path)

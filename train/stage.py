@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from deploy.contract import Contract, TaskSpec
@@ -22,8 +23,10 @@ from train.data.torch_data import FundusImages
 from train.distributed import DistInfo, barrier, broadcast_object
 from train.evaluate import collect_outputs, model_predict, score_outputs, selection_score
 from train.experiment import AugmentConfig, ExperimentConfig
+from train.losses import class_balance_weights
 from train.metrics import headline
 from train.models.multitask import ModelConfig, MultiTaskNet
+from train.preflight import check_experiment
 from train.validate import check_dataset
 
 
@@ -69,6 +72,7 @@ def load_splits(cfg: ExperimentConfig, info: DistInfo | None = None) -> Splits:
     """The experiment's dataset (label fraction applied), validated, split into row lists."""
     info = info or DistInfo()
     data = load_dataset(cfg.data.root, manifest=cfg.data.manifest)
+    check_experiment(cfg, data.spec, f"config (data.root={cfg.data.root})")  # before any stage trains
     stratify = cfg.data.stratify_task or next(t.name for t in data.spec.tasks if t.kind == "classification")
     if cfg.data.label_fraction is not None and cfg.data.label_fraction < 1:
         data = load_dataset(cfg.data.root, manifest=_fraction_manifest(cfg, data, stratify, info))
@@ -91,6 +95,12 @@ def image_set(splits: Splits, rows: list, tasks: list[TaskSpec], spec: Preproces
     return FundusImages(splits.data, rows, tasks, spec, augment)
 
 
+def class_weights(data: FundusImages, tasks: list[TaskSpec], mode: str) -> dict[str, torch.Tensor | None]:
+    """CE class weights (TrainConfig.class_balance) of each classification task from `data`'s labels."""
+    return {t.name: class_balance_weights(np.asarray(data.targets[t.name]), t.num_classes, mode)
+            for t in tasks if t.kind == "classification"}
+
+
 def build_model(model_cfg: ModelConfig, data: Dataset, task_names: list[str]) -> MultiTaskNet:
     tasks = [data.spec.task(n) for n in task_names]
     vocab = data.vocabulary
@@ -105,11 +115,11 @@ def model_contract(name: str, version: str, data: Dataset, tasks: list[TaskSpec]
 
 
 def evaluate_model(model: torch.nn.Module, data: FundusImages, tasks: list[TaskSpec], device: torch.device,
-                   batch_size: int, info: DistInfo | None = None) -> tuple[float, dict]:
+                   batch_size: int, info: DistInfo | None = None, select: str = "auto") -> tuple[float, dict]:
     """(selection score, full metrics per task) of a model on a split."""
     outputs = collect_outputs(model_predict(model), data, device, batch_size, info)
     metrics = score_outputs(outputs, data, tasks, data.dataset.vocabulary)
-    return selection_score(metrics, data.tasks), metrics
+    return selection_score(metrics, data.tasks, select), metrics
 
 
 def flat_headline(metrics: dict, tasks: list[TaskSpec]) -> dict[str, float]:

@@ -23,22 +23,25 @@ import torch
 
 from deploy.errors import cli
 from deploy.fileio import sha256_file
+from train.budget import student_train_config
+from train.calibrate import teacher_ensemble, teacher_paths
 from train.checkpoint import load_model
 from train.config import to_dict
 from train.distributed import DistInfo, init_distributed, shutdown_distributed
 from train.ensemble import (
     SoftTargets,
     compute_soft_targets,
-    load_ensemble,
     load_soft_targets,
     save_soft_targets,
 )
-from train.experiment import ExperimentConfig, TrainConfig, add_config_args, load_experiment, teacher_specs
+from train.experiment import ExperimentConfig, TrainConfig, add_config_args, config_overrides, load_experiment
+from train.fit_check import dataset_fingerprint
 from train.loop import EpochPlan, Trainer, seed_everything
 from train.losses import MultiTaskLoss, ensemble_soft_targets, sequence_ce, soften
 from train.stage import (
     Splits,
     build_model,
+    class_weights,
     evaluate_model,
     flat_headline,
     image_set,
@@ -48,7 +51,7 @@ from train.stage import (
     write_final,
 )
 from train.summary import write_summary
-from train.teachers import supervised_step, teacher_dir
+from train.teachers import supervised_step
 
 
 def budget_config(tcfg: TrainConfig, n_items: int, world_size: int, steps_budget: int | None) -> TrainConfig:
@@ -97,9 +100,12 @@ def distill_step(loss_fn: MultiTaskLoss, soft: SoftTargets, cfg: ExperimentConfi
         for task in loss_fn.tasks:
             if task.kind == "text" and not kd.token_kd:
                 continue
-            cached = soft.text_logits if task.kind == "text" else soft.logits[task.name]
-            teacher = cached[:, idx].to(out[task.name].device).float()  # [T, N, ...] teachers with this head
             temp = loss_fn.temperature(task.name)
+            if task.kind == "classification":  # the ensemble's calibrated/weighted combination (train.ensemble)
+                probs = soft.class_probs(task.name, idx, temp, per_teacher=kd.ensemble_mode == "kl_sum")
+                soft_batch[task.name] = probs.to(out[task.name].device)
+                continue
+            teacher = soft.text_logits[:, idx].to(out[task.name].device).float()  # [T, N, L, V]
             soft_batch[task.name] = (torch.stack([soften(t, temp) for t in teacher])
                                      if kd.ensemble_mode == "kl_sum" else ensemble_soft_targets(list(teacher), temp))
         loss, comps = loss_fn(out, targets, soft_batch, labelled)
@@ -123,13 +129,13 @@ def fit_student(cfg: ExperimentConfig, splits: Splits, role: str, device, info: 
     val_set = image_set(splits, splits.val, tasks, pre)
     text = next((t.name for t in tasks if t.kind == "text"), None)
     loss_fn = MultiTaskLoss(tasks, alpha=scfg.kd.alpha, temperatures=scfg.kd.temperatures,
-                            default_temperature=scfg.kd.default_temperature)
+                            default_temperature=scfg.kd.default_temperature,
+                            class_weights=class_weights(train_set, tasks, scfg.train.class_balance))
     tcfg = scfg.train
     if role == "student":
         plan = student_plan(cfg, train_set.labelled)
         step = distill_step(loss_fn, soft, cfg, text)
-        if scfg.kd.schedule == "staged":
-            tcfg = dataclasses.replace(tcfg, epochs=sum(scfg.kd.stage_epochs))
+        tcfg = student_train_config(cfg)  # staged: the sum of the stages' epochs
     else:
         tcfg = budget_config(tcfg, len(train_set), info.world_size, steps_budget)
         plan = lambda epoch: EpochPlan(np.arange(len(train_set)), "labels")  # noqa: E731
@@ -139,12 +145,17 @@ def fit_student(cfg: ExperimentConfig, splits: Splits, role: str, device, info: 
     model.to(device)
 
     def evaluate(m):
-        score, metrics = evaluate_model(m, val_set, tasks, device, tcfg.eval_batch_size, info)
+        score, metrics = evaluate_model(m, val_set, tasks, device, tcfg.eval_batch_size, info, tcfg.select_metric)
         return score, flat_headline(metrics, tasks)
 
     meta = {"role": role, "name": role, "preprocessing": pre.to_dict(),
             "config": {"model": to_dict(scfg.model), "train": to_dict(tcfg), "kd": to_dict(scfg.kd),
-                       "seed": cfg.seed, "data": to_dict(cfg.data), "image_size": pre.size}}
+                       "seed": cfg.seed, "data": to_dict(cfg.data), "image_size": pre.size,
+                       "dataset": dataset_fingerprint(splits.data)}}
+    if soft is not None and soft.combination.weighting != "mean":
+        # A student distilled from other ensemble weights is another run (the plain mean keeps the
+        # fingerprints of runs made before weighting existed).
+        meta["config"]["ensemble"] = {k: v for k, v in soft.combination.to_dict().items() if k != "hashes"}
     out_dir = cfg.run_dir / role
     trainer = Trainer(name=role, model=model, train_set=train_set, plan=plan, step=step, evaluate=evaluate,
                       cfg=tcfg, out_dir=out_dir, seed=cfg.seed, device=device, info=info, meta=meta)
@@ -158,18 +169,18 @@ def fit_student(cfg: ExperimentConfig, splits: Splits, role: str, device, info: 
 def teacher_soft_targets(cfg: ExperimentConfig, splits: Splits, device, info: DistInfo) -> SoftTargets:
     """The ensemble's outputs on the student's training images, cached in runs/<name>/student/."""
     tasks = splits.data.spec.tasks
-    specs = teacher_specs(cfg, splits.data.spec.task_names)
-    paths = [teacher_dir(cfg, s.name) / "best.safetensors" for s in specs]
-    ensemble = load_ensemble(paths, tasks, device)
+    ensemble, combination = teacher_ensemble(cfg, splits, device, info)
+    paths = teacher_paths(cfg, splits)
     rows = splits.train + (splits.unlabeled if cfg.student.kd.use_unlabeled else [])
     spec = preprocess_spec(cfg, cfg.teachers.image_size)
     key = {"rows": [r.path for r in rows], "preprocessing": spec.to_dict(),
-           "teachers": {p.parent.name: sha256_file(p) for p in paths}}
+           "teachers": {p.parent.name: sha256_file(p) for p in paths},
+           "combination": {k: v for k, v in combination.to_dict().items() if k != "hashes"}}
     path = cfg.run_dir / "student" / "teacher_outputs.safetensors"
     soft = load_soft_targets(path, key)
     if soft is None:
         data = image_set(splits, rows, tasks, spec)
-        soft = compute_soft_targets(ensemble, data, device, cfg.teachers.train.eval_batch_size)
+        soft = compute_soft_targets(ensemble, data, device, cfg.teachers.train.eval_batch_size, combination)
         if info.is_main:
             save_soft_targets(path, soft, key)
     return soft
@@ -202,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     add_config_args(parser)
     args = parser.parse_args(argv)
     try:
-        cfg = load_experiment(args.config, args.overrides)
+        cfg = load_experiment(args.config, config_overrides(args))
         info, device = init_distributed(cfg.device)
         run(cfg, info, device)
     finally:

@@ -1,4 +1,5 @@
-"""The experiment's test-split summary: every teacher, the ensemble, the student and the baseline.
+"""The experiment's test-split summary: every teacher, the ensemble, the student, the baseline and the
+linear probe (train.probe), with a flag per column where the KD student is below a floor.
 
 Writes runs/<name>/summary.json and summary.md; the ensemble is evaluated here with the same metric code.
 """
@@ -12,38 +13,46 @@ import torch
 
 from deploy.contract import TaskSpec
 from deploy.fileio import atomic_write_text
-from train.ensemble import load_ensemble
+from train.calibrate import teacher_ensemble
 from train.evaluate import collect_outputs, score_outputs
 from train.experiment import ExperimentConfig, teacher_specs
-from train.metrics import headline
+from train.metrics import headline, joint_key, present_ks, primary_metric, to_points
+from train.plots import plot_confusion_matrix
+from train.probe import linear_probe
 from train.stage import Splits, image_set, preprocess_spec, write_final
 from train.teachers import teacher_dir
 
+PROBE_ROW = "linear probe"
+FLOOR_ROWS = ("baseline", PROBE_ROW)  # rows that need no teacher: the KD student must not fall below them
 
-def paper_columns(tasks: list[TaskSpec]) -> list[tuple[str, str]]:
-    """(headline key, column title): T1 accuracy + macro-F1, T2 top-1 + top-5, T3 BLEU."""
+
+def summary_columns(tasks: list[TaskSpec], joint: list[tuple[str, ...]] | tuple = ()) -> list[tuple[str, str]]:
+    """(headline key, column title) per task, only metrics that can fail on it: accuracy and the primary
+    metric (balanced accuracy, or kappa for ordinal tasks) of every classification task, top-5 where it
+    has more than 5 classes, macro-F1 of the first; BLEU of a text task; joint accuracy of task groups."""
     cols: list[tuple[str, str]] = []
     first = True
     for t in tasks:
-        if t.kind == "classification":
-            if first:
-                cols += [(f"{t.name}/accuracy", f"{t.name} acc"), (f"{t.name}/macro_f1", f"{t.name} macro-F1")]
-            else:
-                cols += [(f"{t.name}/top1", f"{t.name} top-1"), (f"{t.name}/top5", f"{t.name} top-5")]
-            first = False
-        else:
+        if t.kind == "text":
             cols.append((f"{t.name}/bleu", f"{t.name} BLEU"))
+            continue
+        cols.append((f"{t.name}/accuracy", f"{t.name} acc"))
+        cols.append((primary_metric(t), f"{t.name} {'kappa' if t.ordinal else 'bal. acc'}"))
+        if first:
+            cols.append((f"{t.name}/macro_f1", f"{t.name} macro-F1"))
+        if 5 in present_ks(t.num_classes):
+            cols.append((f"{t.name}/top5", f"{t.name} top-5"))
+        first = False
+    cols += [(f"{joint_key(g)}/joint_accuracy", f"{' + '.join(g)} joint acc") for g in joint]
     return cols
 
 
 def _fmt(key: str, value) -> str:
-    if value is None:
-        return "—"
-    return f"{value:.1f}" if key.endswith("bleu") else f"{100 * value:.1f}"
+    return "—" if value is None else f"{to_points(key, value):.1f}"
 
 
-def markdown_table(rows: dict[str, dict], tasks: list[TaskSpec]) -> str:
-    cols = paper_columns(tasks)
+def markdown_table(rows: dict[str, dict], tasks: list[TaskSpec], joint: list[tuple[str, ...]] | tuple = ()) -> str:
+    cols = summary_columns(tasks, joint)
     lines = ["| model | " + " | ".join(c for _, c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for name, heads in rows.items():
         lines.append(f"| {name} | " + " | ".join(_fmt(k, heads.get(k)) for k, _ in cols) + " |")
@@ -53,8 +62,7 @@ def markdown_table(rows: dict[str, dict], tasks: list[TaskSpec]) -> str:
 @torch.no_grad()
 def evaluate_ensemble(cfg: ExperimentConfig, splits: Splits, device) -> dict:
     tasks = splits.data.spec.tasks
-    specs = teacher_specs(cfg, splits.data.spec.task_names)
-    ensemble = load_ensemble([teacher_dir(cfg, s.name) / "best.safetensors" for s in specs], tasks, device)
+    ensemble, _ = teacher_ensemble(cfg, splits, device)  # the combination the student learned from
     data = image_set(splits, splits.test, tasks, preprocess_spec(cfg, cfg.teachers.image_size))
     outputs = collect_outputs(ensemble, data, device, cfg.teachers.train.eval_batch_size)
     return score_outputs(outputs, data, tasks, splits.data.vocabulary)
@@ -73,26 +81,68 @@ def write_summary(cfg: ExperimentConfig, splits: Splits, results: dict[str, dict
     rows["ensemble"] = headline(ensemble_metrics, tasks)
     for role, metrics in results.items():
         rows[role] = headline(metrics, tasks)
+    rows[PROBE_ROW] = headline(linear_probe(cfg, splits, device), tasks)
+    joint = splits.data.spec.joint
     deltas = {}
     if "student" in rows:
-        for key, _ in paper_columns(tasks):
+        for key, _ in summary_columns(tasks, joint):
             s, e, b = rows["student"].get(key), rows["ensemble"].get(key), rows.get("baseline", {}).get(key)
-            scale = 1.0 if key.endswith("bleu") else 100.0
-            deltas[key] = {"student_minus_ensemble": None if s is None or e is None else scale * (s - e),
-                           "student_minus_baseline": None if s is None or b is None else scale * (s - b)}
+            deltas[key] = {"student_minus_ensemble": None if s is None or e is None else to_points(key, s - e),
+                           "student_minus_baseline": None if s is None or b is None else to_points(key, s - b)}
+    below = below_floors(rows, tasks, joint)
     summary = {"experiment": cfg.name, "label_fraction": cfg.data.label_fraction or 1.0,
-               "test_images": len(splits.test), "rows": rows, "deltas_points": deltas,
+               "test_images": len(splits.test), "rows": rows, "deltas_points": deltas, "below_floor": below,
                "written": time.strftime("%Y-%m-%dT%H:%M:%S")}
     atomic_write_text(cfg.run_dir / "summary.json", json.dumps(summary, indent=1))
     md = [f"# {cfg.name}: test split ({len(splits.test)} images), label fraction "
           f"{summary['label_fraction']:.0%}", "", "Accuracies in %, BLEU 0-100.", "",
-          markdown_table(rows, tasks), "", "Student minus ensemble / minus baseline (points):", ""]
+          markdown_table(rows, tasks, joint), "", "Student minus ensemble / minus baseline (points):", ""]
     for key, d in deltas.items():
         md.append(f"- {key}: {_pts(d['student_minus_ensemble'])} / {_pts(d['student_minus_baseline'])}")
+    md += ["", "Floors (models that need no teacher: the labels-only baseline and the linear probe):", ""]
+    md += [f"- BELOW FLOOR {key}: KD student {_pts(gap)} points vs the {floor}"
+           for key, floors in below.items() for floor, gap in floors.items()] or \
+          ["- the KD student is at or above every floor on every column"]
+    deployed = "student" if "student" in results else next(iter(results), None)
+    if deployed:
+        md += ["", *per_class_section(deployed, results[deployed], tasks, cfg.run_dir)]
     atomic_write_text(cfg.run_dir / "summary.md", "\n".join(md) + "\n")
     print("\n".join(md), flush=True)
     return summary
 
 
+def below_floors(rows: dict[str, dict], tasks: list[TaskSpec],
+                 joint: list[tuple[str, ...]] | tuple = ()) -> dict[str, dict[str, float]]:
+    """Column -> {floor row: student minus floor (points)} where the KD student is below a floor row
+    (baseline, linear probe) that has the column. Empty when the student is at or above every floor."""
+    below: dict[str, dict[str, float]] = {}
+    student = rows.get("student", {})
+    for key, _ in summary_columns(tasks, joint):
+        for floor in FLOOR_ROWS:
+            s, f = student.get(key), rows.get(floor, {}).get(key)
+            if s is not None and f is not None and s < f:
+                below.setdefault(key, {})[floor] = to_points(key, s - f)
+    return below
+
+
 def _pts(v) -> str:
     return "—" if v is None else f"{v:+.1f}"
+
+
+def per_class_section(model: str, metrics: dict, tasks: list[TaskSpec], run_dir) -> list[str]:
+    """Markdown lines: per-class recall (with support) of every classification task of `model`, and a
+    confusion-matrix PNG per task next to summary.md (a skewed set hides its rare classes in accuracy)."""
+    lines = [f"Per-class recall of the {model} on test (support in brackets):", ""]
+    for t in tasks:
+        m = metrics.get(t.name)
+        if t.kind != "classification" or not m or not m.get("n"):
+            continue
+        cells = [f"{c} {_recall(m['per_class_recall'][c])} ({m['support'][c]})" for c in t.classes]
+        png = f"confusion_{model}_{t.name}.png"
+        plot_confusion_matrix(m["confusion_matrix"], list(t.classes), f"{model}: {t.name} (test)", run_dir / png)
+        lines.append(f"- {t.name}: " + ", ".join(cells) + f" — [{png}]({png})")
+    return lines
+
+
+def _recall(value) -> str:
+    return "—" if value is None else f"{100 * value:.0f}%"

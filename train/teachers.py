@@ -22,16 +22,26 @@ import numpy as np
 import torch
 
 from deploy.errors import cli
+from train.budget import teacher_train_config
 from train.checkpoint import load_model
 from train.config import ConfigError, to_dict
 from train.distributed import DistInfo, init_distributed, shutdown_distributed
-from train.experiment import ExperimentConfig, TeacherSpec, add_config_args, load_experiment, teacher_specs
+from train.experiment import (
+    ExperimentConfig,
+    TeacherSpec,
+    add_config_args,
+    config_overrides,
+    load_experiment,
+    teacher_specs,
+)
+from train.fit_check import dataset_fingerprint
 from train.loop import EpochPlan, Trainer, config_fingerprint, seed_everything
 from train.losses import MultiTaskLoss
 from train.metrics import headline
 from train.stage import (
     Splits,
     build_model,
+    class_weights,
     evaluate_model,
     flat_headline,
     image_set,
@@ -80,16 +90,17 @@ def train_teacher(cfg: ExperimentConfig, spec: TeacherSpec, splits: Splits, devi
     train_set = image_set(splits, train_rows, tasks, pre, cfg.teachers.train.augment)
     val_set = image_set(splits, splits.val, tasks, pre)
     text = next((t.name for t in tasks if t.kind == "text"), None)
-    loss_fn = MultiTaskLoss(tasks)
-    tcfg = cfg.teachers.train
+    tcfg = teacher_train_config(cfg, splits, info.world_size)  # the budget policy (teachers.budget_multiple)
+    loss_fn = MultiTaskLoss(tasks, class_weights=class_weights(train_set, tasks, tcfg.class_balance))
 
     def evaluate(m):
-        score, metrics = evaluate_model(m, val_set, tasks, device, tcfg.eval_batch_size, info)
+        score, metrics = evaluate_model(m, val_set, tasks, device, tcfg.eval_batch_size, info, tcfg.select_metric)
         return score, flat_headline(metrics, tasks)
 
     meta = {"role": "teacher", "name": spec.name, "preprocessing": pre.to_dict(),
             "config": {"model": to_dict(model_cfg), "train": to_dict(tcfg), "seed": cfg.seed,
-                       "data": to_dict(cfg.data), "image_size": pre.size}}
+                       "data": to_dict(cfg.data), "image_size": pre.size,
+                       "dataset": dataset_fingerprint(splits.data)}}
     final = out_dir / "final.json"
     if final.exists():
         ensure_same_config(out_dir, meta)
@@ -121,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpu", default=None, help="'auto': teacher i on GPU i mod count (parallel make)")
     args = parser.parse_args(argv)
     try:
-        cfg = load_experiment(args.config, args.overrides)
+        cfg = load_experiment(args.config, config_overrides(args))
         if args.list:
             from train.data.manifest import load_spec
 

@@ -60,6 +60,7 @@ class Adapted:
     skipped: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     fractions: dict[str, float] | None = None  # split fractions for samples without a preset split
+    joint: list[tuple[str, ...]] = field(default_factory=list)  # tasks scored together (joint accuracy)
 
 
 def is_image(path: Path) -> bool:
@@ -214,7 +215,7 @@ def finish_dataset(adapted: Adapted, out: str | Path, seed: int = 0, resize: int
         raise nothing_left(adapted.name, adapted.skipped)
     rows = [Row(path=rel, patient_id=s.patient_id, eye=s.eye, split=s.split, labels=dict(s.labels))
             for s, rel in pairs]
-    spec = DatasetSpec(name=adapted.name, tasks=adapted.tasks, description=adapted.description)
+    spec = DatasetSpec(name=adapted.name, tasks=adapted.tasks, description=adapted.description, joint=adapted.joint)
     rows = _split_rows(rows, spec, seed, fractions or adapted.fractions or DEFAULT_FRACTIONS)
     out.mkdir(parents=True, exist_ok=True)
     write_manifest(out / MANIFEST_FILE, rows, spec.task_names)

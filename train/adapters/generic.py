@@ -83,11 +83,26 @@ def _column(header: list[str], wanted: str, path: Path) -> str:
 
 def read_csv(path: Path, path_column: str, label_columns: list[str], images: Path | None = None,
              patient_column: str | None = None, eye_column: str | None = None,
-             text_column: str | None = None, name: str = "csv") -> Adapted:
+             text_column: str | None = None, name: str = "csv", ordinal_columns: list[str] = (),
+             joint_columns: list[str] = (), patient_pattern: str | None = None) -> Adapted:
     """A CSV with an image path column, one classification task per label column, optional text task.
 
-    Paths are relative to `images` (default: the CSV's folder) and may omit the extension.
+    Paths are relative to `images` (default: the CSV's folder) and may omit the extension. Label columns
+    in `ordinal_columns` are grades (numeric labels required, so their order is the grade order); the
+    `joint_columns` are scored together (all right on the same image). `patient_pattern`: a regular
+    expression whose first group, searched in the path column, is the patient id (EyePACS `10_left` ->
+    `10`), so both eyes of a patient stay in one split.
     """
+    try:
+        patient_re = re.compile(patient_pattern) if patient_pattern else None
+    except re.error as exc:
+        raise DatasetError(f"--patient-pattern {patient_pattern!r}: not a regular expression ({exc})") from exc
+    if patient_re is not None and patient_re.groups < 1:
+        raise DatasetError(f"--patient-pattern {patient_pattern!r} needs a group, e.g. '^(\\d+)_'")
+    for option, columns in (("--ordinal-columns", ordinal_columns), ("--joint", joint_columns)):
+        extra = sorted(set(columns) - set(label_columns))
+        if extra:
+            raise DatasetError(f"{option} {extra}: not among --label-columns {label_columns}")
     with open(path, newline="", encoding="utf-8-sig") as fh:
         reader = csv.DictReader(fh)
         header = list(reader.fieldnames or [])
@@ -119,6 +134,8 @@ def read_csv(path: Path, path_column: str, label_columns: list[str], images: Pat
         else:
             eye = eye_from_name(source.name)
         patient = (rec.get(col["patient"]) or "").strip() if "patient" in col else ""
+        if patient_re is not None and (found := patient_re.search(ref)):
+            patient = found.group(1)
         samples.append(Sample(source=source, patient_id=patient or Path(ref).with_suffix("").as_posix(), eye=eye,
                               origin=f"{origin} ({ref})",
                               labels={**{t: _label(rec.get(c) or "") for t, c in labels.items()},
@@ -131,10 +148,25 @@ def read_csv(path: Path, path_column: str, label_columns: list[str], images: Pat
         if len(values) < 2:
             raise DatasetError(f"{path}: column {column!r} has {len(values)} distinct label(s) {values}; "
                                "a classification task needs at least two")
-        tasks.append(TaskSpec(task, "classification", tuple(values), f"column {column!r} of {path.name}"))
+        ordinal = column in ordinal_columns
+        if ordinal and not all(_is_number(v) for v in values):
+            raise DatasetError(f"{path}: column {column!r} is declared ordinal but has non-numeric labels "
+                               f"{[v for v in values if not _is_number(v)][:5]}; grades must be numbers")
+        tasks.append(TaskSpec(task, "classification", tuple(values), f"column {column!r} of {path.name}",
+                              ordinal=ordinal))
     tasks += [TaskSpec(t, "text", description=f"column {c!r} of {path.name}") for t, c in texts.items()]
-    return Adapted(name=name, tasks=tasks, samples=samples, skipped=skipped,
-                   warnings=[] if patient_column else [NO_PATIENTS], description=f"images listed in {path}")
+    joint = [tuple(task_name(c) for c in joint_columns)] if len(joint_columns) >= 2 else []
+    return Adapted(name=name, tasks=tasks, samples=samples, skipped=skipped, joint=joint,
+                   warnings=[] if patient_column or patient_pattern else [NO_PATIENTS],
+                   description=f"images listed in {path}")
+
+
+def _is_number(value: str) -> bool:
+    try:
+        float(value)
+    except ValueError:
+        return False
+    return True
 
 
 def read_unlabeled(src: Path, name: str = "unlabeled") -> Adapted:

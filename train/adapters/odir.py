@@ -137,7 +137,16 @@ def read_odir(labels: Path, images: Path, min_fine_count: int = 10, name: str = 
                            f"--min-fine-count {min_fine_count}; lower it (fewer images than expected?)")
     for sample, value in zip(samples, fine):
         sample.labels["finding"] = value
-    tasks = [TaskSpec("category", "classification", tuple(kw.CATEGORY_NAMES.values()),
+    # Only the categories that occur (in ODIR's order): a subset of the release may lack one, and a class
+    # with no image cannot be learned (the validator refuses it).
+    seen = {s.labels["category"] for s in samples}
+    categories = tuple(c for c in kw.CATEGORY_NAMES.values() if c in seen)
+    if len(categories) < 2:
+        raise DatasetError(f"{labels}: only category {list(categories)} occurs; a classifier needs two or more")
+    if len(categories) < len(kw.CATEGORY_NAMES):
+        warnings.append(f"categories without any image are left out of dataset.yaml: "
+                        f"{[c for c in kw.CATEGORY_NAMES.values() if c not in seen]}")
+    tasks = [TaskSpec("category", "classification", categories,
                       "ODIR category of this eye from its own keywords"),
              TaskSpec("finding", "classification", tuple(fine_classes),
                       f"normalized keyword set; sets seen < {min_fine_count} times are 'other'"),

@@ -60,6 +60,16 @@ class DatasetSpec:
     manifest: str = MANIFEST_FILE
     vocabulary: str = VOCAB_FILE
     extra: dict = field(default_factory=dict)
+    # Classification tasks scored together: "joint accuracy" = all of them right on the same image
+    # (IDRiD's official DR grade + macular-oedema risk score).
+    joint: list[tuple[str, ...]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        for group in self.joint:
+            bad = [n for n in group if n not in self.task_names or self.task(n).kind != "classification"]
+            if len(group) < 2 or bad:
+                raise DatasetError(f"dataset {self.name!r}: joint task group {list(group)} must name >= 2 "
+                                   f"classification tasks among {self.task_names}")
 
     @property
     def task_names(self) -> list[str]:
@@ -72,22 +82,29 @@ class DatasetSpec:
         raise KeyError(f"dataset {self.name!r} has no task {name!r}; tasks: {self.task_names}")
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "description": self.description, "manifest": self.manifest,
+        data = {"name": self.name, "description": self.description, "manifest": self.manifest,
                 "vocabulary": self.vocabulary, "tasks": [t.to_dict() for t in self.tasks], "extra": self.extra}
+        if self.joint:
+            data["joint"] = [list(g) for g in self.joint]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict, source: str = SPEC_FILE) -> DatasetSpec:
-        unknown = set(data) - {"name", "description", "manifest", "vocabulary", "tasks", "extra"}
+        allowed = ("name", "description", "manifest", "vocabulary", "tasks", "extra", "joint")
+        unknown = set(data) - set(allowed)
         if unknown:
-            raise DatasetError(f"{source}: unknown keys {sorted(unknown)}; allowed: name, description, "
-                               "manifest, vocabulary, tasks, extra")
+            raise DatasetError(f"{source}: unknown keys {sorted(unknown)}; allowed: {', '.join(allowed)}")
+        joint = data.get("joint") or []
+        if not isinstance(joint, list) or not all(isinstance(g, list) for g in joint):
+            raise DatasetError(f"{source}: joint must be a list of task-name lists, e.g. [[dr_grade, dme_risk]]")
         try:
             tasks = [TaskSpec.from_dict(t) for t in data["tasks"]]
         except (KeyError, TypeError, ValueError) as exc:
             raise DatasetError(f"{source}: bad task declaration ({exc})") from exc
         return cls(name=str(data.get("name", "dataset")), tasks=tasks, description=str(data.get("description", "")),
                    manifest=str(data.get("manifest", MANIFEST_FILE)),
-                   vocabulary=str(data.get("vocabulary", VOCAB_FILE)), extra=dict(data.get("extra") or {}))
+                   vocabulary=str(data.get("vocabulary", VOCAB_FILE)), extra=dict(data.get("extra") or {}),
+                   joint=[tuple(str(n) for n in g) for g in joint])
 
 
 def save_spec(spec: DatasetSpec, root: str | Path) -> Path:

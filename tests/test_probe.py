@@ -1,0 +1,96 @@
+"""The linear probe (logistic regression on frozen backbone features) and the summary's floor flags."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from tiny import make_tiny_dataset, write_tiny_config
+
+from deploy.contract import TaskSpec
+from train.probe import fit_logistic
+from train.summary import below_floors
+
+
+def _blobs(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Three Gaussian classes in 5-D, separable up to a little overlap, on an odd scale and offset."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 3, (n,), generator=g)
+    centres = torch.tensor([[2.0, 0, 0, 0, 0], [0, 2.0, 0, 0, 0], [0, 0, 2.0, 0, 0]])
+    x = centres[labels] + torch.randn(n, 5, generator=g) * 0.7
+    return x * 50.0 + 300.0, labels  # standardisation must undo the scale
+
+
+def test_logistic_regression_learns_and_generalises():
+    x, y = _blobs(300, 0)
+    model = fit_logistic(x, y, 3, c=1.0)
+    x_test, y_test = _blobs(300, 1)
+    probs = model.predict_proba(x_test)
+    assert probs.shape == (300, 3) and torch.allclose(probs.sum(1), torch.ones(300))
+    assert (probs.argmax(1) == y_test).float().mean() > 0.9
+
+
+def test_logistic_regression_is_the_minimum_of_the_penalised_loss():
+    x, y = _blobs(200, 2)
+    c = 0.5
+    model = fit_logistic(x, y, 3, c)
+    z = ((x - model.mean) / model.std).double()
+    w = model.weight.double().requires_grad_(True)
+    b = model.bias.double().requires_grad_(True)
+    loss = torch.nn.functional.cross_entropy(z @ w.T + b, y) + w.pow(2).sum() / (2 * c * len(y))
+    loss.backward()
+    assert w.grad.abs().max() < 1e-4 and b.grad.abs().max() < 1e-4
+
+
+def test_smaller_c_means_stronger_l2():
+    x, y = _blobs(200, 3)
+    norms = [fit_logistic(x, y, 3, c).weight.norm().item() for c in (1e-3, 1e-1, 10.0)]
+    assert norms[0] < norms[1] < norms[2]
+    assert norms[0] < 0.2  # heavily penalised: nearly uniform predictions
+
+
+def test_below_floor_flags_only_where_the_student_is_below():
+    tasks = [TaskSpec("grade", "classification", tuple("abcde")), TaskSpec("risk", "classification", ("0", "1")),
+             TaskSpec("report", "text")]
+    rows = {"student": {"grade/accuracy": 0.50, "grade/macro_f1": 0.40, "risk/balanced_accuracy": 0.80,
+                        "report/bleu": 60.0},
+            "baseline": {"grade/accuracy": 0.55, "grade/macro_f1": 0.40, "risk/top1": 0.70, "risk/top5": 1.0,
+                         "report/bleu": 61.5},
+            "linear probe": {"grade/accuracy": 0.45, "grade/macro_f1": 0.42, "risk/balanced_accuracy": 0.82}}
+    below = below_floors(rows, tasks)
+    assert below == {"grade/accuracy": {"baseline": pytest.approx(-5.0)},
+                     "grade/macro_f1": {"linear probe": pytest.approx(-2.0)},
+                     "risk/balanced_accuracy": {"linear probe": pytest.approx(-2.0)},
+                     "report/bleu": {"baseline": pytest.approx(-1.5)}}  # the probe has no text row
+    assert below_floors({"student": rows["student"]}, tasks) == {}
+
+
+@pytest.mark.slow
+def test_probe_row_and_floor_flags_appear_in_a_tiny_runs_summary(tmp_path: Path):
+    import train.teachers as teachers_mod
+    from train.distributed import DistInfo
+    from train.experiment import load_experiment
+    from train.stage import load_splits
+    from train.student import run as run_student
+
+    data = make_tiny_dataset(tmp_path / "data")
+    cfg = load_experiment(write_tiny_config(tmp_path / "c.yaml", data, tmp_path / "runs", **{
+        "teachers.members": [{"name": "t_all", "tasks": ["coarse", "fine", "diagnosis"]}],
+        "teachers.train.epochs": 1, "student.train.epochs": 1}))
+    splits = load_splits(cfg)
+    teachers_mod.train_teacher(cfg, cfg.teachers.members[0], splits, torch.device("cpu"), DistInfo())
+    run_student(cfg, DistInfo(), torch.device("cpu"))
+    summary = json.loads((cfg.run_dir / "summary.json").read_text())
+    probe = summary["rows"]["linear probe"]
+    assert {"coarse/accuracy", "fine/top1"} <= set(probe) and "diagnosis/bleu" not in probe
+    assert probe["coarse/accuracy"] >= 0.6  # colour is linear in any features worth the name; chance is 1/3
+    md = (cfg.run_dir / "summary.md").read_text()
+    assert "| linear probe |" in md and "Floors" in md
+    for key, floors in summary["below_floor"].items():
+        for floor, gap in floors.items():
+            assert gap < 0 and f"BELOW FLOOR {key}" in md
+            assert summary["rows"]["student"][key] < summary["rows"][floor][key]
+    record = json.loads((cfg.run_dir / "probe" / "final.json").read_text())
+    assert set(record["C"]) == {"coarse", "fine"} and record["image_size"] == 32

@@ -1,0 +1,351 @@
+"""A user's own dataset, end to end: raw release folders (IDRiD, ODIR-5K, APTOS look-alikes) -> our
+adapters -> `make all DATA=...` (or the same stage entry points) -> bench report -> torch-free prediction.
+Plus the failures that used to surface only after the teachers had trained: config/dataset mismatches,
+stale teachers, overrides mangled by make.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from raw_fixtures import write_aptos, write_idrid, write_odir
+from test_deploy import BLOCKER
+from tiny import tiny_model, write_yaml
+
+from deploy.errors import cli
+from train import experiment
+from train.adapt import main as adapt_main
+from train.config import ConfigError
+from train.data.manifest import load_dataset
+from train.experiment import load_experiment
+from train.stage import load_splits
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_overrides(path: Path, runs: Path, **extra) -> Path:
+    """A partial config (OVERRIDES_FILE) that shrinks configs/real.yaml to seconds on tiny images."""
+    train = {"epochs": 3, "min_steps": 0, "batch_size": 16, "eval_batch_size": 32, "augment": {"enabled": False},
+             "optim": {"lr": 0.01}}
+    data = {"runs_root": str(runs), "device": "cpu", "image_size": 32,
+            "teachers": {"model": tiny_model(), "train": train},
+            "student": {"model": tiny_model(), "train": train},
+            "compress": {"calibration_images": 16},
+            "bench": {"duration_s": 0.02, "batch_duration_s": 0.02, "warmup": 1, "min_runs": 2, "memory": "off"}}
+    return write_yaml(path, data, extra)
+
+
+def _predict_without_torch(model: Path, images: list[Path], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-c", BLOCKER, str(model), *map(str, images), "--json"], cwd=cwd,
+                          env=env, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.slow
+def test_make_all_on_an_idrid_download(tmp_path):
+    """The documented command on IDRiD's layout: ordinal grades, a 3-class oedema risk, a joint score."""
+    data = tmp_path / "idrid"
+    assert adapt_main(["idrid", "--src", str(write_idrid(tmp_path / "raw")), "--out", str(data)]) == 0
+    # Every stage runs; exports, INT8 and latency are limited to the student, baseline and ensemble (the
+    # seven teachers' ONNX files would add a minute and test nothing new).
+    over = tiny_overrides(tmp_path / "over.yaml", tmp_path / "runs", **{
+        "compress.models": ["student", "baseline", "ensemble"],
+        "bench.only": ["student.*", "baseline.pytorch", "ensemble.*"]})
+    stamp = tmp_path / "stamp"
+    stamp.touch()  # the venv is the one running this test: no reinstall
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(["make", "-C", str(REPO), "all", f"DATA={data}", f"OVERRIDES_FILE={over}",
+                           f"PYTHON={sys.executable}", f"STAMP={stamp}"],
+                          capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run = tmp_path / "runs" / "idrid"  # the run folder follows the dataset
+    summary = json.loads((run / "summary.json").read_text())
+    student = summary["rows"]["student"]
+    assert {"dr_grade/kappa", "dr_grade/mae", "edema_risk/kappa", "dr_grade+edema_risk/joint_accuracy"} <= set(student)
+    assert not any(k.endswith("/top5") for k in student)  # 5 and 3 classes: top-5 cannot fail
+    assert (run / "confusion_student_edema_risk.png").is_file()
+    # One accuracy per model: the bench scores the whole test split, like the summary.
+    report = json.loads((run / "bench" / "report.json").read_text())
+    record = next(r for r in report["artifacts"] if r["name"] == "student.pytorch")
+    final = json.loads((run / "student" / "final.json").read_text())
+    assert report["settings"]["images"] == summary["test_images"] == final["metrics"]["dr_grade"]["n"]
+    for key, value in final["headline"].items():
+        assert record["metrics"][key] == pytest.approx(value), key
+    images = sorted((data / "images").glob("*.jpg"))[:3] or [Path(r.path) for r in load_dataset(data).rows[:3]]
+    pred = _predict_without_torch(run / "onnx" / "student.int8-cpu.onnx", images, tmp_path)
+    assert pred.returncode == 0, pred.stderr
+    assert {"dr_grade", "edema_risk", "diagnosis"} <= set(json.loads(pred.stdout)["predictions"][0]["tasks"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("source", ["odir", "aptos"])
+def test_pipeline_on_odir_and_a_graded_csv_without_text(tmp_path, source):
+    """The same stage entry points `make all` calls, in-process: ODIR's category/finding/diagnosis tasks,
+    and an APTOS-style grading CSV (one ordinal task, no text task, no unlabelled pool)."""
+    from benchmarks.bench import main as bench_main
+    from compress.export import main as export_main
+    from compress.quantize import main as quantize_main
+    from train.student import main as student_main
+    from train.teachers import main as teachers_main
+
+    data = tmp_path / source
+    if source == "odir":
+        argv = ["odir", "--src", str(write_odir(tmp_path / "raw")), "--min-fine-count", "2"]
+    else:
+        argv = ["csv", "--src", str(write_aptos(tmp_path / "raw")), "--images", str(tmp_path / "raw" / "train_images"),
+                "--path-column", "id_code", "--label-columns", "diagnosis", "--ordinal-columns", "diagnosis"]
+    assert adapt_main([*argv, "--out", str(data)]) == 0
+    over = tiny_overrides(tmp_path / "over.yaml", tmp_path / "runs", **{
+        "compress.models": ["student", "ensemble"], "compress.quantize": ["student"],
+        "bench.only": ["student.*", "ensemble.*"]})
+    args = ["--config", "configs/real.yaml", f"data.root={data}", f"name={source}", "--overrides-file", str(over)]
+    os.chdir(REPO)
+    for main in (teachers_main, student_main, export_main, quantize_main, bench_main):
+        assert cli(main, args) == 0, main.__module__
+    run = tmp_path / "runs" / source
+    rows = json.loads((run / "summary.json").read_text())["rows"]
+    tasks = load_dataset(data).spec.tasks
+    if source == "aptos":
+        assert [t.name for t in tasks] == ["diagnosis"] and tasks[0].ordinal
+        assert "diagnosis/kappa" in rows["student"] and "diagnosis/bleu" not in rows["student"]
+    else:
+        assert [t.name for t in tasks] == ["category", "finding", "diagnosis"]
+    assert (run / "bench" / "report.md").is_file()
+    pred = _predict_without_torch(run / "onnx" / "student.int8-cpu.onnx", [load_dataset(data).image_path(
+        load_dataset(data).split("test")[0])], tmp_path)
+    assert pred.returncode == 0, pred.stderr
+
+
+# --- fail before training -------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def idrid_data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("idrid")
+    out = root / "idrid"
+    assert adapt_main(["idrid", "--src", str(write_idrid(root / "raw", train=40, test=6)), "--out", str(out)]) == 0
+    return out
+
+
+def test_the_default_configs_temperatures_name_tasks_this_dataset_lacks(idrid_data, capsys):
+    """The crash of the real-data report, now in well under a second, before anything trains."""
+    start = time.perf_counter()
+    code = cli(experiment.main, ["--config", "configs/default.yaml", f"data.root={idrid_data}", "--check"])
+    elapsed = time.perf_counter() - start
+    err = capsys.readouterr().err
+    assert code == 2 and elapsed < 1.0, elapsed
+    assert "student.kd.temperatures names unknown task(s) ['coarse', 'fine']" in err
+    assert "['dr_grade', 'edema_risk', 'diagnosis']" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("override, message", [
+    ("teachers.train.select_metric=coarse/accuracy", "select_metric='coarse/accuracy' is not a metric"),
+    ("student.train.select_metric=f2", "use one of"),
+    ("bench.floors=['student.*:dr_grade/top5=0.5']", "names metric 'dr_grade/top5'"),
+    ("student.image_size=8", "student.image_size=8 must be between"),
+    ("data.stratify_task=diagnosis", "data.stratify_task='diagnosis' is not a classification task"),
+    ("teachers.members=[{name: t, tasks: [grade]}]", "must be a non-empty subset"),
+    ("student.model.pretrained=efficientnet-lite1", "backbone is 'efficientnet_lite0'"),
+    ("compress.quantize=[ensemble]", "compress.quantize: unknown ['ensemble']"),
+])
+def test_every_stage_section_is_checked_against_the_dataset(idrid_data, override, message):
+    cfg = load_experiment("configs/real.yaml", [f"data.root={idrid_data}", override])
+    with pytest.raises(ConfigError, match=None) as err:
+        load_splits(cfg)
+    assert message in str(err.value)
+
+
+def test_tasks_the_config_does_not_name_use_the_global_temperature(idrid_data):
+    cfg = load_experiment("configs/real.yaml", [f"data.root={idrid_data}", "student.kd.temperatures={dr_grade: 3}"])
+    load_splits(cfg)  # no error: the other tasks fall back to default_temperature
+    from train.losses import MultiTaskLoss
+
+    loss = MultiTaskLoss(load_dataset(idrid_data).spec.tasks, temperatures=cfg.student.kd.temperatures,
+                         default_temperature=cfg.student.kd.default_temperature)
+    assert loss.temperature("dr_grade") == 3 and loss.temperature("edema_risk") == cfg.student.kd.default_temperature
+
+
+# --- make passes overrides intact ------------------------------------------------------------------------
+def test_make_passes_overrides_with_spaces_commas_and_braces(tmp_path):
+    over = tmp_path / "o.yaml"
+    over.write_text("student:\n  kd:\n    alpha: 0.25\n")
+    proc = subprocess.run(
+        ["make", "-s", "-C", str(REPO), "--no-print-directory", "-n", "student", "DATA=data/mine",
+         "OVERRIDES=student.kd.temperatures={a: 1, b: 2} name='my run'", f"OVERRIDES_FILE={over}"],
+        capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    command = proc.stdout.strip().splitlines()[-1]
+    # Run the recipe's command line through bash (as make would) with python replaced by an echo of argv.
+    probe = "import sys, json; print(json.dumps(sys.argv[1:]))"
+    env = {**os.environ, "OVERRIDES": "student.kd.temperatures={a: 1, b: 2} name='my run'",
+           "OVERRIDES_FILE": str(over)}
+    shown = subprocess.run(["bash", "-c", command.replace("-m train.student", f"-c '{probe}'", 1)],
+                           capture_output=True, text=True, env=env, cwd=REPO, timeout=60)
+    argv = json.loads(shown.stdout)
+    parsed = experiment.config_overrides(_stage_parser().parse_args(argv))
+    assert parsed[:2] == ["data.root=data/mine", "name=mine"]
+    assert parsed[2:] == ["student.kd.alpha=0.25", "student.kd.temperatures={a: 1, b: 2}", "name=my run"]
+    cfg = load_experiment("configs/real.yaml", parsed)
+    assert cfg.student.kd.temperatures == {"a": 1.0, "b": 2.0} and cfg.name == "my run"
+    assert cfg.student.kd.alpha == 0.25 and cfg.data.root == "data/mine"
+
+
+def _stage_parser():
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    experiment.add_config_args(parser)
+    return parser
+
+
+def test_make_commands_follow_the_dataset_run_folder(tmp_path):
+    proc = subprocess.run(["make", "-s", "-C", str(REPO), "--no-print-directory", "-n", "engine",
+                           "DATA=/data/idrid/", "OVERRIDES=runs_root=/elsewhere"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "/elsewhere/idrid/onnx/student.int8-tensorrt.onnx" in proc.stdout
+
+
+# --- stale inputs ---------------------------------------------------------------------------------------
+def _saved_model(tmp_path: Path, data_root: Path) -> Path:
+    from tiny import tiny_model as small
+
+    from train.checkpoint import save_model
+    from train.experiment import ModelConfig
+    from train.fit_check import dataset_fingerprint
+    from train.stage import build_model
+
+    data = load_dataset(data_root)
+    model = build_model(ModelConfig(**small()), data, data.spec.task_names)
+    return save_model(tmp_path / "teacher" / "best.safetensors", model,
+                      {"config": {"dataset": dataset_fingerprint(data)}})
+
+
+def test_a_model_is_refused_after_the_class_order_changes(idrid_data, tmp_path):
+    import shutil
+
+    from train.data.manifest import DatasetError
+    from train.fit_check import check_checkpoint
+
+    data_root = tmp_path / "idrid"
+    shutil.copytree(idrid_data, data_root)
+    ckpt = _saved_model(tmp_path, data_root)
+    check_checkpoint(ckpt, load_dataset(data_root))  # same dataset: fine
+    spec = (data_root / "dataset.yaml").read_text()
+    (data_root / "dataset.yaml").write_text(spec.replace("  - low\n  - high\n", "  - high\n  - low\n"))
+    with pytest.raises(DatasetError, match=r"edema_risk.*\['no_risk', 'low', 'high'\].*now lists \['no_risk', "
+                                           r"'high', 'low'\].*retrain it"):
+        check_checkpoint(ckpt, load_dataset(data_root))
+    (data_root / "dataset.yaml").write_text(spec)
+    vocab = json.loads((data_root / "vocab.json").read_text())
+    vocab["tokens"] = vocab["tokens"][:-2] + vocab["tokens"][-1:] + vocab["tokens"][-2:-1]  # two words swapped
+    (data_root / "vocab.json").write_text(json.dumps(vocab))
+    with pytest.raises(DatasetError, match="another vocabulary"):
+        check_checkpoint(ckpt, load_dataset(data_root))
+
+
+def test_the_teacher_fingerprint_covers_the_dataset_spec_and_vocabulary(idrid_data, tmp_path):
+    import shutil
+
+    from train.fit_check import dataset_fingerprint
+
+    data_root = tmp_path / "d"
+    shutil.copytree(idrid_data, data_root)
+    before = dataset_fingerprint(load_dataset(data_root))
+    spec = (data_root / "dataset.yaml").read_text()
+    (data_root / "dataset.yaml").write_text(spec.replace("  - severe\n  - proliferative\n",
+                                                         "  - proliferative\n  - severe\n"))
+    assert dataset_fingerprint(load_dataset(data_root)) != before
+
+
+# --- imbalance, checkpoint ties, bench sampling ---------------------------------------------------------
+def test_class_balance_weights_favour_rare_classes_and_keep_the_loss_scale():
+    import numpy as np
+    import torch
+
+    from train.losses import class_balance_weights
+
+    labels = np.array([0] * 90 + [1] * 9 + [2] * 1 + [-1] * 5)
+    w = class_balance_weights(labels, 4, "sqrt_inverse")
+    counts = np.array([90, 9, 1, 0])
+    assert w[3] == 0 and w[2] > w[1] > w[0]
+    assert float((w.numpy()[:3] * counts[:3]).sum() / counts.sum()) == pytest.approx(1.0)  # mean weight 1
+    assert float(w[2] / w[0]) == pytest.approx(np.sqrt(90))
+    inv = class_balance_weights(labels, 4, "inverse")
+    assert float(inv[2] / inv[0]) == pytest.approx(90.0)
+    assert class_balance_weights(labels, 4, "none") is None
+    from deploy.contract import TaskSpec
+    from train.losses import MultiTaskLoss
+
+    task = TaskSpec("g", "classification", ("a", "b", "c", "d"))
+    logits, target = torch.zeros(3, 4), torch.tensor([0, 2, -1])
+    plain, _ = MultiTaskLoss([task])({"g": logits}, {"g": target}, None, torch.ones(3, dtype=torch.bool))
+    weighted, _ = MultiTaskLoss([task], class_weights={"g": w})({"g": logits}, {"g": target}, None,
+                                                                torch.ones(3, dtype=torch.bool))
+    assert float(weighted) == pytest.approx(float(plain) * float(w[0] + w[2]) / 2)
+
+
+def test_a_tie_keeps_the_later_checkpoint(tmp_path):
+    import numpy as np
+    import torch
+
+    from deploy.contract import TaskSpec
+    from train.checkpoint import load_checkpoint
+    from train.distributed import DistInfo
+    from train.experiment import AugmentConfig, ModelConfig, TrainConfig
+    from train.loop import EpochPlan, Trainer
+    from train.models.multitask import MultiTaskNet
+
+    class Images(torch.utils.data.Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            return {"image": torch.ones(3, 32, 32), "index": torch.tensor(i), "labelled": torch.tensor(True)}
+
+    model = MultiTaskNet(ModelConfig(**tiny_model()), [TaskSpec("g", "classification", ("a", "b"))], None, 1)
+    cfg = TrainConfig(epochs=3, batch_size=4, max_evals=3, augment=AugmentConfig(enabled=False))
+    trainer = Trainer(name="t", model=model, train_set=Images(), plan=lambda e: EpochPlan(np.arange(4), "labels"),
+                      step=lambda m, b, mode: (m(b["image"])["g"].pow(2).mean(), {}),
+                      evaluate=lambda m: (0.5, {}),  # every evaluation scores the same
+                      cfg=cfg, out_dir=tmp_path, seed=0, device=torch.device("cpu"), info=DistInfo(),
+                      meta={"config": {}})
+    assert load_checkpoint(trainer.fit())[1]["epoch"] == 3  # not the first of three equal scores
+
+
+def test_the_bench_samples_the_split_at_random_not_its_first_rows():
+    from benchmarks.accuracy import sample_rows
+
+    rows = list(range(100))
+    assert sample_rows(rows, None, 0) == rows and sample_rows(rows, 500, 0) == rows
+    picked = sample_rows(rows, 20, seed=3)
+    assert len(picked) == 20 and picked == sorted(picked) and picked != rows[:20] and max(picked) > 50
+    assert picked == sample_rows(rows, 20, seed=3) and picked != sample_rows(rows, 20, seed=4)
+
+
+def test_csv_adapter_groups_eyepacs_eyes_by_patient_pattern(tmp_path):
+    import numpy as np
+    from raw_fixtures import fundus_like
+
+    rng = np.random.default_rng(0)
+    lines = ["image,level"]
+    for pid in range(12):
+        for eye in ("left", "right"):
+            fundus_like(tmp_path / "train" / f"{pid}_{eye}.jpeg", pid % 3, 0, rng, size=24)
+            lines.append(f"{pid}_{eye},{pid % 3}")
+    (tmp_path / "trainLabels.csv").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "eyepacs"
+    assert adapt_main(["csv", "--src", str(tmp_path / "trainLabels.csv"), "--images", str(tmp_path / "train"),
+                       "--path-column", "image", "--label-columns", "level", "--ordinal-columns", "level",
+                       "--patient-pattern", r"^(\d+)_", "--out", str(out)]) == 0
+    rows = load_dataset(out).rows
+    by_patient = {}
+    for r in rows:
+        by_patient.setdefault(r.patient_id, set()).add(r.split)
+    assert len(by_patient) == 12 and all(len(s) == 1 for s in by_patient.values())
+    assert {r.eye for r in rows} == {"left", "right"}
+    assert load_dataset(out).spec.task("level").ordinal

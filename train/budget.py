@@ -1,0 +1,56 @@
+"""Optimizer-step budgets: how many steps a run will take, and the teachers' budget policy.
+
+A teacher that gets fewer optimizer steps than the student it teaches is usually the weaker model, and
+distilling it pulls the student down. `teachers.budget_multiple: m` gives every teacher at least
+m x the student's optimizer steps (through `train.min_steps`, which adds epochs); null keeps the
+configured schedule.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+
+from train.experiment import ExperimentConfig, TrainConfig
+from train.stage import Splits, image_set, preprocess_spec
+
+
+def schedule_steps(plan: Callable, tcfg: TrainConfig, world_size: int = 1) -> int:
+    """Optimizer steps of a run with this epoch plan and schedule: the rule of train.loop.Trainer
+    (ceil over ranks and batches, `max_steps_per_epoch` caps an epoch, `min_steps` adds epochs)."""
+
+    def per_epoch(epoch: int) -> int:
+        steps = math.ceil(math.ceil(len(plan(epoch).indices) / world_size) / tcfg.batch_size)
+        return min(steps, tcfg.max_steps_per_epoch) if tcfg.max_steps_per_epoch else steps
+
+    epochs, steps = 0, 0
+    while epochs < tcfg.epochs or steps < tcfg.min_steps:
+        steps += per_epoch(epochs)
+        epochs += 1
+    return steps
+
+
+def student_train_config(cfg: ExperimentConfig) -> TrainConfig:
+    """The student's schedule: the staged schedule's epochs are the sum of its stages."""
+    tcfg, kd = cfg.student.train, cfg.student.kd
+    return dataclasses.replace(tcfg, epochs=sum(kd.stage_epochs)) if kd.schedule == "staged" else tcfg
+
+
+def student_steps(cfg: ExperimentConfig, splits: Splits, world_size: int = 1) -> int:
+    """Optimizer steps `make student` will spend on the KD student (no image is read)."""
+    from train.student import student_plan  # train.student imports train.teachers, which imports us
+
+    rows = splits.train + (splits.unlabeled if cfg.student.kd.use_unlabeled else [])
+    data = image_set(splits, rows, splits.data.spec.tasks, preprocess_spec(cfg, cfg.student.image_size))
+    return schedule_steps(student_plan(cfg, data.labelled), student_train_config(cfg), world_size)
+
+
+def teacher_train_config(cfg: ExperimentConfig, splits: Splits, world_size: int = 1) -> TrainConfig:
+    """The teachers' schedule under the budget policy: `min_steps` raised to budget_multiple x the
+    student's steps (never lowered). Unchanged when teachers.budget_multiple is null."""
+    tcfg, multiple = cfg.teachers.train, cfg.teachers.budget_multiple
+    if multiple is None:
+        return tcfg
+    floor = math.ceil(multiple * student_steps(cfg, splits, world_size))
+    return dataclasses.replace(tcfg, min_steps=max(tcfg.min_steps, floor))

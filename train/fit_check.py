@@ -1,0 +1,58 @@
+"""Refuse models trained for another version of the dataset (stale inputs).
+
+A model's class i is output i: if dataset.yaml's class order, task list or vocabulary changed after a
+teacher was trained, distilling, exporting or benchmarking it would silently mislabel every prediction.
+Training records `dataset_fingerprint` in every checkpoint's config (so a changed dataset also changes the
+run fingerprint); the later stages call `check_checkpoint` / `check_tasks` before using a model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from deploy.contract import TaskSpec
+from deploy.vocab import Vocabulary
+from train.checkpoint import load_checkpoint
+from train.data.manifest import Dataset, DatasetError
+
+
+def vocabulary_sha256(vocab: Vocabulary | None) -> str | None:
+    if vocab is None:
+        return None
+    return hashlib.sha256(json.dumps(vocab.to_dict(), sort_keys=True).encode()).hexdigest()
+
+
+def dataset_fingerprint(data: Dataset) -> dict:
+    """What a trained model depends on: the tasks with their ordered classes, and the vocabulary."""
+    return {"tasks": [t.to_dict() for t in data.spec.tasks], "vocabulary_sha256": vocabulary_sha256(data.vocabulary)}
+
+
+def check_tasks(where: str | Path, model_tasks: list[TaskSpec], data: Dataset,
+                vocab_sha256: str | None = None) -> None:
+    """DatasetError naming `where` and the fix unless every task of the model is the dataset's, with the
+    same kind and class order, and (when known) the same vocabulary."""
+    spec_file = data.root / "dataset.yaml"
+    fix = (f"retrain it (delete {Path(where).parent} or use another name=...), or point data.root at the "
+           "dataset it was trained on")
+    for task in model_tasks:
+        if task.name not in data.spec.task_names:
+            raise DatasetError(f"{where}: trained for task {task.name!r}, which {spec_file} does not have "
+                               f"(tasks: {data.spec.task_names}); {fix}")
+        current = data.spec.task(task.name)
+        if (current.kind, current.classes) != (task.kind, task.classes):
+            raise DatasetError(f"{where}: task {task.name!r} was trained with classes {list(task.classes)}, but "
+                               f"{spec_file} now lists {list(current.classes)} (output i is class i, so the order "
+                               f"matters); {fix}")
+    has_text = any(t.kind == "text" for t in model_tasks)
+    if has_text and vocab_sha256 is not None and vocab_sha256 != vocabulary_sha256(data.vocabulary):
+        raise DatasetError(f"{where}: trained with another vocabulary than {data.root / data.spec.vocabulary}; {fix}")
+
+
+def check_checkpoint(path: Path, data: Dataset) -> None:
+    """`check_tasks` for a checkpoint written by train.checkpoint.save_model."""
+    _, meta = load_checkpoint(path)
+    tasks = [TaskSpec.from_dict(t) for t in meta.get("model", {}).get("tasks", [])]
+    recorded = meta.get("config", {}).get("dataset", {}).get("vocabulary_sha256")
+    check_tasks(path, tasks, data, recorded)

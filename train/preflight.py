@@ -1,0 +1,126 @@
+"""Check the whole experiment config against the dataset before the first stage trains anything.
+
+Every stage (teachers, student, KD, compress, bench) reads one config; a wrong task name in the KD
+temperatures or a bench floor used to surface only after the teachers had trained for an hour. Here
+each section is checked against the dataset's tasks in well under a second, and every problem is
+reported at once, naming the config key and the dataset's real task names.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from train.config import ConfigError
+from train.data.manifest import DatasetSpec
+from train.experiment import ExperimentConfig, teacher_specs
+from train.metrics import (
+    HEADLINE_KEYS,
+    joint_key,
+    parse_floor,
+    present_ks,
+    selectable_metrics,
+)
+from train.models.multitask import ModelConfig
+from train.models.pretrained import (
+    LITE_SOURCES,
+    PretrainedError,
+    _lite_variant,
+    lite_weights_path,
+    validate_source,
+)
+
+MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 32, 2048
+EXPORTABLE = ("student", "baseline", "ensemble", "teachers")
+QUANTIZABLE = ("student", "baseline")
+
+
+def metric_keys(spec: DatasetSpec) -> set[str]:
+    """Every headline key a model of this dataset can report (what floors and select_metric may name)."""
+    keys = set()
+    for t in spec.tasks:
+        names = set(HEADLINE_KEYS[t.kind])
+        if t.kind == "classification":
+            names |= {"ece"}  # the benchmark reports calibration too
+            names -= {"top5"} if 5 not in present_ks(t.num_classes) else set()
+            names -= {"kappa", "mae"} if not t.ordinal else set()
+        keys |= {f"{t.name}/{n}" for n in names}
+    keys |= {f"{joint_key(g)}/joint_accuracy" for g in spec.joint}
+    return keys
+
+
+def _tasks_problems(where: str, named: list[str] | dict, spec: DatasetSpec) -> list[str]:
+    unknown = sorted(set(named) - set(spec.task_names))
+    return [f"{where} names unknown task(s) {unknown}; the dataset's tasks are {spec.task_names}"] if unknown else []
+
+
+def _select_problems(where: str, select: str, keys: set[str]) -> list[str]:
+    if "/" in select:
+        return [] if select in keys else [f"{where}={select!r} is not a metric of this dataset; one of {sorted(keys)}"]
+    if select not in selectable_metrics():
+        return [f"{where}={select!r}: use one of {list(selectable_metrics())} or a task metric such as "
+                f"{sorted(keys)[0]}"]
+    return []
+
+
+def _pretrained_problems(where: str, model: ModelConfig) -> list[str]:
+    try:
+        validate_source(model.pretrained)
+        if model.pretrained in LITE_SOURCES:
+            _lite_variant(model.backbone, model.pretrained)
+            lite_weights_path(int(model.pretrained[-1]))
+        elif model.pretrained.endswith(".safetensors") and not Path(model.pretrained).is_file():
+            return [f"{where}.pretrained: {model.pretrained} not found"]
+    except (PretrainedError, ValueError) as exc:
+        return [f"{where}.pretrained: {exc}"]
+    return []
+
+
+def _size_problems(cfg: ExperimentConfig) -> list[str]:
+    sizes = {"image_size": cfg.image_size, "teachers.image_size": cfg.teachers.image_size,
+             "student.image_size": cfg.student.image_size}
+    return [f"{k}={v} must be between {MIN_IMAGE_SIZE} and {MAX_IMAGE_SIZE} pixels" for k, v in sizes.items()
+            if v is not None and not MIN_IMAGE_SIZE <= v <= MAX_IMAGE_SIZE]
+
+
+def _floor_problems(cfg: ExperimentConfig, keys: set[str]) -> list[str]:
+    problems = []
+    for text in cfg.bench.floors:
+        floor = parse_floor(text)
+        if floor.metric not in keys:
+            problems.append(f"bench.floors: {text!r} names metric {floor.metric!r}, not one of {sorted(keys)}")
+    return problems
+
+
+def experiment_problems(cfg: ExperimentConfig, spec: DatasetSpec) -> list[str]:
+    """Every mismatch between the config and the dataset, as readable lines (empty = fine)."""
+    keys = metric_keys(spec)
+    problems = _tasks_problems("student.kd.temperatures", cfg.student.kd.temperatures, spec)
+    stratify = cfg.data.stratify_task
+    if stratify and (stratify not in spec.task_names or spec.task(stratify).kind != "classification"):
+        problems.append(f"data.stratify_task={stratify!r} is not a classification task of {spec.task_names}")
+    try:
+        members = teacher_specs(cfg, spec.task_names)
+    except ConfigError as exc:
+        problems.append(str(exc))
+        members = []
+    for where, train in (("teachers.train", cfg.teachers.train), ("student.train", cfg.student.train)):
+        problems += _select_problems(f"{where}.select_metric", train.select_metric, keys)
+    models = [("teachers.model", cfg.teachers.model), ("student.model", cfg.student.model)]
+    models += [(f"teachers.members[{m.name}].model", m.model) for m in members if m.model is not None]
+    for where, model in models:
+        problems += _pretrained_problems(where, model)
+        if model.tasks is not None:
+            problems += _tasks_problems(f"{where}.tasks", model.tasks, spec)
+    problems += _size_problems(cfg)
+    problems += [f"compress.models: unknown {sorted(set(cfg.compress.models) - set(EXPORTABLE))}; use {list(EXPORTABLE)}"
+                 ] if set(cfg.compress.models) - set(EXPORTABLE) else []
+    problems += [f"compress.quantize: unknown {sorted(set(cfg.compress.quantize) - set(QUANTIZABLE))}; use "
+                 f"{list(QUANTIZABLE)}"] if set(cfg.compress.quantize) - set(QUANTIZABLE) else []
+    return problems + _floor_problems(cfg, keys)
+
+
+def check_experiment(cfg: ExperimentConfig, spec: DatasetSpec, source: str = "the config") -> None:
+    """ConfigError listing every problem of `experiment_problems`, before anything trains."""
+    problems = experiment_problems(cfg, spec)
+    if problems:
+        raise ConfigError(f"{source} does not fit dataset {spec.name!r}: " + "; ".join(problems))

@@ -1,0 +1,186 @@
+"""A small KD sweep on the validation split: alpha, temperature, schedule and ensemble weighting.
+
+    python -m train.sweep --config configs/default.yaml --alpha 0.5 0.8 0.95 --temperature 1 2 4 \\
+        --schedule joint staged --weighting mean calibrated_mean --steps 150
+    make sweep-kd SWEEP_ARGS="--alpha 0.5 0.95 --steps 150"
+
+Every point of the grid trains the student from the cached teacher soft targets (made once, as
+`make student` makes them, from trained teachers) for the same short budget of optimizer steps and
+is scored on the validation split with the checkpoint-selection metric; the test split is not
+touched, so the winner can become the config's default without fitting the test set. A labels-only
+baseline with the same budget is the reference row. `--temperature T` sets every task's temperature
+to T ("config" keeps the configured ones); the other axes default to the configured value.
+
+Writes runs/<name>/sweep/sweep.{json,md}, best first. Points are ordinary runs under
+runs/<name>/sweep/<teachers digest>/<point>/, so an interrupted sweep resumes, and retrained teachers
+start a new set of points.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import time
+from pathlib import Path
+
+from deploy.errors import cli
+from deploy.fileio import atomic_write_text
+from train.budget import student_train_config
+from train.calibrate import load_calibrated_ensemble, teacher_paths
+from train.distributed import DistInfo, init_distributed, shutdown_distributed
+from train.ensemble import WEIGHTINGS, Combination, SoftTargets, teacher_hashes
+from train.experiment import ExperimentConfig, add_config_args, config_overrides, load_experiment
+from train.stage import Splits, image_set, load_splits, preprocess_spec
+from train.student import fit_student, teacher_soft_targets
+from train.summary import summary_columns
+
+CONFIGURED = "config"
+
+
+@dataclasses.dataclass(frozen=True)
+class Point:
+    alpha: float
+    temperature: float | None  # None: the configured per-task temperatures
+    schedule: str
+    weighting: str
+
+    @property
+    def name(self) -> str:
+        temp = CONFIGURED if self.temperature is None else f"{self.temperature:g}"
+        return f"a{self.alpha:g}-T{temp}-{self.schedule}-{self.weighting}"
+
+    def overrides(self) -> list[str]:
+        out = [f"student.kd.alpha={self.alpha}", f"student.kd.schedule={self.schedule}",
+               f"teachers.ensemble_weighting={self.weighting}"]
+        if self.temperature is not None:
+            out += ["student.kd.temperatures={}", f"student.kd.default_temperature={self.temperature}"]
+        return out
+
+
+def grid(cfg: ExperimentConfig, alphas: list[float] | None, temperatures: list[str] | None,
+         schedules: list[str] | None, weightings: list[str] | None) -> list[Point]:
+    """Every combination of the given axes; an axis not given is the configured value."""
+    temps = [None if t == CONFIGURED else float(t) for t in (temperatures or [CONFIGURED])]
+    return [Point(a, t, s, w) for a in (alphas or [cfg.student.kd.alpha]) for t in temps
+            for s in (schedules or [cfg.student.kd.schedule]) for w in (weightings or [cfg.teachers.ensemble_weighting])]
+
+
+def budgeted(cfg: ExperimentConfig, steps: int | None) -> ExperimentConfig:
+    """The point's config with its epochs capped so the student takes about `steps` optimizer steps."""
+    if steps is None:
+        return cfg
+    epochs = student_train_config(cfg).epochs
+    train = dataclasses.replace(cfg.student.train, min_steps=0, max_steps_per_epoch=math.ceil(steps / epochs))
+    return dataclasses.replace(cfg, student=dataclasses.replace(cfg.student, train=train))
+
+
+def _best_record(trainer) -> dict:
+    scored = [r for r in trainer.history if "val/score" in r]
+    return max(scored, key=lambda r: r["val/score"]) if scored else {}
+
+
+def run_point(cfg: ExperimentConfig, splits: Splits, soft: SoftTargets, role: str, device, info: DistInfo,
+              steps_budget: int | None = None) -> dict:
+    """Train one point (role student: KD from `soft`; baseline: labels only) and read its validation record."""
+    t0 = time.perf_counter()
+    _, trainer = fit_student(cfg, splits, role, device, info, soft if role == "student" else None, steps_budget)
+    best = _best_record(trainer)
+    return {"val_score": trainer.best_score, "steps": trainer.total_steps, "best_epoch": best.get("epoch"),
+            "val": {k[4:]: v for k, v in best.items() if k.startswith("val/") and k != "val/score"},
+            "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def combination_for(cfg: ExperimentConfig, splits: Splits, device) -> Combination:
+    """The weighting's combination fitted on validation, without touching the run's combination.json."""
+    val = image_set(splits, splits.val, splits.data.spec.tasks, preprocess_spec(cfg, cfg.teachers.image_size))
+    return load_calibrated_ensemble(teacher_paths(cfg, splits), val, cfg.run_dir, cfg.teachers.ensemble_weighting,
+                                    device, cfg.teachers.train.eval_batch_size, write=False)[1]
+
+
+def sweep(config: str | None, overrides: list[str], points: list[Point], steps: int | None, baseline: bool,
+          device, info: DistInfo) -> list[dict]:
+    """Run every point (and the baseline reference); records sorted best first by validation score."""
+    base = load_experiment(config, overrides)
+    splits = load_splits(base, info)
+    soft = teacher_soft_targets(base, splits, device, info)  # the cache `make student` uses
+    digest = hashlib.sha256(json.dumps(teacher_hashes(teacher_paths(base, splits)), sort_keys=True).encode())
+    root = base.run_dir / "sweep" / digest.hexdigest()[:10]
+    combos = {}
+    records = []
+    for point in points:
+        cfg = budgeted(load_experiment(config, [*overrides, *point.overrides()]), steps)
+        if point.weighting not in combos:
+            combos[point.weighting] = combination_for(cfg, splits, device)
+        point_soft = dataclasses.replace(soft, combination=combos[point.weighting])
+        cfg = dataclasses.replace(cfg, runs_root=str(root), name=point.name)
+        print(f"=== sweep point {point.name} ===", flush=True)
+        records.append({"point": point.name, **dataclasses.asdict(point),
+                        **run_point(cfg, splits, point_soft, "student", device, info)})
+    if baseline and records:
+        budget = max(r["steps"] for r in records)
+        cfg = dataclasses.replace(budgeted(base, steps), runs_root=str(root), name=f"baseline-{budget}steps")
+        print("=== sweep reference: labels-only baseline ===", flush=True)
+        records.append({"point": "labels-only baseline", "alpha": None, "temperature": None, "schedule": None,
+                        "weighting": None, **run_point(cfg, splits, soft, "baseline", device, info, budget)})
+    return sorted(records, key=lambda r: -r["val_score"])
+
+
+def markdown(records: list[dict], columns: list[tuple[str, str]], title: str) -> str:
+    """The sweep table, best first: the parameters, the selection score and the headline metrics."""
+    head = ["point", "alpha", "temperature", "schedule", "weighting", "val score", *[c for _, c in columns], "steps"]
+    lines = [title, "", "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for r in records:
+        temp = CONFIGURED if r["temperature"] is None and r["alpha"] is not None else r["temperature"]
+        cells = [r["point"], *("—" if v is None else f"{v:g}" if isinstance(v, float) else str(v)
+                               for v in (r["alpha"], temp, r["schedule"], r["weighting"])),
+                 f"{r['val_score']:.4f}"]
+        for key, _ in columns:
+            v = r["val"].get(key)
+            cells.append("—" if v is None else f"{v:.1f}" if key.endswith("bleu") else f"{100 * v:.1f}")
+        lines.append("| " + " | ".join([*cells, str(r["steps"])]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _positive(text: str) -> bool:
+    try:
+        return float(text) > 0
+    except ValueError:
+        return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(parser)
+    parser.add_argument("--alpha", type=float, nargs="+", help="KD weights on labelled images (0..1)")
+    parser.add_argument("--temperature", nargs="+", help=f"KD temperatures for every task, or '{CONFIGURED}'")
+    parser.add_argument("--schedule", nargs="+", choices=("joint", "staged"))
+    parser.add_argument("--weighting", nargs="+", choices=WEIGHTINGS, help="ensemble weighting of the soft targets")
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps per point (default: the config's)")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the labels-only reference row")
+    args = parser.parse_args(argv)
+    for t in args.temperature or []:
+        if t != CONFIGURED and not _positive(t):
+            parser.error(f"--temperature {t!r}: give positive numbers or '{CONFIGURED}'")
+    try:
+        base = load_experiment(args.config, config_overrides(args))
+        info, device = init_distributed(base.device)
+        points = grid(base, args.alpha, args.temperature, args.schedule, args.weighting)
+        records = sweep(args.config, config_overrides(args), points, args.steps, not args.no_baseline, device, info)
+        tasks = load_splits(base).data.spec.tasks
+        title = (f"# KD sweep ({base.name}): validation split, {len(points)} points, best first\n\n"
+                 f"Selection score = the checkpoint-selection metric on validation; accuracies in %, BLEU 0-100.")
+        md = markdown(records, summary_columns(tasks), title)
+        out = Path(base.run_dir) / "sweep"
+        atomic_write_text(out / "sweep.json", json.dumps(records, indent=1))
+        atomic_write_text(out / "sweep.md", md)
+        print(md, flush=True)
+    finally:
+        shutdown_distributed()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(cli(main))
