@@ -106,6 +106,17 @@ class BatchReader(CalibrationDataReader):
     def __len__(self) -> int:
         return len(self._batches)
 
+    def by_shape(self) -> list[BatchReader]:
+        """Readers over the batches of each shape (the full batches, then a smaller last one).
+
+        ORT's histogram calibrators (entropy, percentile) stack every batch's outputs into one array,
+        which fails ("inhomogeneous shape") as soon as the image count is not a multiple of the batch
+        size; fed one shape at a time they merge the histograms instead."""
+        groups: dict[tuple[int, ...], list[np.ndarray]] = {}
+        for batch in self._batches:
+            groups.setdefault(batch.shape, []).append(batch)
+        return [BatchReader(batches, self.input_name) for batches in groups.values()]
+
     @property
     def num_images(self) -> int:
         """Total number of images over all batches (reported next to accuracy figures)."""
@@ -175,7 +186,8 @@ def calibrate(
         # The histogram calibrators print progress to stdout; keep it in the debug log instead.
         chatter = io.StringIO()
         with contextlib.redirect_stdout(chatter):
-            calibrator.collect_data(reader)
+            for part in reader.by_shape() if isinstance(reader, BatchReader) else [reader]:
+                calibrator.collect_data(part)
             ranges = calibrator.compute_data()
         log.debug("calibrator output:\n%s", chatter.getvalue())
         del calibrator  # releases the session holding the augmented model before the dir goes

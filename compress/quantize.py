@@ -29,10 +29,8 @@ from compress.quantize_flavours import convert_fp16, qdq_summary
 from compress.settings import CompressConfig, compress_config
 from compress.trt_check import check_model, check_qdq_for_tensorrt
 from deploy.contract import Contract, sidecar_path
-from deploy.errors import MissingInput, cli
+from deploy.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, MissingInput, UserError, cli
 from deploy.fileio import atomic_write, atomic_write_text, sha256_file
-from train.config import ConfigError
-from train.data.manifest import DatasetError
 from train.data.torch_data import FundusImages
 from train.experiment import add_config_args, config_overrides, load_experiment
 from train.stage import Splits, image_set, load_splits
@@ -144,35 +142,58 @@ def markdown(reports: dict) -> str:
              "|---|---|---|---|---|---|---|---|"]
     for name, rep in reports.items():
         if "error" in rep:
-            lines.append(f"| {name} | — | failed: {rep['error']} | | | | | |")
+            lines.append(f"| {name} | — | failed: {_cell(rep['error'])} | | | | | |")
             continue
         for flavour, e in rep["flavours"].items():
             kept = e.get("kept", {})
             drops = kept.get("drops", e.get("drops", {}))
             calib = f"{kept['method']}, {kept['images']} img" if kept else "—"
-            lines.append(f"| {name} | {flavour} | {e['status']} | {e.get('size_mb', 0):.2f} | "
+            crashed = sum(1 for a in e.get("attempts", []) if "error" in a.get("agreement", {}))
+            status = e["status"] + (f" ({crashed} attempt(s) crashed, see below)" if crashed else "")
+            lines.append(f"| {name} | {flavour} | {status} | {e.get('size_mb', 0):.2f} | "
                          + ", ".join(f"{k} {v:+.2f}" for k, v in drops.items())
                          + f" | {calib} | {len(kept.get('float_layers', []))} | {len(e.get('attempts', []))} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + _failed_attempts(reports)
+
+
+def _failed_attempts(reports: dict) -> str:
+    """Every attempt that did not pass, with its error or drops: a fallback must never hide a crash."""
+    lines = []
+    for name, rep in reports.items():
+        for flavour, e in rep.get("flavours", {}).items():
+            for a in e.get("attempts", []):
+                if a.get("passed"):
+                    continue
+                error = a.get("agreement", {}).get("error")
+                outcome = f"**crashed**: {_cell(error)}" if error else f"over the threshold: drops {a.get('drops')}"
+                lines.append(f"- {name} {flavour}, {a['step']} ({a['method']}, {a['images']} images, "
+                             f"{len(a.get('float_layers', []))} float layers): {outcome}")
+            if e.get("error"):
+                lines.append(f"- {name} {flavour}: {_cell(e['error'])}")
+    if not lines:
+        return ""
+    return "\n## Attempts that did not pass\n\n" + "\n".join(lines) + "\n"
+
+
+def _cell(text: str) -> str:
+    """One Markdown line: newlines and pipes would break the table or the list."""
+    return str(text).replace("\n", " ").replace("|", "\\|")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(parser)
     args = parser.parse_args(argv)
-    try:
-        cfg = load_experiment(args.config, config_overrides(args))
-        ccfg = compress_config(cfg)
-        splits = load_splits(cfg)
-    except (ConfigError, DatasetError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    reports, failed = {}, False
+    cfg = load_experiment(args.config, config_overrides(args))  # config/data errors: exit 2 (CLI boundary)
+    ccfg = compress_config(cfg)
+    splits = load_splits(cfg)
+    reports, failed, user_error = {}, False, False
     for name in ccfg.quantize:
         try:
             reports[name] = quantize_model(name, cfg, ccfg, splits)
-        except (FileNotFoundError, ValueError, RuntimeError) as exc:
+        except (FileNotFoundError, ValueError, RuntimeError) as exc:  # one model's problem: do the others
             reports[name] = {"error": str(exc)}
+            user_error |= isinstance(exc, UserError)
             print(f"error: {name}: {exc}", file=sys.stderr)
         rep = reports[name]
         failed |= "error" in rep or any(e["status"] != "passed" for e in rep.get("flavours", {}).values())
@@ -180,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     atomic_write_text(out_dir / "compress_report.json", json.dumps(reports, indent=1, default=str))
     atomic_write_text(out_dir / "compress_report.md", markdown(reports))
     print(markdown(reports))
-    return 1 if failed else 0
+    return EXIT_USAGE if user_error else EXIT_FAILED if failed else EXIT_OK
 
 
 if __name__ == "__main__":

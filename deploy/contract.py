@@ -78,6 +78,7 @@ class TaskSpec:
 
     @classmethod
     def from_dict(cls, data: dict) -> TaskSpec:
+        data = _mapping(data, "a task")
         unknown = set(data) - {"name", "kind", "classes", "description", "ordinal"}
         if unknown:
             raise ContractError(f"task {data.get('name')!r}: unknown keys {sorted(unknown)}")
@@ -138,6 +139,7 @@ class Contract:
 
     @classmethod
     def from_dict(cls, data: dict) -> Contract:
+        data = _mapping(data, "the contract")
         version = data.get("contract_version")
         if version != CONTRACT_VERSION:
             raise ContractError(f"contract version {version!r} is not supported (expected {CONTRACT_VERSION})")
@@ -149,14 +151,15 @@ class Contract:
         contract = cls(
             model_name=str(data["model_name"]),
             model_version=str(data["model_version"]),
-            tasks=[TaskSpec.from_dict(t) for t in data["tasks"]],
-            preprocessing=PreprocessSpec.from_dict(data["preprocessing"]),
-            vocabulary=Vocabulary.from_dict(data["vocabulary"]) if data.get("vocabulary") else None,
+            tasks=[TaskSpec.from_dict(t) for t in _sequence(data["tasks"], "tasks")],
+            preprocessing=PreprocessSpec.from_dict(_mapping(data["preprocessing"], "preprocessing")),
+            vocabulary=Vocabulary.from_dict(_mapping(data["vocabulary"], "vocabulary")) if data.get("vocabulary")
+            else None,
             input_name=str(data.get("input_name", INPUT_NAME)),
-            hashes=dict(data.get("hashes", {})),
-            extra=dict(data.get("extra", {})),
+            hashes=dict(_mapping(data.get("hashes") or {}, "hashes")),
+            extra=dict(_mapping(data.get("extra") or {}, "extra")),
         )
-        if "output_names" in data and list(data["output_names"]) != contract.output_names:
+        if "output_names" in data and list(_sequence(data["output_names"], "output_names")) != contract.output_names:
             raise ContractError(f"output_names {data['output_names']} do not match the tasks")
         return contract
 
@@ -167,8 +170,13 @@ class Contract:
     def from_json(cls, text: str, source: str = "contract") -> Contract:
         try:
             return cls.from_dict(json.loads(text))
+        except ContractError as exc:
+            raise ContractError(f"{source}: not a valid fundus-mtkd contract ({exc}); re-export the model "
+                                "(make export) or restore its .json sidecar") from exc
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-            raise ContractError(f"{source}: not a valid fundus-mtkd contract ({exc})") from exc
+            what = f"missing key {exc}" if isinstance(exc, KeyError) else str(exc)
+            raise ContractError(f"{source}: not a valid fundus-mtkd contract ({what}); re-export the model "
+                                "(make export) or restore its .json sidecar") from exc
 
     def save(self, path: str | Path) -> Path:
         return atomic_write_text(path, self.to_json())
@@ -183,6 +191,18 @@ class Contract:
         except (OSError, UnicodeDecodeError) as exc:
             raise ContractError(f"{path}: unreadable contract sidecar ({exc}); re-export the model") from exc
         return cls.from_json(text, source=str(path))
+
+
+def _mapping(value: object, what: str) -> dict:
+    if not isinstance(value, dict):
+        raise ContractError(f"{what} must be a JSON object, got {type(value).__name__} {str(value)[:40]!r}")
+    return value
+
+
+def _sequence(value: object, what: str) -> list:
+    if not isinstance(value, list):
+        raise ContractError(f"{what} must be a JSON list, got {type(value).__name__} {str(value)[:40]!r}")
+    return value
 
 
 def sidecar_path(model_path: str | Path) -> Path:

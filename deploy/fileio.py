@@ -1,13 +1,17 @@
 """Atomic file writes and content hashes, used by every stage that writes outputs.
 
 A crash (Ctrl-C, kill -9, power loss on a clinic device) must never leave a half-written file under
-the final name: we write to a temporary file in the same directory, fsync, then rename.
+the final name: we write to a temporary file in the same directory, fsync, then rename. The temporary
+name carries the writer's process id and host, so the next write of the same file removes what a
+killed writer left behind (a checkpoint's can be many MB) without touching a live writer's file.
 """
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import os
+import socket
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -17,7 +21,9 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Call `write(tmp_path)`, then atomically move the temporary file to `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_orphans(path)
+    writer = f"{os.getpid()}-{_WRITER_HOST}"  # at call time: a forked child is another writer
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{writer}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -31,6 +37,33 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
         if tmp_path.exists():
             tmp_path.unlink()
     return path
+
+
+_WRITER_HOST = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def remove_orphans(path: str | Path) -> list[Path]:
+    """Delete temporary files of `path` left by writers on this host that no longer run; returns them."""
+    path = Path(path)
+    removed = []
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*-{_WRITER_HOST}.*.tmp"):
+        pid_text = tmp.name[len(path.name) + 2:].split("-", 1)[0]
+        if pid_text.isdigit() and not _alive(int(pid_text)):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
 
 
 def _umask() -> int:

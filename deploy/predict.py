@@ -18,11 +18,11 @@ import signal
 import sys
 from pathlib import Path
 
-from deploy.contract import Contract, ContractError
-from deploy.errors import cli
+from deploy.contract import Contract
+from deploy.errors import UserError, cli
 from deploy.predictor import ClassResult, Prediction, Predictor
-from deploy.runtime import BACKENDS, ModelError
-from deploy.watch import LOG_FORMATS, Watcher, is_candidate
+from deploy.runtime import BACKENDS
+from deploy.watch import IMAGE_SUFFIXES, LOG_FORMATS, Watcher, is_candidate
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,14 +46,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def expand_images(items: list[str]) -> list[Path]:
-    """Files as given; folders replaced by their image files (sorted, not recursive)."""
+    """Files as given; folders replaced by their image files (sorted, not recursive).
+
+    Raises UserError when nothing is left to predict (an empty folder must not look like success)."""
     paths: list[Path] = []
+    empty: list[str] = []
     for item in items:
         path = Path(item)
         if path.is_dir():
-            paths.extend(sorted(p for p in path.iterdir() if p.is_file() and is_candidate(p.name)))
+            found = sorted(p for p in path.iterdir() if p.is_file() and is_candidate(p.name))
+            paths.extend(found)
+            if not found:
+                empty.append(item)
         else:
             paths.append(path)  # a missing file is reported per image by the predictor
+    if not paths:
+        raise UserError(f"no image files in {', '.join(empty)} (looked for {', '.join(IMAGE_SUFFIXES)}, "
+                        "not in subfolders); give image files or the folder that holds them")
+    for item in empty:
+        print(f"warning: {item}: no image files in this folder", file=sys.stderr)
     return paths
 
 
@@ -92,13 +103,12 @@ def _watch(predictor: Predictor, args: argparse.Namespace) -> int:
         line = json.dumps(prediction.to_dict()) if args.json else format_line(prediction, predictor.contract)
         print(line, flush=True)
 
-    try:
-        watcher = Watcher(predictor, args.watch, args.log, settle=args.settle, interval=args.interval,
-                          batch_size=args.batch_size, on_prediction=show)
-    except ValueError as exc:  # missing folder, bad settle/interval, a CSV log written by another model
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    watcher = Watcher(predictor, args.watch, args.log, settle=args.settle, interval=args.interval,
+                      batch_size=args.batch_size, on_prediction=show)
     signal.signal(signal.SIGTERM, lambda *_: watcher.stop())  # systemd stop: finish the batch, then exit
+    if watcher.log.cut_bytes:
+        print(f"warning: {args.log}: removed an incomplete last record ({watcher.log.cut_bytes} bytes, cut by a "
+              "crash); its image is predicted again", file=sys.stderr)
     if watcher.log.skipped_lines:
         print(f"warning: {watcher.log.skipped_lines} unreadable line(s) in {args.log} were ignored", file=sys.stderr)
     print(f"watching {args.watch} ({len(watcher.done)} image(s) already in {args.log}); Ctrl-C stops",
@@ -110,26 +120,25 @@ def _watch(predictor: Predictor, args: argparse.Namespace) -> int:
     return 1 if args.once and total.failed else 0
 
 
+def _never_fail_on_names() -> None:
+    """File names need not be valid UTF-8, nor fit the terminal's encoding: print them escaped, never crash."""
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     problem = _usage_problem(args)
     if problem:
         parser.print_usage(sys.stderr)
-        print(f"error: {problem}", file=sys.stderr)
-        return 2
-    try:
-        predictor = Predictor(args.model, backend=args.backend, providers=args.providers, threads=args.threads)
-    except (ModelError, ContractError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    with predictor:
+        raise UserError(problem)
+    _never_fail_on_names()
+    with Predictor(args.model, backend=args.backend, providers=args.providers, threads=args.threads) as predictor:
         if args.watch is not None:
             return _watch(predictor, args)
-        try:
-            predictions = predictor.predict(expand_images(args.images), batch_size=args.batch_size)
-        except KeyboardInterrupt:
-            return 130
+        predictions = predictor.predict(expand_images(args.images), batch_size=args.batch_size)
         if args.json:
             print(json.dumps({**predictor.describe(), "predictions": [p.to_dict() for p in predictions]}, indent=1))
         else:

@@ -7,6 +7,7 @@ Only numpy and Pillow: this runs on the Jetson.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -95,13 +96,17 @@ def load_image(path: str | Path) -> Image.Image:
     if size == 0:
         raise ImageError(f"{path}: file is empty (0 bytes); re-copy it from the camera or drop its row")
     try:
-        with Image.open(path) as img:
-            img.load()  # forces a full decode, so truncated files fail here and not later
-            return to_rgb(img)
+        with warnings.catch_warnings():
+            # Pillow only warns between MAX_IMAGE_PIXELS and twice that; both are the same problem here.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img.load()  # forces a full decode, so truncated files fail here and not later
+                return to_rgb(img)
     except UnidentifiedImageError as exc:
         raise ImageError(f"{path}: not an image Pillow can read; convert it to JPEG or PNG") from exc
-    except Image.DecompressionBombError as exc:
-        raise ImageError(f"{path}: image is implausibly large ({exc}); resize it before prediction") from exc
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError(f"{path}: image is implausibly large for a fundus photograph ({exc}); resize it "
+                         "(e.g. to 4000 px on the long side) before prediction") from exc
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageError(f"{path}: corrupt or truncated image ({exc}); re-export it or drop its row") from exc
 

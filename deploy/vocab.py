@@ -14,6 +14,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from deploy.errors import UserError
 from deploy.fileio import atomic_write_text
 
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
@@ -23,6 +24,10 @@ PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
 # Words, numbers with a decimal point or a unit ("0.7", "2.5"), and punctuation as separate tokens.
 _TOKEN_RE = re.compile(r"[a-z0-9]+(?:[.\-/][a-z0-9]+)*|[^\sa-z0-9]")
 _NO_SPACE_BEFORE = {".", ",", ";", ":", ")", "%"}
+
+
+class VocabularyError(UserError):
+    """A vocabulary file or contract entry that cannot be used; the message names the file and the fix."""
 
 
 def tokenize(text: str) -> list[str]:
@@ -51,11 +56,13 @@ class Vocabulary:
 
     def __post_init__(self) -> None:
         if tuple(self.tokens[: len(SPECIALS)]) != SPECIALS:
-            raise ValueError(f"vocabulary must start with the special tokens {SPECIALS}, got {self.tokens[:4]}")
+            raise VocabularyError(f"vocabulary must start with the special tokens {SPECIALS}, got {self.tokens[:4]}")
+        if not all(isinstance(t, str) for t in self.tokens):
+            raise VocabularyError("vocabulary tokens must all be strings")
         if len(set(self.tokens)) != len(self.tokens):
-            raise ValueError("vocabulary has duplicate tokens")
+            raise VocabularyError("vocabulary has duplicate tokens")
         if self.max_len < 2:
-            raise ValueError(f"max_len must be >= 2 (one word and <eos>), got {self.max_len}")
+            raise VocabularyError(f"max_len must be >= 2 (one word and <eos>), got {self.max_len}")
         self._index = {t: i for i, t in enumerate(self.tokens)}
 
     def __len__(self) -> int:
@@ -96,17 +103,29 @@ class Vocabulary:
 
     @classmethod
     def from_dict(cls, data: dict) -> Vocabulary:
+        if not isinstance(data, dict):
+            raise VocabularyError(f"expected a JSON object with tokens and max_len, got {type(data).__name__}")
         unknown = set(data) - {"tokens", "max_len", "min_freq"}
         if unknown:
-            raise ValueError(f"unknown vocabulary keys {sorted(unknown)}")
-        return cls(tokens=list(data["tokens"]), max_len=int(data["max_len"]), min_freq=int(data.get("min_freq", 1)))
+            raise VocabularyError(f"unknown vocabulary keys {sorted(unknown)}")
+        if not isinstance(data.get("tokens"), list):
+            raise VocabularyError("'tokens' must be a list of strings")
+        try:
+            return cls(tokens=list(data["tokens"]), max_len=int(data["max_len"]),
+                       min_freq=int(data.get("min_freq", 1)))
+        except (KeyError, TypeError, ValueError) as exc:
+            if isinstance(exc, VocabularyError):
+                raise
+            raise VocabularyError(f"bad vocabulary entry ({type(exc).__name__}: {exc})") from exc
 
     def save(self, path: str | Path) -> None:
         atomic_write_text(path, json.dumps(self.to_dict(), indent=1))
 
     @classmethod
     def load(cls, path: str | Path) -> Vocabulary:
+        """Read vocab.json; VocabularyError naming the file and the fix when it is unusable."""
         try:
-            return cls.from_dict(json.loads(Path(path).read_text()))
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise ValueError(f"{path}: not a valid vocabulary file ({exc}); rebuild it with `make data`") from exc
+            return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+        except (OSError, ValueError) as exc:  # JSON, UTF-8 and VocabularyError are ValueErrors
+            raise VocabularyError(f"{path}: not a valid vocabulary file ({exc}); rebuild it from the train split "
+                                  "with `python -m train.validate DATASET --build-vocab` (or `make data`)") from exc

@@ -10,7 +10,8 @@ Rules:
 - The log (JSONL or CSV) is the state. Each record holds the file's relative path, size and mtime_ns;
   on start the log is read and files already logged are skipped, so a restart neither reprocesses
   nor skips images. Records are flushed and fsync'ed one by one, so a crash loses at most the image
-  being processed (it is redone on restart).
+  being processed: a record counts once its newline is on disk, and an incomplete last record is cut
+  off when the watcher starts, so that image is redone (not lost, not logged twice).
 - A settled file that still cannot be decoded (corrupt, truncated, not an image) is logged once with
   its error and not retried. If the file is later replaced or finishes copying, its size/mtime change,
   so it counts as a new file and is predicted again.
@@ -19,7 +20,6 @@ Rules:
 from __future__ import annotations
 
 import csv
-import io
 import json
 import os
 import threading
@@ -30,12 +30,19 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from deploy.contract import Contract
+from deploy.errors import UserError
 from deploy.predictor import Prediction, Predictor
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
 TEMP_SUFFIXES = (".part", ".tmp", ".crdownload")
 LOG_FORMATS = {".jsonl": "jsonl", ".csv": "csv"}
 KEY_COLUMNS = ["file", "size", "mtime_ns", "logged_at"]
+# File names need not be valid UTF-8 (camera exports, old Windows shares): keep their bytes as they are.
+ENCODING_ERRORS = "surrogateescape"
+
+
+class WatchError(UserError):
+    """A watch folder, log or setting that cannot be used; the message says what to change."""
 
 
 def is_candidate(name: str) -> bool:
@@ -69,23 +76,34 @@ def scan_folder(folder: Path) -> dict[str, os.stat_result]:
 
 
 class RecordLog:
-    """Append-only JSONL or CSV log of predictions; also the watcher's memory of what is done."""
+    """Append-only JSONL or CSV log of predictions; also the watcher's memory of what is done.
+
+    A record counts only once its closing newline is on disk: `recover()` (called when a watcher
+    starts) cuts a record left incomplete by a crash off the end of the file, so the next record never
+    joins it (a CSV field cut inside its quotes would otherwise swallow every later record). Rows with
+    the wrong number of fields, or lines that are not JSON objects, are skipped and counted. File names
+    that are not valid UTF-8 are kept byte for byte (surrogateescape), so they are matched on restart.
+    """
 
     def __init__(self, path: str | Path, contract: Contract):
         self.path = Path(path)
         self.format = LOG_FORMATS.get(self.path.suffix.lower())
         if self.format is None:
-            raise ValueError(f"{self.path}: the log must end in .jsonl or .csv")
+            raise WatchError(f"{self.path}: the log must end in .jsonl or .csv")
         self.contract = contract
         self.columns = KEY_COLUMNS + list(Prediction(path="").flat_dict(contract))
         self.skipped_lines = 0
+        self.cut_bytes = 0  # size of the incomplete record removed by `recover`
+
+    def _text(self) -> str:
+        return self.path.read_bytes().decode("utf-8", errors=ENCODING_ERRORS)
 
     def done_keys(self) -> set[FileKey]:
-        """Keys of every file already logged (unreadable lines, e.g. cut by a power loss, are skipped)."""
+        """Keys of every complete record (an incomplete last record and malformed rows are not done)."""
         if not self.path.is_file():
             return set()
-        text = self.path.read_text(encoding="utf-8")
-        rows = self._csv_rows(text) if self.format == "csv" else self._jsonl_rows(text)
+        self.skipped_lines = 0
+        rows, _ = self._records(self._text())
         keys = set()
         for row in rows:
             try:
@@ -94,28 +112,70 @@ class RecordLog:
                 self.skipped_lines += 1
         return keys
 
-    def _jsonl_rows(self, text: str) -> list[dict]:
-        rows = []
-        for line in text.splitlines():
+    def recover(self) -> set[FileKey]:
+        """Cut an incomplete last record (left by a crash) off the file, then return `done_keys()`."""
+        if self.path.is_file():
+            text = self._text()
+            _, end = self._records(text)
+            if end < len(text):
+                keep = len(text[:end].encode("utf-8", errors=ENCODING_ERRORS))
+                self.cut_bytes = self.path.stat().st_size - keep
+                with open(self.path, "rb+") as fh:
+                    fh.truncate(keep)
+                    os.fsync(fh.fileno())
+        return self.done_keys()
+
+    def _records(self, text: str) -> tuple[list[dict], int]:
+        """(rows of the complete records, offset in `text` where the last complete record ends)."""
+        return self._csv_records(text) if self.format == "csv" else self._jsonl_records(text)
+
+    def _jsonl_records(self, text: str) -> tuple[list[dict], int]:
+        rows, end = [], 0
+        for line in _lines(text, 0):
+            if not line.endswith("\n"):
+                break  # the incomplete last record
+            end += len(line)
             if not line.strip():
                 continue
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError:
+                row = None
+            if isinstance(row, dict):
+                rows.append(row)
+            else:
                 self.skipped_lines += 1
-        return rows
+        return rows, end
 
-    def _csv_rows(self, text: str) -> list[dict]:
-        reader = csv.DictReader(io.StringIO(text))
-        if reader.fieldnames and list(reader.fieldnames) != self.columns:
-            raise ValueError(f"{self.path}: this CSV log has columns {reader.fieldnames}, but this model writes "
+    def _csv_records(self, text: str) -> tuple[list[dict], int]:
+        rows, end, header = [], 0, None
+        while end < len(text):
+            source = _Cursor(text, end)
+            reader = csv.reader(source, strict=True)  # strict: a quote still open at the end is an error
+            try:
+                for fields in reader:
+                    if text[source.pos - 1] != "\n":
+                        return rows, end  # the incomplete last record
+                    end = source.pos
+                    if header is None:
+                        header = self._check_header(fields)
+                    elif len(fields) == len(self.columns):
+                        rows.append(dict(zip(self.columns, fields)))
+                    else:  # e.g. a record cut by a crash before this version repaired logs on start
+                        self.skipped_lines += 1
+                return rows, end
+            except csv.Error:
+                if source.pos >= len(text):
+                    return rows, end  # a quoted field cut by a crash
+                self.skipped_lines += 1  # a malformed record in the middle: skip it, read on
+                end = source.pos
+        return rows, end
+
+    def _check_header(self, fields: list[str]) -> list[str]:
+        if fields != self.columns:
+            raise WatchError(f"{self.path}: this CSV log has columns {fields}, but this model writes "
                              f"{self.columns}; it belongs to another model: use a new --log file")
-        return list(reader)
-
-    def _ends_without_newline(self) -> bool:
-        with open(self.path, "rb") as fh:
-            fh.seek(-1, os.SEEK_END)
-            return fh.read(1) != b"\n"
+        return fields
 
     def append(self, key: FileKey, prediction: Prediction) -> dict:
         """Write one record durably (flush + fsync) and return it."""
@@ -123,10 +183,7 @@ class RecordLog:
         head = {"file": key.rel, "size": key.size, "mtime_ns": key.mtime_ns, "logged_at": logged_at}
         new = not self.path.is_file() or self.path.stat().st_size == 0
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        cut = not new and self._ends_without_newline()
-        with open(self.path, "a", encoding="utf-8", newline="") as fh:
-            if cut:  # a line cut by a crash must not swallow this record
-                fh.write("\n")
+        with open(self.path, "a", encoding="utf-8", errors=ENCODING_ERRORS, newline="") as fh:
             if self.format == "jsonl":
                 record = {**head, **prediction.to_dict()}
                 fh.write(json.dumps(record) + "\n")
@@ -139,6 +196,30 @@ class RecordLog:
             fh.flush()
             os.fsync(fh.fileno())
         return record
+
+
+def _lines(text: str, start: int):
+    """Lines of `text` from `start`, each with its "\\n" (only "\\n" ends a line, unlike str.splitlines)."""
+    while start < len(text):
+        end = text.find("\n", start)
+        end = len(text) if end < 0 else end + 1
+        yield text[start:end]
+        start = end
+
+
+class _Cursor:
+    """Feeds csv.reader line by line and remembers how far into the text it has read."""
+
+    def __init__(self, text: str, start: int):
+        self.pos, self._lines = start, _lines(text, start)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> str:
+        line = next(self._lines)
+        self.pos += len(line)
+        return line
 
 
 @dataclass
@@ -159,12 +240,12 @@ class Watcher:
                  clock: Callable[[], float] = time.monotonic, wall_clock: Callable[[], float] = time.time):
         self.folder = Path(folder)
         if not self.folder.is_dir():
-            raise ValueError(f"{self.folder}: watch folder not found; create it or fix the path")
+            raise WatchError(f"{self.folder}: watch folder not found; create it or fix the path")
         if settle < 0 or interval <= 0 or batch_size < 1:
-            raise ValueError("settle must be >= 0, interval > 0 and batch_size >= 1")
+            raise WatchError("--settle must be >= 0, --interval > 0 and --batch-size >= 1")
         self.predictor, self.settle, self.interval, self.batch_size = predictor, settle, interval, batch_size
         self.log = RecordLog(log, predictor.contract)
-        self.done = self.log.done_keys()
+        self.done = self.log.recover()
         self.on_prediction = on_prediction
         self.clock, self.wall_clock = clock, wall_clock
         self._first_seen: dict[str, tuple[int, int, float]] = {}  # rel -> (size, mtime_ns, clock when seen)

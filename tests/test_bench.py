@@ -1,9 +1,8 @@
 """Tests of the benchmarks wing: latency statistics, MAC counting, floors, Pareto front, and
-`python -m benchmarks.bench` end to end on tiny untrained artifacts built here (no training)."""
+`python -m benchmarks.bench` end to end on the session's tiny trained run (tests/conftest.py)."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 from pathlib import Path
@@ -12,7 +11,6 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-from tiny import make_tiny_dataset, write_tiny_config  # tests/ is on sys.path
 
 from benchmarks import bench
 from benchmarks.accuracy import Floor, floor_violations, parse_floor, retention, unmatched_floors
@@ -132,39 +130,13 @@ def test_discover_names_and_skip_reasons(tmp_path: Path):
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory) -> Path:
-    """Tiny untrained teachers, student and baseline (checkpoints + ONNX) over the tiny dataset."""
-    from compress.export import EnsembleExport, export_onnx
-    from compress.onnx_eval import onnx_path
-    from train.checkpoint import save_model
-    from train.ensemble import TeacherEnsemble
-    from train.experiment import load_experiment, teacher_specs
-    from train.models.multitask import ExportModel
-    from train.stage import build_model, load_splits, model_contract, preprocess_spec
-
-    root = tmp_path_factory.mktemp("bench")
-    data = make_tiny_dataset(root / "data", unlabeled_patients=0)
-    cfg_path = write_tiny_config(root / "cfg.yaml", data, root / "runs",
-                                 bench={"warmup": 1, "min_runs": 2, "duration_s": 0.02, "batch_duration_s": 0.02,
-                                        "batch_sizes": [1, 2], "memory": "off", "stage_images": 2})
-    cfg = load_experiment(cfg_path)
-    splits = load_splits(cfg)
-    tasks, spec = splits.data.spec.tasks, preprocess_spec(cfg)
-    teachers = []
-    for s in teacher_specs(cfg, splits.data.spec.task_names):
-        model = build_model(dataclasses.replace(cfg.teachers.model, tasks=s.tasks), splits.data,
-                            splits.data.spec.task_names).eval()
-        save_model(cfg.run_dir / "teachers" / s.name / "best.safetensors", model, {"preprocessing": spec.to_dict()})
-        teachers.append(model)
-    for role in ("student", "baseline"):
-        model = build_model(cfg.student.model, splits.data, splits.data.spec.task_names).eval()
-        save_model(cfg.run_dir / role / "best.safetensors", model, {"preprocessing": spec.to_dict()})
-        export_onnx(ExportModel(model), model_contract(role, "1", splits.data, model.tasks, spec),
-                    onnx_path(cfg.run_dir, role))
-    ensemble = TeacherEnsemble(teachers, tasks).eval()
-    export_onnx(EnsembleExport(ensemble), model_contract("ensemble", "1", splits.data, ensemble.tasks, spec),
-                onnx_path(cfg.run_dir, "ensemble"))
-    return cfg_path
+def tiny_run(trained_run, tmp_path_factory) -> Path:
+    """This module's copy of the session's tiny trained run (teachers, student, baseline; ONNX of the
+    student, baseline and ensemble), with quick benchmark settings."""
+    return trained_run.copy(tmp_path_factory.mktemp("bench"),
+                            bench={"warmup": 1, "min_runs": 2, "duration_s": 0.02, "batch_duration_s": 0.02,
+                                   "batch_sizes": [1, 2], "memory": "off", "stage_images": 2,
+                                   "threads": 1})
 
 
 def _report(cfg_path: Path, out: str) -> dict:

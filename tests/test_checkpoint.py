@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from deploy.contract import TaskSpec
+from deploy.errors import cli
 from train.checkpoint import (
     CheckpointError,
     flatten_state,
@@ -166,7 +167,7 @@ def test_cli_converts_with_the_restricted_unpickler_and_inspects(tmp_path, capsy
     assert meta == {"converted_from": "old.pt"}
     assert main(["inspect", str(tmp_path / "new.safetensors")]) == 0
     assert "2 tensors" in capsys.readouterr().out
-    assert main(["inspect", str(tmp_path / "old.pt")]) == 1
+    assert cli(main, ["inspect", str(tmp_path / "old.pt")]) == 2  # the user's file to fix: exit 2
     assert "pickled" in capsys.readouterr().err
 
 
@@ -180,3 +181,32 @@ def test_header_length_starting_with_0x80_is_not_mistaken_for_a_pickle(tmp_path)
             assert meta["pad"] == "x" * pad and torch.equal(tensors["w"], torch.zeros(2))
             return
     pytest.fail("no header length with low byte 0x80 was produced")
+
+
+def _tiny_model() -> MultiTaskNet:
+    cfg = ModelConfig(backbone="test_efficientnet", pretrained="none", head_hidden=8, embed_dim=8,
+                      decoder_hidden=8)
+    return MultiTaskNet(cfg, TASKS, vocab_size=12, max_len=5)
+
+
+def _edit_meta(path, edit) -> None:
+    tensors, meta = load_checkpoint(path)
+    edit(meta["model"])
+    save_checkpoint(path, tensors, meta)
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda m: m.pop("vocab_size"), r"lacks \['vocab_size'\]"),
+    (lambda m: m.update(vocab_size="twelve"), "model.vocab_size' must be a whole number"),
+    (lambda m: m.update(max_len=None), "model.max_len' must be a whole number"),
+    (lambda m: m.update(tasks=None), "model.tasks' must be a non-empty list"),
+    (lambda m: m.update(tasks=[{"name": "coarse"}]), "cannot build the model"),
+    (lambda m: m["config"].update(backbone="no_such_net_v9"), "no_such_net_v9"),
+    (lambda m: m.update(config=None), "model.config"),
+])
+def test_a_damaged_model_meta_is_one_error_naming_the_file(tmp_path, edit, match, capsys):
+    path = save_model(tmp_path / "m.safetensors", _tiny_model())
+    _edit_meta(path, edit)
+    with pytest.raises(CheckpointError, match=match) as info:
+        load_model(path)
+    assert str(path) in str(info.value)

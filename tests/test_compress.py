@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +11,6 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from tiny import make_tiny_dataset, write_tiny_config
 
 from compress.export import ExportMismatch, export_all, verify_export
 from compress.guard import Guard, GuardFailed
@@ -33,19 +31,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """Tiny teachers + student trained and exported once for the whole module."""
-    root = tmp_path_factory.mktemp("compress")
-    data = make_tiny_dataset(root / "data", patients=36)
-    cfg_path = write_tiny_config(root / "cfg.yaml", data, root / "runs", **{
-        "teachers.train.epochs": 4, "student.train.epochs": 4, "student.baseline": False})
-    env = {**os.environ, "OMP_NUM_THREADS": "2"}
-    for module in ("train.teachers", "train.student"):
-        proc = subprocess.run([sys.executable, "-m", module, "--config", str(cfg_path)], cwd=REPO, env=env,
-                              capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    reports = export_all(str(cfg_path), [])
-    return cfg_path, load_experiment(cfg_path), reports
+def run(trained_run, tmp_path_factory):
+    """This module's copy of the session's tiny trained and exported run (its tests write into it)."""
+    cfg_path = trained_run.copy(tmp_path_factory.mktemp("compress"))
+    return cfg_path, load_experiment(cfg_path), trained_run.export_reports
 
 
 def test_export_matches_pytorch_and_carries_the_contract(run):
@@ -128,24 +117,59 @@ def test_guard_fires_on_blank_calibration_and_more_images_recover(run):
     assert not (cfg.run_dir / "guard" / "never.onnx").exists()
 
 
-def test_deploy_predict_runs_every_flavour(run, tmp_path):
+def test_deploy_predict_equals_the_evaluation_of_every_flavour(run, tmp_path):
+    """Train/serve skew check: the device CLI's probabilities and text for a set of images are those
+    the evaluation (the numbers in the reports) computed for the same model and images."""
     cfg_path, cfg, _ = run
     if not onnx_path(cfg.run_dir, "student", "int8-cpu").exists():
         assert quantize_main(["--config", str(cfg_path)]) == 0
     splits = load_splits(cfg)
-    images = [str(splits.data.image_path(r)) for r in splits.test[:3]]
+    rows = splits.test[:6]
+    images = [str(splits.data.image_path(r)) for r in rows]
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"\xff\xd8\xff not really a jpeg")
     for flavour in ("fp32", "fp16", "int8-cpu", "int8-tensorrt"):
-        cmd = [sys.executable, "-m", "deploy.predict", str(onnx_path(cfg.run_dir, "student", flavour)),
-               *images, str(broken), "--json"]
+        path = onnx_path(cfg.run_dir, "student", flavour)
+        cmd = [sys.executable, "-m", "deploy.predict", str(path), *images, str(broken), "--json", "--batch-size", "4"]
         proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
         assert proc.returncode == 1, proc.stderr  # one image failed, the others were predicted
         records = json.loads(proc.stdout)["predictions"]
-        assert [r["error"] is None for r in records] == [True, True, True, False]
+        assert [r["error"] is None for r in records] == [True] * len(rows) + [False]
         assert "broken.jpg" in records[-1]["error"]
-        assert all(r["tasks"]["coarse"]["label"] in ("red", "green", "blue") for r in records[:3])
-        assert all(isinstance(r["tasks"]["diagnosis"]["text"], str) for r in records[:3])
+        contract = load_contract(path)
+        expected, _ = evaluate_onnx(path, image_set(splits, rows, contract.tasks, contract.preprocessing),
+                                    contract.tasks)
+        vocab = contract.vocabulary
+        for i, rec in enumerate(records[:-1]):
+            for task in contract.tasks:
+                got = rec["tasks"][task.name]
+                if task.kind == "classification":
+                    probs = [got["probabilities"][c] for c in task.classes]
+                    np.testing.assert_allclose(probs, expected[task.name][i], atol=1e-5, err_msg=flavour)
+                else:
+                    assert got["text"] == vocab.decode(expected[task.name][i]), flavour
+
+
+def test_export_refuses_a_model_off_by_a_thousandth(run):
+    """The parity check's tolerance (1e-4) is tight enough to catch a model that differs by 1e-3."""
+    _, cfg, _ = run
+    path = onnx_path(cfg.run_dir, "student")
+    model, _ = load_model(cfg.run_dir / "student" / "best.safetensors")
+    exported = ExportModel(model)
+
+    class Nudged(torch.nn.Module):
+        def forward(self, image):
+            coarse, *rest = exported(image)
+            shift = torch.zeros_like(coarse)
+            shift[:, 0], shift[:, 1] = 1e-3, -1e-3  # probabilities still sum to 1
+            return (coarse + shift, *rest)
+
+    splits = load_splits(cfg)
+    contract = load_contract(path)
+    data = image_set(splits, splits.val, contract.tasks, contract.preprocessing)
+    with pytest.raises(ExportMismatch, match=r"coarse: max \|p_onnx - p_torch\| = 1\.00e-03 > 0\.0001"):
+        verify_export(path, Nudged(), contract, data, CompressConfig())
+    assert verify_export(path, exported, contract, data, CompressConfig())["coarse"]["max_abs_diff"] <= 1e-4
 
 
 def test_a_failed_export_check_leaves_no_model_behind(run, monkeypatch):

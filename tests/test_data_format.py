@@ -85,6 +85,40 @@ def test_label_fraction_keeps_share_of_training_patients(fraction):
     assert not leaking_patients(out)
 
 
+
+def _one_class_patients(per_class: dict[str, int], split: str = "") -> list[Row]:
+    """`n` two-eyed patients per class; every patient of a class is in that class's stratum."""
+    return [Row(path=f"{c}{i}_{eye}.jpg", patient_id=f"{c}{i}", eye=eye, split=split, labels={"grade": c})
+            for c, n in per_class.items() for i in range(n) for eye in ("left", "right")]
+
+
+def _patients_per_split(rows: list[Row]) -> dict[str, int]:
+    return dict(Counter(split for _, split in {(r.patient_id, r.split) for r in rows}))
+
+
+@pytest.mark.parametrize("n, fractions, expected", [
+    (7, {"train": 0.6, "val": 0.2, "test": 0.2}, {"train": 4, "val": 2, "test": 1}),  # 4.2/1.4/1.4: one left
+    (10, {"train": 0.7, "val": 0.15, "test": 0.15}, {"train": 7, "val": 2, "test": 1}),  # 7/1.5/1.5
+    (3, {"train": 0.5, "val": 0.25, "test": 0.25}, {"train": 1, "val": 1, "test": 1}),  # 1.5/.75/.75: two left
+    (9, {"train": 0.7, "val": 0.15, "test": 0.15}, {"train": 6, "val": 2, "test": 1}),  # 6.3/1.35/1.35
+])
+def test_split_remainders_go_to_the_largest_fractional_parts(n, fractions, expected):
+    rows = assign_splits(_one_class_patients({"a": n}), "grade", fractions, seed=0)
+    assert _patients_per_split(rows) == expected
+
+
+@pytest.mark.parametrize("fraction, per_class, expected", [
+    (0.3, {"a": 5, "b": 5}, 4),  # 1.5 per class rounds to 2 (int() would keep 1)
+    (0.15, {"a": 10, "b": 7}, 3),  # 1.5 -> 2 and 1.05 -> 1
+    (0.7, {"a": 5, "b": 3}, 6),  # 3.5 -> 4 and 2.1 -> 2
+    (0.1, {"a": 4, "b": 2}, 2),  # 0.4 and 0.2 round to 0, but one patient per class stays labelled
+])
+def test_label_fraction_keeps_the_rounded_number_of_patients_per_class(fraction, per_class, expected):
+    rows = _one_class_patients(per_class, split="train")
+    out = label_fraction(rows, fraction, "grade", seed=3)
+    assert _patients_per_split(out) == {"train": expected, "unlabeled": sum(per_class.values()) - expected}
+
+
 def test_label_fraction_rejects_bad_values():
     for bad in (0.0, 1.5, -0.1):
         with pytest.raises(ValueError, match="label fraction"):

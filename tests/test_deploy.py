@@ -20,7 +20,8 @@ from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
 from deploy.contract import METADATA_KEY, Contract, ContractError, TaskSpec, sidecar_path
-from deploy.predict import main as predict_main
+from deploy.errors import cli
+from deploy.predict import main as _predict_main
 from deploy.predictor import Predictor
 from deploy.preprocess import PreprocessSpec
 from deploy.runtime import ModelError
@@ -29,6 +30,11 @@ from deploy.vocab import SPECIALS, Vocabulary
 REPO = Path(__file__).resolve().parents[1]
 WORDS = ["red", "green", "disc", "cup"]
 RED_TEXT, GREEN_TEXT = ["red", "disc", "<eos>", "<pad>"], ["green", "cup", "cup", "<eos>"]
+
+
+def predict_main(argv: list[str]) -> int:
+    """`python -m deploy.predict ARGV` in-process: the CLI boundary maps errors to exit codes."""
+    return cli(_predict_main, argv)
 
 
 def tiny_contract(coarse_classes: int = 5, size: int = 32) -> Contract:
@@ -239,6 +245,61 @@ def test_cli_output_and_exit_codes(model: Path, tmp_path: Path, capsys):
     assert "model file not found" in capsys.readouterr().err
     assert predict_main([str(model)]) == 2
     assert predict_main([str(model), "--watch", str(images)]) == 2
+
+
+
+def test_an_empty_folder_is_an_error_not_silent_success(model: Path, tmp_path: Path, capsys):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("not an image")
+    assert predict_main([str(model), str(tmp_path / "empty")]) == 2
+    err = capsys.readouterr().err
+    assert "no image files in" in err and "empty" in err and "Traceback" not in err
+
+
+def test_a_name_that_is_not_utf8_is_printed_escaped_under_a_strict_encoding(model: Path, tmp_path: Path):
+    folder = tmp_path / "photos"
+    write_image(Path(os.fsdecode(os.path.join(os.fsencode(folder), b"scan\xe9.jpg"))), (230, 20, 20))
+    for args in ([str(folder)], [str(folder), "--json"]):
+        proc = subprocess.run([sys.executable, "-m", "deploy.predict", str(model), *args], cwd=REPO,
+                              capture_output=True, timeout=120, env={**os.environ, "PYTHONIOENCODING": "ascii"})
+        assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+        assert b"scan\\udce9.jpg" in proc.stdout and b"c0" in proc.stdout
+
+
+def test_an_implausibly_large_image_is_one_clear_error(model: Path, tmp_path: Path, monkeypatch):
+    import warnings
+
+    from PIL import Image
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 60 * 60)  # as a 12000 x 12000 PNG meets the real limit
+    big = write_image(tmp_path / "big.png", size=(80, 80))  # above the limit (Pillow warns), below twice it
+    good = write_image(tmp_path / "ok.png", size=(50, 50))
+    with warnings.catch_warnings(record=True) as caught, Predictor(model) as predictor:
+        warnings.simplefilter("always")
+        bad, ok = predictor.predict([big, good])
+    assert not [w for w in caught if issubclass(w.category, Image.DecompressionBombWarning)]
+    assert "big.png" in bad.error and "implausibly large" in bad.error and ok.ok
+
+
+@pytest.mark.parametrize("text, match", [("[]", "must be a JSON object"), ("null", "must be a JSON object"),
+                                         ('"x"', "must be a JSON object")])
+def test_a_sidecar_that_is_json_but_not_an_object_is_refused_clearly(tmp_path: Path, text: str, match: str):
+    path = tmp_path / "m.json"
+    path.write_text(text)
+    with pytest.raises(ContractError, match=match) as info:
+        Contract.load(path)
+    assert str(path) in str(info.value) and "re-export" in str(info.value)
+
+
+@pytest.mark.parametrize("key, value", [("tasks", None), ("tasks", [1]), ("preprocessing", []),
+                                        ("vocabulary", [1]), ("hashes", [1]), ("output_names", 3)])
+def test_a_contract_with_a_wrongly_typed_part_is_refused_clearly(tmp_path: Path, key: str, value):
+    data = tiny_contract().to_dict()
+    data[key] = value
+    path = tmp_path / "m.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ContractError, match=str(path)):
+        Contract.load(path)
 
 
 BLOCKER = """

@@ -213,3 +213,39 @@ def test_multitask_loss_per_teacher_targets_average_each_teachers_kl():
     (g_mean,) = torch.autograd.grad(mean_probs, logits)
     torch.testing.assert_close(g_sum, g_mean)  # same gradient, the loss values differ by a constant
     assert kl_sum > mean_probs
+
+
+def test_distill_step_matches_a_hand_computation_on_a_crafted_cache():
+    """The student's KD step: soft targets looked up by item index, averaged over the teachers at the
+    task's temperature T, and T^2 * KL mixed with CE by alpha on labelled rows (KD alone elsewhere)."""
+    from types import SimpleNamespace
+
+    from train.ensemble import SoftTargets
+    from train.experiment import KDConfig
+    from train.student import distill_step
+
+    task = TaskSpec("coarse", "classification", ("a", "b", "c"))
+    temp, alpha = 4.0, 0.3
+    teacher = torch.tensor([[[2.0, 0.0, -1.0], [0.5, 0.5, 3.0], [-2.0, 4.0, 0.0], [1.0, 1.0, 1.0]],
+                            [[0.0, 1.0, 0.0], [3.0, -1.0, 0.0], [1.0, 2.0, -3.0], [0.0, 0.0, 5.0]]])  # [2, 4, 3]
+    student = torch.tensor([[0.3, 1.2, -0.4], [2.0, -1.0, 0.5]])
+    batch = {"index": torch.tensor([2, 0]), "labelled": torch.tensor([True, False]),
+             "coarse": torch.tensor([1, -1]), "image": torch.zeros(2, 3, 4, 4)}
+    loss_fn = MultiTaskLoss([task], alpha=alpha, temperatures={"coarse": temp})
+    cfg = SimpleNamespace(student=SimpleNamespace(kd=KDConfig(alpha=alpha, ensemble_mode="mean_probs")))
+    step = distill_step(loss_fn, SoftTargets(logits={"coarse": teacher}), cfg, None)
+    loss, _ = step(lambda image, text_targets=None: {"coarse": student}, batch, "labels+kd")
+
+    expected = []
+    for row, item in enumerate([2, 0]):
+        p = sum(math_softmax(teacher[k, item] / temp) for k in range(2)) / 2  # the ensemble's soft target
+        q = math_softmax(student[row] / temp)
+        kd = temp**2 * float((p * (p / q).log()).sum())
+        ce = -float(math_softmax(student[row])[1].log()) if row == 0 else None
+        expected.append((1 - alpha) * ce + alpha * kd if ce is not None else kd)
+    assert float(loss) == pytest.approx(sum(expected) / 2, rel=1e-5)
+
+
+def math_softmax(x: torch.Tensor) -> torch.Tensor:
+    e = torch.exp(x.double() - x.double().max())
+    return e / e.sum()

@@ -230,3 +230,14 @@ def test_exclusions_and_sensitivity(models):
     assert scores[0][0] == convs[0] and scores[0][1] > scores[1][1]
     with pytest.raises(ValueError, match="max_candidates"):
         layer_sensitivity(paths["fp32"], ranges, "cpu", eval_fn, convs, max_candidates=1)
+
+
+@pytest.mark.parametrize("method", ["entropy", "percentile"])
+def test_histogram_methods_take_an_image_count_that_is_not_a_multiple_of_the_batch(models, method):
+    paths, minmax = models
+    images = _images(21, 7)  # batches of 8, 8 and 5: ORT stacked them into one ragged array and crashed
+    images[20] = 7.0  # the brightest pixel is in the short last batch: it must count
+    ranges = calibrate(paths["fp32"], images, method=method, percentile=100.0, num_bins=128, batch_size=8)
+    assert set(ranges.data) == set(minmax.data)
+    hi = ranges.data["image"].range_value[1]
+    assert (hi == pytest.approx(7.0, rel=0.02)) if method == "percentile" else hi > 0

@@ -64,7 +64,8 @@ def test_resume_after_interruption_matches_uninterrupted_run(tiny_data, tmp_path
 
         def run(model, batch, mode):
             steps["n"] += 1
-            if steps["armed"] and steps["n"] == 5:  # 3 steps per epoch: the 2nd step of epoch 2
+            # 3 steps per epoch and the end-of-epoch check of the last update: the 2nd step of epoch 2
+            if steps["armed"] and steps["n"] == 6:
                 steps["armed"] = False
                 raise KeyboardInterrupt  # as if Ctrl-C / kill arrived in the middle of epoch 2
             return step(model, batch, mode)
@@ -106,6 +107,18 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_data, tmp_path, monk
     assert meta["epoch"] == 0
 
 
+@pytest.mark.parametrize("lr, match", [("1.0e+30", "weights after the last update of epoch 1"),
+                                       ("1.0e+39", "optimizer update overflowed at epoch 1 step 1")])
+def test_divergence_in_a_one_step_epoch_is_caught_before_evaluation(tiny_data, tmp_path, lr, match):
+    # One step per epoch: the only update of the epoch is never followed by a loss check in the epoch.
+    cfg = write_tiny_config(tmp_path / "c.yaml", tiny_data, tmp_path / "runs",
+                            **{"teachers.train.batch_size": 64, "teachers.train.optim.lr": lr})
+    with pytest.raises(TrainingDiverged, match=match) as info:
+        _teacher(cfg)
+    assert "no checkpoint was written yet" in str(info.value) and "optim.lr" in str(info.value)
+    assert not (tmp_path / "runs" / "tiny" / "teachers" / "t_cls" / "last.safetensors").exists()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -128,6 +141,74 @@ def test_two_process_gloo_ddp_run(tiny_data, tmp_path):
     assert final["headline"]["coarse/accuracy"] >= 0.6
 
 
+
+class _Items(torch.utils.data.Dataset):
+    """16 separable points, as dicts (the Trainer's batch format)."""
+
+    def __init__(self, n: int = 16):
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randn(n, 4, generator=g)
+        self.y = (self.x[:, 0] > 0).long()
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"x": self.x[i], "y": self.y[i]}
+
+
+def _fit_linear(out_dir: Path, items, info) -> str:
+    """Train a linear model with the project's Trainer; returns the SHA-256 of its parameters."""
+    import hashlib
+    from unittest import mock
+
+    from train.loop import EpochPlan, Trainer
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    trainer = Trainer(name="probe", model=model, train_set=items, plan=lambda e: EpochPlan(np.arange(len(items))),
+                      step=lambda m, b, mode: (torch.nn.functional.cross_entropy(m(b["x"]), b["y"]), {}),
+                      evaluate=lambda m: (0.0, {}), cfg=TrainConfig(epochs=2, batch_size=4, max_evals=1),
+                      out_dir=out_dir, seed=0, device=torch.device("cpu"), info=info, meta={})
+    with mock.patch("train.loop.save_model"):  # best.safetensors is for MultiTaskNets; last.* is kept
+        trainer.fit()
+    return hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in model.parameters())).hexdigest()
+
+
+def _ddp_rank(rank: int, port: int, out: Path) -> None:
+    from train.distributed import init_distributed, shutdown_distributed
+
+    torch.set_num_threads(1)  # forked from a process with thread pools
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    info, _ = init_distributed("cpu")
+    digest = _fit_linear(out / "run", _Items(), info)
+    (out / f"rank{rank}.sha256").write_text(digest)
+    shutdown_distributed()
+
+
+def test_ddp_ranks_end_identical_and_learn_from_all_the_data(tmp_path):
+    """Gradients are all-reduced: both ranks hold the same weights, which are not what one process
+    gets from half of the data (each rank's shard) alone."""
+    import multiprocessing
+
+    from train.distributed import DistInfo
+
+    ctx = multiprocessing.get_context("fork")  # forked: no interpreter and torch start-up per rank
+    port = _free_port()
+    procs = [ctx.Process(target=_ddp_rank, args=(r, port, tmp_path)) for r in range(2)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(timeout=120)
+        assert proc.exitcode == 0
+    rank0, rank1 = ((tmp_path / f"rank{r}.sha256").read_text() for r in range(2))
+    assert rank0 == rank1
+    items = _Items()
+    half = torch.utils.data.Subset(items, list(range(8)))
+    assert _fit_linear(tmp_path / "half", half, DistInfo()) != rank0
+
+
 def test_staged_schedule_follows_the_paper(tiny_data, tmp_path):
     cfg = load_experiment(write_tiny_config(tmp_path / "c.yaml", tiny_data, tmp_path / "runs",
                                             **{"student.kd.schedule": "staged",
@@ -139,25 +220,20 @@ def test_staged_schedule_follows_the_paper(tiny_data, tmp_path):
     assert list(plan(0).indices) == [0, 1] and list(plan(3).indices) == [2, 3, 4]
 
 
-@pytest.mark.slow
-def test_student_and_baseline_pipeline(tiny_data, tmp_path):
-    cfg = write_tiny_config(tmp_path / "c.yaml", tiny_data, tmp_path / "runs")
-    env = {**os.environ, "OMP_NUM_THREADS": "2"}
-    for module in ("train.teachers", "train.student"):
-        proc = subprocess.run([sys.executable, "-m", module, "--config", str(cfg)], cwd=REPO, env=env,
-                              capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = json.loads((tmp_path / "runs" / "tiny" / "summary.json").read_text())
+def test_student_and_baseline_pipeline(trained_run):
+    # The session's run: `python -m train.teachers` then `python -m train.student` (tests/conftest.py).
+    run = trained_run.root / "runs" / "tiny"
+    summary = json.loads((run / "summary.json").read_text())
     assert set(summary["rows"]) == {"t_cls", "t_all", "ensemble", "student", "baseline", "linear probe"}
-    soft = tmp_path / "runs" / "tiny" / "student" / "teacher_outputs.safetensors"
+    soft = run / "student" / "teacher_outputs.safetensors"
     tensors, meta = load_checkpoint(soft)
     n_rows = len(meta["key"]["rows"])
     assert set(meta["key"]["teachers"]) == {"t_cls", "t_all"}  # the cache is tied to these checkpoints
     assert tensors["logits.coarse"].shape[:2] == (2, n_rows)  # both teachers have the coarse head
     assert tensors["text_logits"].shape[0] == 1  # only t_all has the text head
     # The baseline got the student's optimizer-step budget on fewer images: more epochs.
-    student_epochs = len((tmp_path / "runs/tiny/student/metrics.csv").read_text().splitlines()) - 1
-    baseline_epochs = len((tmp_path / "runs/tiny/baseline/metrics.csv").read_text().splitlines()) - 1
+    student_epochs = len((run / "student/metrics.csv").read_text().splitlines()) - 1
+    baseline_epochs = len((run / "baseline/metrics.csv").read_text().splitlines()) - 1
     assert baseline_epochs > student_epochs
 
 

@@ -9,8 +9,9 @@ import pytest
 from PIL import Image
 
 from deploy.contract import TaskSpec
+from deploy.vocab import VocabularyError
 from train import validate
-from train.data.manifest import DatasetError, DatasetSpec, Row, save_spec, write_manifest
+from train.data.manifest import DatasetError, DatasetSpec, Row, load_dataset, save_spec, write_manifest
 from train.validate import check_dataset, main, validate_dataset
 
 TASKS = [TaskSpec("grade", "classification", ("a", "b"))]
@@ -109,7 +110,7 @@ def test_row_errors_with_lines(tmp_path):
     assert all(p.severity == "error" for p in problems)
     with pytest.raises(DatasetError, match=r"error\(s\).*\n.*line 7"):
         check_dataset(root, workers=1)
-    assert main([str(root), "--workers", "1"]) == 1
+    assert main([str(root), "--workers", "1"]) == 2  # data to fix: a user error, like a bad config
 
 
 def test_bad_eye(tmp_path):
@@ -147,3 +148,36 @@ def test_unreadable_spec_and_process_pool(tmp_path, monkeypatch):
     (p,) = validate_dataset(root, workers=2)
     assert p.line == 9 and p.code == "bad_image"
     assert [q.line for q in validate_dataset(root, check_images=False)] == [9]
+
+
+def _cli(argv: list[str]) -> int:
+    from deploy.errors import cli
+
+    return cli(main, argv)
+
+
+def test_a_latin1_manifest_is_one_clear_error(tmp_path, capsys):
+    root = make_dataset(tmp_path / "ds")
+    text = (root / "manifest.csv").read_text().replace("p3,left", "Jos\u00e9,left")
+    (root / "manifest.csv").write_bytes(text.encode("latin-1"))  # Excel's default "CSV" on Windows
+    (p,) = validate_dataset(root, workers=1)
+    assert p.code == "unreadable" and "line 4" in p.message and "UTF-8" in p.message
+    assert _cli([str(root), "--workers", "1"]) == 2
+    assert "Traceback" not in capsys.readouterr().err
+    with pytest.raises(DatasetError, match=r"manifest.csv: line 4: not UTF-8"):
+        load_dataset(root)
+
+
+@pytest.mark.parametrize("content", ["{not json", "[]", '{"tokens": ["a"], "max_len": 5}', '{"tokens": null}',
+                                     '{"tokens": ["<pad>", "<bos>", "<eos>", "<unk>"], "max_len": "x"}'])
+def test_a_corrupt_vocabulary_is_reported_by_validate_and_refused_by_training(tmp_path, content, capsys):
+    tasks = [*TASKS, TaskSpec("diagnosis", "text")]
+    root = make_dataset(tmp_path / "ds", tasks=tasks)
+    (root / "vocab.json").write_text(content)
+    (p,) = only(validate_dataset(root, workers=1), "bad_vocab")
+    assert p.severity == "error" and "vocab.json" in p.message and "--build-vocab" in p.message
+    assert _cli([str(root), "--workers", "1"]) == 2
+    with pytest.raises(VocabularyError, match="vocab.json: not a valid vocabulary file"):
+        load_dataset(root)
+    assert _cli([str(root), "--build-vocab", "--workers", "1"]) == 0  # the advertised fix works
+    load_dataset(root)

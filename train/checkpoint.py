@@ -1,7 +1,9 @@
 """Checkpoints as safetensors: tensors + JSON metadata, never pickles.
 
 A checkpoint `run/best.safetensors` holds the tensors and, in the safetensors header, the JSON meta
-(also written next to it as `run/best.json` for people and tools). Loading never unpickles, so a
+(also written next to it as `run/best.json` for people and tools). The header is the truth: a crash
+between the two writes can leave the sidecar one save behind, so loading rewrites a sidecar that
+differs from the header. Loading never unpickles, so a
 checkpoint from elsewhere cannot run code. Nested training state (optimizer, LR scheduler, RNG) is
 stored with `flatten_state`/`unflatten_state`: its tensors go to the file, its structure to the meta.
 
@@ -15,18 +17,17 @@ import argparse
 import dataclasses
 import json
 import struct
-import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch import Tensor
 
 from deploy.contract import TaskSpec
 from deploy.errors import UserError, cli
-from deploy.fileio import atomic_write, atomic_write_text
+from deploy.fileio import atomic_write_bytes, atomic_write_text
 from train.config import from_dict, to_dict
 from train.models.multitask import ModelConfig, MultiTaskNet
 
@@ -122,8 +123,10 @@ def save_checkpoint(path: str | Path, tensors: dict[str, Tensor], meta: dict) ->
         meta_json = json.dumps(meta, sort_keys=False)
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"{path}: meta is not JSON-serializable ({exc})") from exc
-    prepared = _prepare(tensors)
-    atomic_write(path, lambda tmp: save_file(prepared, str(tmp), metadata={META_KEY: meta_json}))
+    # Serialized here, not by safetensors' save_file: that writes its own ".tmpXXXXXX" next to the target,
+    # which a kill would orphan where nothing cleans it; atomic_write's temporary files are cleaned.
+    data = save(_prepare(tensors), metadata={META_KEY: meta_json})
+    atomic_write_bytes(path, data)
     atomic_write_text(path.with_suffix(".json"), json.dumps(meta, indent=1))
     return path
 
@@ -177,7 +180,22 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict]:
         meta = json.loads(raw_meta) if raw_meta else {}
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{path}: metadata {META_KEY!r} is not valid JSON ({exc})") from exc
+    if raw_meta:
+        _repair_sidecar(path.with_suffix(".json"), meta)
     return tensors, meta
+
+
+def _repair_sidecar(sidecar: Path, meta: dict) -> None:
+    """Rewrite an existing JSON sidecar that differs from the header (best effort: read-only is fine)."""
+    try:
+        if not sidecar.is_file() or json.loads(sidecar.read_text(encoding="utf-8")) == meta:
+            return
+    except (OSError, ValueError):  # unreadable or not JSON: rewrite it
+        pass
+    try:
+        atomic_write_text(sidecar, json.dumps(meta, indent=1))
+    except OSError:
+        pass
 
 
 # --- whole models -----------------------------------------------------------------------------------
@@ -205,17 +223,41 @@ def load_model(path: str | Path) -> tuple[MultiTaskNet, dict]:
                               "by train.checkpoint.save_model")
     if meta.get("format_version") != MODEL_FORMAT_VERSION:
         raise CheckpointError(f"{path}: model format version {meta.get('format_version')!r} is not supported")
-    info = meta["model"]
-    cfg = from_dict(ModelConfig, info["config"], where=f"{path}: model.config")
-    # The weights come from this file: skip the pretrained source (it may be absent on this machine).
-    cfg = dataclasses.replace(cfg, pretrained="none")
-    tasks = [TaskSpec.from_dict(t) for t in info["tasks"]]
-    model = MultiTaskNet(cfg, tasks, vocab_size=info["vocab_size"], max_len=int(info["max_len"]))
+    model = _build_described_model(path, meta["model"])
     try:
         model.load_state_dict(tensors)
     except RuntimeError as exc:
         raise CheckpointError(f"{path}: weights do not fit the model described in its meta ({exc})") from exc
     return model.eval(), meta
+
+
+def _build_described_model(path: Path, info: Any) -> MultiTaskNet:
+    """The (untrained) model a checkpoint's `model` meta describes; CheckpointError naming the bad field."""
+    fix = "the checkpoint's meta was edited or damaged: re-save it with train.checkpoint.save_model"
+    if not isinstance(info, dict):
+        raise CheckpointError(f"{path}: meta 'model' must be an object, got {type(info).__name__}; {fix}")
+    missing = [k for k in ("config", "tasks", "vocab_size", "max_len") if k not in info]
+    if missing:
+        raise CheckpointError(f"{path}: meta 'model' lacks {missing}; {fix}")
+    if not isinstance(info["tasks"], list) or not info["tasks"]:
+        raise CheckpointError(f"{path}: meta 'model.tasks' must be a non-empty list, got {info['tasks']!r}; {fix}")
+    for key, optional in (("vocab_size", True), ("max_len", False)):  # vocab_size is None without a text task
+        value = info[key]
+        if not (value is None and optional) and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise CheckpointError(f"{path}: meta 'model.{key}' must be a whole number, got {value!r}; {fix}")
+    if not isinstance(info["config"], dict):
+        raise CheckpointError(f"{path}: meta 'model.config' must be an object, got {info['config']!r}; {fix}")
+    cfg = from_dict(ModelConfig, info["config"], where=f"{path}: model.config")
+    # The weights come from this file: skip the pretrained source (it may be absent on this machine).
+    cfg = dataclasses.replace(cfg, pretrained="none")
+    try:
+        tasks = [TaskSpec.from_dict(t) for t in info["tasks"]]
+        return MultiTaskNet(cfg, tasks, vocab_size=info["vocab_size"], max_len=info["max_len"])
+    except UserError as exc:
+        raise CheckpointError(f"{path}: {exc}") from exc
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:  # e.g. a backbone timm does not know
+        raise CheckpointError(f"{path}: cannot build the model its meta describes ({type(exc).__name__}: {exc}); "
+                              f"{fix}, or install the library version it was trained with") from exc
 
 
 # --- command line -------------------------------------------------------------------------------------
@@ -240,17 +282,13 @@ def main(argv: list[str] | None = None) -> int:
     conv.add_argument("src", type=Path)
     conv.add_argument("dst", type=Path)
     args = parser.parse_args(argv)
-    try:
-        if args.command == "convert":
-            print(f"wrote {convert(args.src, args.dst)}")
-        else:
-            tensors, meta = load_checkpoint(args.path)
-            numel = sum(t.numel() for t in tensors.values())
-            print(f"{args.path}: {len(tensors)} tensors, {numel:,} values")
-            print(json.dumps({k: v for k, v in meta.items() if k != "state_structure"}, indent=1))
-    except (CheckpointError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    if args.command == "convert":
+        print(f"wrote {convert(args.src, args.dst)}")
+    else:
+        tensors, meta = load_checkpoint(args.path)
+        numel = sum(t.numel() for t in tensors.values())
+        print(f"{args.path}: {len(tensors)} tensors, {numel:,} values")
+        print(json.dumps({k: v for k, v in meta.items() if k != "state_structure"}, indent=1))
     return 0
 
 

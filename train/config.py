@@ -20,6 +20,8 @@ from deploy.errors import UserError
 from deploy.fileio import atomic_write_text
 
 T = TypeVar("T")
+# Plain decimal or exponent notation only: "nan", "inf" or "1_000" stay errors.
+_FLOAT_TEXT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 
 
 class ConfigError(UserError):
@@ -73,6 +75,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if tp in (dict, list) and isinstance(value, tp):  # bare `dict` / `list`: validated by their owner
         return value
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
+        # YAML 1.1 reads "1e-4" (no dot in the mantissa) as a string; it is the number the user meant.
         return float(value)
     if tp in (int, str, bool) and (type(value) is tp):
         return value

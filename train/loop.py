@@ -182,6 +182,7 @@ class Trainer:
         counts: dict[str, int] = {}
         bar = tqdm(loader, total=steps, desc=f"{self.name} epoch {epoch + 1}/{self.cfg.epochs} [{plan.mode}]",
                    disable=not self.info.is_main, leave=False, dynamic_ncols=True)
+        last_batch = None
         for i, batch in enumerate(bar):
             if i >= steps:
                 break
@@ -190,17 +191,19 @@ class Trainer:
                 loss, parts = self.step(self.model, batch, plan.mode)
             bad = torch.tensor(0.0 if torch.isfinite(loss) else 1.0, device=loss.device)
             if all_reduce_mean(float(bad), self.info) > 0:
-                raise TrainingDiverged(
-                    f"[{self.name}] loss became {loss.item()} at epoch {epoch + 1} step {i + 1} ({parts}); "
-                    f"the last good checkpoint is kept at {self.last_path}. Check the data, or lower the "
-                    f"learning rate (optim.lr) and train again under a new name (name=...) or after "
-                    f"deleting {self.out_dir}.")
+                raise self._diverged(f"loss became {loss.item()} at epoch {epoch + 1} step {i + 1} ({parts})")
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
             if self.cfg.grad_clip > 0:
                 self.scaler.unscale_(self.optimizer)
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
-            self.scaler.step(self.optimizer)
+            try:
+                self.scaler.step(self.optimizer)
+            except RuntimeError as exc:  # e.g. lr=1e39: the update itself overflows float32
+                if "overflow" not in str(exc):
+                    raise
+                raise self._diverged(f"the optimizer update overflowed at epoch {epoch + 1} step {i + 1} ({exc}; "
+                                     f"lr={self.optimizer.param_groups[0]['lr']:g})") from exc
             self.scaler.update()
             if not isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
                 self.scheduler.step()
@@ -208,6 +211,9 @@ class Trainer:
                 totals[k] = totals.get(k, 0.0) + v
                 counts[k] = counts.get(k, 0) + 1
             bar.set_postfix(loss=f"{totals['loss'] / counts['loss']:.3f}")
+            last_batch = batch
+        if last_batch is not None:
+            self._check_last_update(epoch, last_batch, plan.mode)
         # Loss parts appear only in batches that have them (e.g. a task's CE needs a labelled image),
         # and ranks see different batches: merge sums and counts per key over all ranks.
         sums: dict[str, float] = {}
@@ -217,6 +223,29 @@ class Trainer:
                 sums[k] = sums.get(k, 0.0) + v
                 seen[k] = seen.get(k, 0) + rank_counts[k]
         return {f"train/{k}": sums[k] / seen[k] for k in sorted(sums)}
+
+    def _check_last_update(self, epoch: int, batch: dict, mode: str) -> None:
+        """Raise TrainingDiverged if the epoch's last update broke the weights.
+
+        Each loss is checked before its update, so the last update of an epoch (the only one, with one
+        step per epoch) would otherwise reach evaluation unchecked. The last batch's loss is recomputed
+        with the new weights, in eval mode so that BatchNorm statistics and dropout are left alone."""
+        with torch.no_grad(), torch.autocast(device_type=self.device.type, enabled=self.amp):
+            self.model.eval()
+            loss, _ = self.step(self.model, batch, mode)
+            self.model.train()
+        finite = bool(torch.isfinite(loss)) and all(bool(torch.isfinite(p).all()) for p in self.model.parameters())
+        if all_reduce_mean(0.0 if finite else 1.0, self.info) > 0:
+            raise self._diverged(f"the weights after the last update of epoch {epoch + 1} give a loss of "
+                                 f"{loss.item()}")
+
+    def _diverged(self, what: str) -> TrainingDiverged:
+        """The divergence error: what happened, which checkpoint survives, and what to do."""
+        kept = (f"the last good checkpoint is kept at {self.last_path}" if self.last_path.exists() else
+                "no checkpoint was written yet (it diverged before the first validation)")
+        return TrainingDiverged(
+            f"[{self.name}] {what}; {kept}. Check the data, or lower the learning rate (optim.lr) and train "
+            f"again under a new name (name=...) or after deleting {self.out_dir}.")
 
     # --- the run -----------------------------------------------------------------------------------
     def fit(self) -> Path:

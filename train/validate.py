@@ -1,6 +1,6 @@
 """Check a dataset folder before anything trains on it, and report every problem with its line.
 
-    python -m train.validate data/odir                # every problem, exit 1 if any error
+    python -m train.validate data/odir                # every problem; exit 2 if any error (data to fix)
     python -m train.validate data/odir --manifest manifest_frac15.csv
     python -m train.validate data/odir --build-vocab  # (re)build vocab.json from the train split first
 
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from collections import Counter, defaultdict
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -22,14 +21,16 @@ from pathlib import Path
 
 from PIL import Image
 
-from deploy.errors import cli
+from deploy.errors import EXIT_OK, EXIT_USAGE, cli
 from deploy.preprocess import ImageError, load_image
+from deploy.vocab import Vocabulary, VocabularyError
 from train.data.manifest import (
     EYES,
     SPLITS,
     VOCAB_FILE,
     Dataset,
     DatasetError,
+    DatasetSpec,
     Row,
     build_vocabulary,
     load_spec,
@@ -159,6 +160,21 @@ def _image_problems(rows: list[Row], ds: Dataset, workers: int, decode: bool) ->
     return problems
 
 
+def _vocabulary_problems(root: Path, spec: DatasetSpec) -> list[Problem]:
+    """The text task's vocabulary must exist and load exactly as training will load it."""
+    if not any(t.kind == "text" for t in spec.tasks):
+        return []
+    path = root / spec.vocabulary
+    if not path.is_file():
+        return [Problem("error", 0, spec.vocabulary, f"vocabulary missing; run `python -m train.validate {root} "
+                        "--build-vocab`", "no_vocab")]
+    try:
+        Vocabulary.load(path)
+    except VocabularyError as exc:
+        return [Problem("error", 0, spec.vocabulary, str(exc), "bad_vocab")]
+    return []
+
+
 def validate_dataset(root: str | Path, manifest: str | None = None, check_images: bool = True,
                      workers: int | None = None) -> list[Problem]:
     """Every problem of a dataset folder, ordered by line; an unreadable spec/manifest is one error.
@@ -175,9 +191,7 @@ def validate_dataset(root: str | Path, manifest: str | None = None, check_images
         return [Problem("error", 0, "", str(exc), "unreadable")]
     ds = Dataset(root=root, spec=spec, rows=rows, vocabulary=None)
     problems = _row_problems(rows, ds) + _split_problems(rows, ds)
-    if any(t.kind == "text" for t in spec.tasks) and not (root / spec.vocabulary).is_file():
-        problems.append(Problem("error", 0, spec.vocabulary, f"vocabulary missing; run `python -m train.validate "
-                                f"{root} --build-vocab`", "no_vocab"))
+    problems += _vocabulary_problems(root, spec)
     problems += _image_problems(rows, ds, workers or min(8, os.cpu_count() or 1), decode=check_images)
     return sorted(problems, key=lambda p: (p.line, p.severity != "error"))
 
@@ -215,11 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
     args = parser.parse_args(argv)
     if args.build_vocab:
-        try:
-            print(rebuild_vocabulary(args.dataset, args.manifest, args.min_freq, args.max_len))
-        except (DatasetError, ValueError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
+        print(rebuild_vocabulary(args.dataset, args.manifest, args.min_freq, args.max_len))
     problems = validate_dataset(args.dataset, args.manifest, not args.no_images, args.workers)
     for p in problems:
         print(p)
@@ -227,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     n_err = sum(c for (sev, _), c in counts.items() if sev == "error")
     print(f"{n_err} error(s), {len(problems) - n_err} warning(s)"
           + (": " + ", ".join(f"{c} {code} ({sev})" for (sev, code), c in sorted(counts.items())) if counts else ""))
-    return 1 if n_err else 0
+    return EXIT_USAGE if n_err else EXIT_OK  # errors in the data are the user's to fix, like a bad config
 
 
 if __name__ == "__main__":

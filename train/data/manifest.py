@@ -116,12 +116,24 @@ def load_spec(root: str | Path) -> DatasetSpec:
     if not path.is_file():
         raise DatasetError(f"{path}: not found; a dataset folder needs dataset.yaml (run `make data` or an adapter)")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.safe_load(read_utf8(path))
     except yaml.YAMLError as exc:
         raise DatasetError(f"{path}: invalid YAML ({exc})") from exc
     if not isinstance(data, dict):
         raise DatasetError(f"{path}: expected a mapping with name and tasks")
     return DatasetSpec.from_dict(data, source=str(path))
+
+
+def read_utf8(path: Path) -> str:
+    """A text file's contents; DatasetError naming the line and the fix when it is not UTF-8."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")  # Excel's "CSV UTF-8" starts with a byte-order mark
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise DatasetError(f"{path}: line {line}: not UTF-8 text (byte 0x{raw[exc.start]:02x}; the file was probably "
+                           "saved as Latin-1/Windows-1252, Excel's default); save it as 'CSV UTF-8' or convert it: "
+                           f"iconv -f cp1252 -t utf-8 {path.name} > utf8.csv") from None
 
 
 def manifest_text(rows: list[Row], task_names: list[str]) -> str:
@@ -143,18 +155,21 @@ def read_manifest(path: str | Path, task_names: list[str]) -> list[Row]:
     path = Path(path)
     if not path.is_file():
         raise DatasetError(f"{path}: manifest not found")
-    with open(path, newline="", encoding="utf-8-sig") as fh:
-        reader = csv.DictReader(fh)
+    reader = csv.DictReader(io.StringIO(read_utf8(path), newline=""))
+    rows = []
+    try:
         header = reader.fieldnames or []
         missing = [c for c in (*BASE_COLUMNS, *task_names) if c not in header]
         if missing:
             raise DatasetError(f"{path}: missing columns {missing}; the header must contain "
                                f"{list(BASE_COLUMNS) + task_names}")
-        rows = []
-        for line, rec in enumerate(reader, start=2):
+        for rec in reader:
             rows.append(Row(path=(rec["path"] or "").strip(), patient_id=(rec["patient_id"] or "").strip(),
                             eye=(rec["eye"] or "").strip().lower(), split=(rec["split"] or "").strip().lower(),
-                            labels={t: (rec.get(t) or "").strip() for t in task_names}, line=line))
+                            labels={t: (rec.get(t) or "").strip() for t in task_names}, line=reader.line_num))
+    except csv.Error as exc:  # e.g. a field over csv's size limit: an unclosed quote runs to the end
+        raise DatasetError(f"{path}: line {reader.line_num}: not readable as CSV ({exc}); check the quotes on "
+                           "that line") from exc
     return rows
 
 

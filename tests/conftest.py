@@ -1,0 +1,65 @@
+"""Shared fixtures. `trained_run`: one tiny teachers + student + baseline run, trained through the real
+entry points and exported once per test session, shared by the training, compress and bench tests
+(each used to train its own). Tests that write into a run take a private copy (`copy_run`)."""
+
+from __future__ import annotations
+
+import os
+
+# The tests' models are tiny: one thread each is as fast, and on a machine whose cores are shared (CI,
+# several developers) OpenMP's spinning threads made single trainings 10-20x slower. Set before torch
+# is imported; subprocesses inherit it. An explicit OMP_NUM_THREADS wins.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+from tiny import make_tiny_dataset, write_tiny_config  # noqa: E402  (tests/ is on sys.path)
+
+REPO = Path(__file__).resolve().parents[1]
+# Enough epochs for the tiny models to learn the colours (the compress and bench checks need a real model).
+TRAINED = {"teachers.train.epochs": 4, "student.train.epochs": 4}
+
+
+@dataclass(frozen=True)
+class TrainedRun:
+    root: Path  # holds data/, runs/ and cfg.yaml
+    data: Path
+    config: Path
+    export_reports: dict
+
+    def copy(self, dest: Path, **extra) -> Path:
+        """A private copy of the run folder with its own config over the same (read-only) dataset."""
+        shutil.copytree(self.root / "runs", dest / "runs")
+        return write_tiny_config(dest / "cfg.yaml", self.data, dest / "runs", **TRAINED, **extra)
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory) -> TrainedRun:
+    from compress.export import export_all
+
+    root = tmp_path_factory.mktemp("trained")
+    data = make_tiny_dataset(root / "data", patients=36)
+    cfg = write_tiny_config(root / "cfg.yaml", data, root / "runs", **TRAINED)
+    for module in ("train.teachers", "train.student"):
+        proc = subprocess.run([sys.executable, "-m", module, "--config", str(cfg)], cwd=REPO,
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    reports = export_all(str(cfg), ["compress.models=[student,baseline,ensemble]"])
+    return TrainedRun(root, data, cfg, reports)
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads_restored():
+    """Some code under test sets torch's thread count for its own run (the benchmarks do): restore it,
+    so that one test cannot slow down every later one."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
