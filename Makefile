@@ -40,7 +40,7 @@ RUN ?= $(eval RUN := $(shell test -x $(PYTHON) && $(PYTHON) -m train.experiment 
 all: data check teachers student export compress bench  ## the whole pipeline (DATA=<dataset folder> for yours)
 
 help:
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+	@grep -E '^[a-z%-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
 
 $(STAMP): pyproject.toml constraints/train.txt
 	@test -x $(PYTHON) || $(PY) -m venv $(VENV)
