@@ -19,7 +19,7 @@ from train.checkpoint import (
     save_model,
     unflatten_state,
 )
-from train.models import ModelConfig, MultiTaskNet
+from train.models.multitask import ModelConfig, MultiTaskNet
 
 TASKS = [TaskSpec("coarse", "classification", ("a", "b", "c")), TaskSpec("diagnosis", "text")]
 

@@ -14,20 +14,17 @@ from deploy.contract import TaskSpec
 from deploy.preprocess import PreprocessSpec, preprocess_image
 from deploy.vocab import BOS_ID
 from train.config import ConfigError, from_dict
-from train.models import (
+from train.models.decoder import DiagnosisDecoder
+from train.models.multitask import ExportModel, ModelConfig, MultiTaskNet
+from train.models.pretrained import (
     LITE_MEAN,
     LITE_STD,
-    DiagnosisDecoder,
-    ExportModel,
-    ModelConfig,
-    MultiTaskNet,
     PretrainedError,
-    build,
     lite_weights_path,
     load_lite_weights,
     load_pretrained,
-    register,
 )
+from train.models.registry import build, register
 
 TINY = dict(backbone="test_efficientnet", head_hidden=16, embed_dim=8, decoder_hidden=12)
 TASKS = [

@@ -350,3 +350,14 @@ def test_csv_adapter_groups_eyepacs_eyes_by_patient_pattern(tmp_path):
     assert len(by_patient) == 12 and all(len(s) == 1 for s in by_patient.values())
     assert {r.eye for r in rows} == {"left", "right"}
     assert load_dataset(out).spec.task("level").ordinal
+
+
+def test_reading_and_checking_a_config_loads_no_torch(idrid_data):
+    """make computes RUN and `make check` fails a wrong config without importing torch/timm (seconds each)."""
+    code = ("import sys\nfrom deploy.errors import cli\nfrom train import experiment\n"
+            f"rc = cli(experiment.main, ['--config', 'configs/default.yaml', 'data.root={idrid_data}', '--check'])\n"
+            "assert rc == 2, rc\nassert cli(experiment.main, ['--print', 'run_dir']) == 0\n"
+            "print(sorted({'torch', 'timm'} & set(sys.modules)))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "[]"

@@ -18,7 +18,7 @@ from typing import Literal
 from deploy.errors import cli
 from train.config import ConfigError, load_config, read_overrides_file, split_overrides, to_dict
 from train.metrics import parse_floor
-from train.models.multitask import ModelConfig
+from train.models.config import ModelConfig
 
 
 @dataclass
@@ -303,7 +303,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cfg = load_experiment(args.config, config_overrides(args))
     if args.check:
-        from train.stage import load_splits  # the dataset check needs the data layer, not for --print
+        # The config check first: it needs no torch, so a wrong task name fails in well under a second.
+        from train.data.manifest import load_spec
+        from train.preflight import check_experiment
+
+        check_experiment(cfg, load_spec(cfg.data.root), f"config (data.root={cfg.data.root})")
+        from train.stage import load_splits  # the dataset validation and splits (loads torch)
 
         splits = load_splits(cfg)
         print(f"[check] {args.config} fits dataset {splits.data.spec.name!r} ({cfg.data.root}): "

@@ -20,11 +20,11 @@ from train.metrics import (
     present_ks,
     selectable_metrics,
 )
-from train.models.multitask import ModelConfig
-from train.models.pretrained import (
+from train.models.config import (
     LITE_SOURCES,
+    ModelConfig,
     PretrainedError,
-    _lite_variant,
+    lite_variant,
     lite_weights_path,
     validate_source,
 )
@@ -66,7 +66,7 @@ def _pretrained_problems(where: str, model: ModelConfig) -> list[str]:
     try:
         validate_source(model.pretrained)
         if model.pretrained in LITE_SOURCES:
-            _lite_variant(model.backbone, model.pretrained)
+            lite_variant(model.backbone, model.pretrained)
             lite_weights_path(int(model.pretrained[-1]))
         elif model.pretrained.endswith(".safetensors") and not Path(model.pretrained).is_file():
             return [f"{where}.pretrained: {model.pretrained} not found"]

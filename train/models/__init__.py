@@ -1,31 +1,6 @@
-"""Models: the multi-task network, its GRU decoder, offline pretrained weights, a build-by-name registry."""
+"""Models: the multi-task network (multitask.py), its GRU decoder (decoder.py), offline pretrained weights
+(pretrained.py), a build-by-name registry (registry.py) and the torch-free `model:` config (config.py).
 
-from train.models.decoder import DiagnosisDecoder
-from train.models.multitask import ClassificationHead, ExportModel, ModelConfig, MultiTaskNet, select_tasks
-from train.models.pretrained import (
-    LITE_MEAN,
-    LITE_STD,
-    PretrainedError,
-    lite_weights_path,
-    load_lite_weights,
-    load_pretrained,
-)
-from train.models.registry import build, register, registered
-
-__all__ = [
-    "LITE_MEAN",
-    "LITE_STD",
-    "ClassificationHead",
-    "DiagnosisDecoder",
-    "ExportModel",
-    "ModelConfig",
-    "MultiTaskNet",
-    "PretrainedError",
-    "build",
-    "lite_weights_path",
-    "load_lite_weights",
-    "load_pretrained",
-    "register",
-    "registered",
-    "select_tasks",
-]
+Nothing is re-exported here: importing the package must stay cheap, so that reading a config (config.py)
+does not load torch and timm.
+"""

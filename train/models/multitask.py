@@ -8,63 +8,15 @@ the text task (T3 diagnosis) gets the GRU DiagnosisDecoder. Teachers are built o
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from timm.models import group_modules
 from torch import Tensor, nn
 
 from deploy.contract import TaskSpec
+from train.models.config import ModelConfig  # noqa: F401 (re-exported: the model's own config)
 from train.models.decoder import DiagnosisDecoder
-from train.models.pretrained import load_pretrained, validate_source
+from train.models.pretrained import load_pretrained
 from train.models.registry import build, register
-
-
-@dataclass
-class ModelConfig:
-    """Architecture of a MultiTaskNet (the `model:` section of a training config).
-
-    backbone: a registered backbone or any timm model name (headless, pooled features).
-    pretrained: none | timm | efficientnet-lite0|1|2 | path/to/weights.safetensors (see models/pretrained.py).
-    tasks: names of the dataset tasks this model has heads for; None means all of them.
-    teacher_forcing: probability of feeding the ground-truth token at each decoder step in training;
-        below 1 the decoder runs step by step (scheduled sampling, the paper used 0.5), at 1 it uses the
-        fused GRU, which is much faster.
-    freeze_stages: how many leading backbone stages keep their pretrained weights fixed: 1 = the stem,
-        2 = the stem and the first block stage, and so on (timm's coarse parameter groups). Frozen stages
-        get no gradients and their BatchNorm statistics stay fixed, which makes CPU fine-tuning cheaper
-        and protects ImageNet features when labelled fundus images are few.
-    """
-
-    backbone: str = "efficientnet_lite0"
-    pretrained: str = "none"
-    tasks: list[str] | None = None
-    head_hidden: int = 512
-    dropout: float = 0.2
-    embed_dim: int = 256
-    decoder_hidden: int = 512
-    teacher_forcing: float = 1.0
-    freeze_stages: int = 0
-    decoder_context: bool = False  # also feed the image features at every decoder step (see decoder.py)
-
-    def __post_init__(self) -> None:
-        if not self.backbone:
-            raise ValueError("backbone must name a timm model, e.g. efficientnet_lite0 or resnet50")
-        validate_source(self.pretrained)
-        if self.tasks is not None:
-            if not self.tasks:
-                raise ValueError("tasks must list at least one task name (or be null for all tasks)")
-            if len(set(self.tasks)) != len(self.tasks):
-                raise ValueError(f"tasks has duplicates: {self.tasks}")
-        for name in ("head_hidden", "embed_dim", "decoder_hidden"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        if not 0.0 <= self.teacher_forcing <= 1.0:
-            raise ValueError(f"teacher_forcing must be in [0, 1], got {self.teacher_forcing}")
-        if self.freeze_stages < 0:
-            raise ValueError(f"freeze_stages must be >= 0, got {self.freeze_stages}")
 
 
 @register("mlp", kind="head")

