@@ -12,6 +12,9 @@ STAMP := $(VENV)/.installed-stamp
 SYNTHETIC := data/synthetic
 DATA ?= $(SYNTHETIC)
 override DATA := $(patsubst %/,%,$(DATA))
+ifneq ($(words $(DATA)),1)
+$(error DATA='$(DATA)' contains a space; make cannot pass such a path safely: rename or symlink the folder)
+endif
 DATA_CONFIG ?= configs/data.yaml
 # The synthetic default gets the CPU config tuned for it; any other dataset the real-photograph config.
 ifeq ($(DATA),$(SYNTHETIC))
@@ -31,7 +34,8 @@ STAGE_ARGS = --config '$(CONFIG)' 'data.root=$(DATA)' 'name=$(NAME)' --set "$$OV
 # Everything a stage writes lands in the run folder (runs/<name>/): asked from the resolved config, so
 # an override of name or runs_root is followed too; computed once.
 RUN ?= $(eval RUN := $(shell test -x $(PYTHON) && $(PYTHON) -m train.experiment --config '$(CONFIG)' \
-	'data.root=$(DATA)' 'name=$(NAME)' --set '$(OVERRIDES)' $(if $(OVERRIDES_FILE),--overrides-file '$(OVERRIDES_FILE)') \
+	'data.root=$(DATA)' 'name=$(NAME)' --set '$(subst ','\'',$(OVERRIDES))' \
+	$(if $(OVERRIDES_FILE),--overrides-file '$(OVERRIDES_FILE)') \
 	--print run_dir 2>/dev/null || echo runs/$(NAME)))$(RUN)
 
 .PHONY: all venv data check validate teachers student experiment-fractions export compress engine bench \
@@ -83,13 +87,13 @@ compress: $(STAMP)  ## INT8 (cpu + tensorrt flavours) and FP16 ONNX with the acc
 	$(PYTHON) -m compress.quantize $(STAGE_ARGS)
 
 engine:  ## TensorRT engines, on the device (DEPLOY_PY=python3 with tensorrt + pycuda or cuda-python)
-	$(DEPLOY_PY) -m deploy.build_engine $(RUN)/onnx/student.int8-tensorrt.onnx --precision int8 $(ENGINE_FLAGS)
-	$(DEPLOY_PY) -m deploy.build_engine $(RUN)/onnx/student.fp16.onnx --precision fp16 $(ENGINE_FLAGS)
+	$(DEPLOY_PY) -m deploy.build_engine '$(RUN)/onnx/student.int8-tensorrt.onnx' --precision int8 $(ENGINE_FLAGS)
+	$(DEPLOY_PY) -m deploy.build_engine '$(RUN)/onnx/student.fp16.onnx' --precision fp16 $(ENGINE_FLAGS)
 
 MODEL ?= $(RUN)/onnx/student.int8-cpu.onnx
 IMAGES ?= $(wordlist 1,4,$(sort $(wildcard $(DATA)/images/*.jpg $(DATA)/images/*.png)))
 predict:  ## on-device inference with the torch-free runtime (MODEL=..., IMAGES=..., DEPLOY_PY=...)
-	$(DEPLOY_PY) -m deploy.predict $(MODEL) $(IMAGES)
+	$(DEPLOY_PY) -m deploy.predict '$(MODEL)' $(IMAGES)
 
 bench: $(STAMP)  ## accuracy + latency of every artifact: report.md / report.json / plots
 	$(PYTHON) -m benchmarks.bench $(STAGE_ARGS)
@@ -114,10 +118,10 @@ ENGINES ?= $(wildcard $(RUN)/onnx/*.trt.engine)
 .PHONY: bench-device gpu-check device-deps
 
 bench-device:  ## latency, GPU memory and mJ/image per engine/model on the device (ENGINES=..., IMAGES=...)
-	$(DEPLOY_PY) -m benchmarks.device_bench $(or $(ENGINES),$(MODEL)) --images $(IMAGES) --out $(RUN)/bench-device
+	$(DEPLOY_PY) -m benchmarks.device_bench $(or $(ENGINES),$(MODEL)) --images $(IMAGES) --out '$(RUN)/bench-device'
 
 gpu-check: $(STAMP)  ## any NVIDIA GPU: engines, CUDA FP16 + graphs, ORT-CUDA, AMP steps -> JSON + Markdown
-	$(PYTHON) -m benchmarks.gpu_check --run $(RUN) --out $(RUN)/gpu-check
+	$(PYTHON) -m benchmarks.gpu_check --run '$(RUN)' --out '$(RUN)/gpu-check'
 
 device-deps: $(STAMP)  ## CI: the device install resolves for JetPack 6 / x86-64; deploy tests pass at the lower bounds
 	$(PYTHON) .ci/device_deps.py all

@@ -33,6 +33,7 @@ from deploy.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, MissingInput, UserEr
 from deploy.fileio import atomic_write, atomic_write_text, sha256_file
 from train.data.torch_data import FundusImages
 from train.experiment import add_config_args, config_overrides, load_experiment
+from train.fit_check import check_tasks, vocabulary_sha256
 from train.stage import Splits, image_set, load_splits
 
 
@@ -71,6 +72,7 @@ def quantize_model(name: str, cfg, ccfg: CompressConfig, splits: Splits) -> dict
         raise MissingInput(f"{fp32}: missing; run `make export` first")
     contract = load_contract(fp32)
     tasks = contract.tasks
+    check_tasks(fp32, tasks, splits.data, vocabulary_sha256(contract.vocabulary))  # not a stale export
     val = image_set(splits, splits.val, tasks, contract.preprocessing)
     images, available = calibration_source(splits, contract, cfg.seed)
     text = [t.name for t in tasks if t.kind == "text"]

@@ -232,3 +232,27 @@ def test_selection_prefers_a_model_that_sees_the_minority_class():
         scores[name] = selection_score(metrics, [task])
     assert scores["seeing"] > scores["majority"]
     assert selection_score(evaluate({"dme": majority}, {"dme": labels}, [task], None), [task], "dme/accuracy") == 0.8
+
+
+def test_kappa_uses_both_histograms_and_mae_counts_every_grade_off():
+    labels, preds = np.array([0, 0, 0, 1, 2]), np.array([0, 1, 2, 2, 2])
+    o = np.array([[1, 1, 1], [0, 0, 1], [0, 0, 1]], float)
+    w = np.array([[0, .25, 1], [.25, 0, .25], [1, .25, 0]])
+    e = np.outer([3, 1, 1], [1, 1, 3]) / 5  # true x predicted histograms, not true x true
+    assert quadratic_kappa(labels, preds, 3) == pytest.approx(1 - (w * o).sum() / (w * e).sum())
+    task = TaskSpec("g", "classification", ("0", "1", "2"), ordinal=True)
+    m = classification_metrics(np.eye(3)[[0, 2]] * 0.9 + 0.1 / 3, np.array([1, 1]), task.classes, ordinal=True)
+    assert m["mae"] == pytest.approx(1.0)  # one under, one over: both count
+
+
+def test_selection_score_is_the_mean_of_primary_metrics_with_bleu_scaled():
+    vocab, tasks = _vocab(), [_tasks()[0], _tasks()[2]]
+    ids = np.array([vocab.encode_padded(t) for t in ["normal fundus", "glaucoma"]])
+    outputs = {"coarse": np.array([[0.8, 0.1, 0.1], [0.7, 0.2, 0.1]]), "text": ids}
+    m = evaluate(outputs, {"coarse": np.array([0, 1]), "text": ["normal fundus", "mild retinopathy"]}, tasks, vocab)
+    heads = headline(m, tasks)
+    expected = (heads["coarse/balanced_accuracy"] + heads["text/bleu"] / 100) / 2
+    assert selection_score(m, tasks) == pytest.approx(expected)
+    # top5 named for a 3-class task (no top5): its primary metric stands in, never 0.
+    assert selection_score(m, tasks, "top5") == pytest.approx(expected)
+    assert selection_score(m, tasks, "coarse/kappa") == 0.0  # not computed here: a score of 0, no crash

@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from raw_fixtures import write_aptos, write_idrid, write_odir
 from test_deploy import BLOCKER
@@ -361,3 +362,135 @@ def test_reading_and_checking_a_config_loads_no_torch(idrid_data):
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == "[]"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("bench.floors=['student.*:edema_risk/joint_accuracy=0.5']", "names metric 'edema_risk/joint_accuracy'"),
+    ("student.model.tasks=[grade]", "student.model.tasks names unknown task(s) ['grade']"),
+    ("student.model.pretrained=/nope.safetensors", "/nope.safetensors not found"),
+    ("compress.models=[stduent]", "compress.models: unknown ['stduent']"),
+    ("student.train.select_metric=dr_grade/mae", "is lower-is-better"),
+    ("student.train.select_metric=mae", "use one of"),
+])
+def test_more_config_mistakes_are_named_before_training(idrid_data, override, message):
+    cfg = load_experiment("configs/real.yaml", [f"data.root={idrid_data}", override])
+    with pytest.raises(ConfigError) as err:
+        load_splits(cfg)
+    assert message in str(err.value)
+
+
+def test_joint_and_ordinal_keys_are_valid_names_for_an_idrid_dataset(idrid_data):
+    spec = load_dataset(idrid_data).spec
+    assert spec.task("dr_grade").ordinal and spec.task("edema_risk").ordinal
+    assert spec.joint == [("dr_grade", "edema_risk")]
+    cfg = load_experiment("configs/real.yaml", [f"data.root={idrid_data}",
+                                                "student.train.select_metric=dr_grade+edema_risk/joint_accuracy",
+                                                "bench.floors=['student.*:dr_grade/kappa=0.1']"])
+    load_splits(cfg)  # accepted
+
+
+def test_many_tasks_do_not_silently_make_dozens_of_teachers(idrid_data):
+    from train.preflight import experiment_problems
+
+    spec = load_dataset(idrid_data).spec
+    from deploy.contract import TaskSpec
+
+    wide = type(spec)(name="wide", tasks=[TaskSpec(f"t{i}", "classification", ("a", "b")) for i in range(5)])
+    cfg = load_experiment("configs/real.yaml")
+    assert any("31 teachers" in p for p in experiment_problems(cfg, wide))
+    cfg = load_experiment("configs/real.yaml", ["teachers.members=[{name: all, tasks: [t0, t1, t2, t3, t4]}]"])
+    assert not any("teachers" in p for p in experiment_problems(cfg, wide))
+
+
+def test_a_model_task_the_dataset_lacks_or_a_changed_grade_flag_is_refused(idrid_data):
+    from deploy.contract import TaskSpec
+    from train.data.manifest import DatasetError
+    from train.fit_check import check_tasks
+
+    data = load_dataset(idrid_data)
+    with pytest.raises(DatasetError, match="trained for task 'grade'"):
+        check_tasks("m.safetensors", [TaskSpec("grade", "classification", ("a", "b"))], data)
+    nominal = TaskSpec("edema_risk", "classification", data.spec.task("edema_risk").classes)
+    with pytest.raises(DatasetError, match="edema_risk"):
+        check_tasks("m.safetensors", [nominal], data)
+
+
+def test_csv_adapter_joint_columns_and_numeric_grades(tmp_path):
+    from train.data.manifest import DatasetError
+
+    raw = write_aptos(tmp_path / "raw", images=30)
+    text = raw.read_text().splitlines()
+    (tmp_path / "two.csv").write_text("\n".join([text[0] + ",risk"] + [f"{r},{i % 3}" for i, r in enumerate(text[1:])]))
+    args = ["csv", "--src", str(tmp_path / "two.csv"), "--images", str(raw.parent / "train_images"),
+            "--path-column", "id_code", "--label-columns", "diagnosis,risk"]
+    assert adapt_main([*args, "--joint", "diagnosis,risk", "--out", str(tmp_path / "j")]) == 0
+    assert load_dataset(tmp_path / "j").spec.joint == [("diagnosis", "risk")]
+    named = tmp_path / "named.csv"
+    named.write_text("\n".join([text[0]] + [f"{r.split(',')[0]},{'abc'[i % 3]}" for i, r in enumerate(text[1:])]))
+    with pytest.raises(DatasetError, match="non-numeric"):
+        adapt_main(["csv", "--src", str(named), "--images", str(raw.parent / "train_images"), "--path-column",
+                    "id_code", "--label-columns", "diagnosis", "--ordinal-columns", "diagnosis",
+                    "--out", str(tmp_path / "n")])
+
+
+def test_summary_columns_and_per_class_recall(tmp_path):
+    from deploy.contract import TaskSpec
+    from train.stage import class_weights
+    from train.summary import per_class_section, summary_columns
+
+    five = TaskSpec("g", "classification", tuple("abcde"), ordinal=True)
+    seven = TaskSpec("f", "classification", tuple("abcdefg"))
+    keys = [k for k, _ in summary_columns([five, seven], [("g", "f")])]
+    assert "g/top5" not in keys and "f/top5" in keys and "g/kappa" in keys and "f/balanced_accuracy" in keys
+    assert keys[-1] == "g+f/joint_accuracy"
+    metrics = {"g": {"n": 4, "per_class_recall": {"a": 0.5, "b": 1.0, "c": None, "d": 0.0, "e": 1.0},
+                     "support": {"a": 2, "b": 1, "c": 0, "d": 1, "e": 0}, "confusion_matrix": np.eye(5, dtype=int).tolist()}}
+    lines = per_class_section("student", metrics, [five], tmp_path)
+    assert "a 50% (2)" in lines[-1] and "c — (0)" in lines[-1] and (tmp_path / "confusion_student_g.png").is_file()
+    stub = type("S", (), {"targets": {"g": np.array([0, 0, 0, 1, -1])}})()
+    assert class_weights(stub, [five], "inverse")["g"] is not None and class_weights(stub, [five], "none")["g"] is None
+
+
+def test_the_bench_scores_the_whole_split_by_default(idrid_data):
+    from benchmarks.accuracy import TestImages, sample_rows
+    from train.experiment import BenchConfig
+
+    assert BenchConfig().max_test_images is None
+    for config in REPO.glob("configs/*.yaml"):
+        assert "max_test_images" not in config.read_text(), config
+    splits = load_splits(load_experiment("configs/real.yaml", [f"data.root={idrid_data}"]))
+    assert TestImages(splits).rows == list(splits.test)
+    assert TestImages(splits, 3, seed=1).rows == sample_rows(list(splits.test), 3, 1)
+
+
+def test_every_later_stage_refuses_models_of_an_older_dataset_yaml(trained_run, tmp_path, capsys):
+    """Class order changed after training: student, export, compress and bench all refuse, naming the file."""
+    import shutil
+
+    import torch
+
+    from benchmarks.bench import main as bench_main
+    from compress.export import main as export_main
+    from compress.quantize import main as quantize_main
+    from train.calibrate import teacher_ensemble
+    from train.data.manifest import DatasetError
+
+    data = tmp_path / "data"
+    shutil.copytree(trained_run.data, data)
+    spec = (data / "dataset.yaml").read_text()
+    assert "  - red\n  - green\n" in spec
+    (data / "dataset.yaml").write_text(spec.replace("  - red\n  - green\n", "  - green\n  - red\n"))
+    cfg_path = trained_run.copy(tmp_path)
+    args = ["--config", str(cfg_path), f"data.root={data}"]
+    cfg = load_experiment(str(cfg_path), [f"data.root={data}"])
+    with pytest.raises(DatasetError, match=r"teachers/t_cls/best.safetensors: task 'coarse'"):
+        teacher_ensemble(cfg, load_splits(cfg), torch.device("cpu"))
+    capsys.readouterr()
+    assert cli(export_main, args) == 2
+    assert "best.safetensors: task 'coarse' was trained with classes ['red', 'green', 'blue']" in capsys.readouterr().err
+    assert cli(quantize_main, args) != 0
+    assert "student.onnx: task 'coarse'" in capsys.readouterr().err
+    cli(bench_main, [*args, "--only", "student.fp32"])
+    report = json.loads((tmp_path / "runs" / "tiny" / "bench" / "report.json").read_text())
+    record = next(r for r in report["artifacts"] if r["name"] == "student.fp32")
+    assert record["status"] == "failed" and "task 'coarse'" in record["reason"]

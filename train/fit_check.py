@@ -41,7 +41,7 @@ def check_tasks(where: str | Path, model_tasks: list[TaskSpec], data: Dataset,
             raise DatasetError(f"{where}: trained for task {task.name!r}, which {spec_file} does not have "
                                f"(tasks: {data.spec.task_names}); {fix}")
         current = data.spec.task(task.name)
-        if (current.kind, current.classes) != (task.kind, task.classes):
+        if (current.kind, current.classes, current.ordinal) != (task.kind, task.classes, task.ordinal):
             raise DatasetError(f"{where}: task {task.name!r} was trained with classes {list(task.classes)}, but "
                                f"{spec_file} now lists {list(current.classes)} (output i is class i, so the order "
                                f"matters); {fix}")

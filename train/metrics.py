@@ -310,7 +310,8 @@ def primary_metric(task: TaskSpec, select: str = "auto") -> str:
 
 
 def selectable_metrics() -> tuple[str, ...]:
-    return ("auto", *HEADLINE_KEYS["classification"])
+    """Metric names `select_metric` may give: higher is better for each (mae, an error, is not one)."""
+    return ("auto", *(k for k in HEADLINE_KEYS["classification"] if k not in LOWER_IS_BETTER))
 
 
 def to_points(key: str, value: float) -> float:

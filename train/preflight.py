@@ -15,6 +15,7 @@ from train.data.manifest import DatasetSpec
 from train.experiment import ExperimentConfig, teacher_specs
 from train.metrics import (
     HEADLINE_KEYS,
+    LOWER_IS_BETTER,
     joint_key,
     parse_floor,
     present_ks,
@@ -30,6 +31,7 @@ from train.models.config import (
 )
 
 MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 32, 2048
+MAX_AUTO_TEACHERS = 15  # 4 tasks; 5 would be 31 teachers
 EXPORTABLE = ("student", "baseline", "ensemble", "teachers")
 QUANTIZABLE = ("student", "baseline")
 
@@ -55,6 +57,9 @@ def _tasks_problems(where: str, named: list[str] | dict, spec: DatasetSpec) -> l
 
 def _select_problems(where: str, select: str, keys: set[str]) -> list[str]:
     if "/" in select:
+        if select.endswith(LOWER_IS_BETTER):
+            return [f"{where}={select!r} is lower-is-better; checkpoints are kept by the highest score, "
+                    "pick a score such as kappa or balanced_accuracy"]
         return [] if select in keys else [f"{where}={select!r} is not a metric of this dataset; one of {sorted(keys)}"]
     if select not in selectable_metrics():
         return [f"{where}={select!r}: use one of {list(selectable_metrics())} or a task metric such as "
@@ -103,6 +108,9 @@ def experiment_problems(cfg: ExperimentConfig, spec: DatasetSpec) -> list[str]:
     except ConfigError as exc:
         problems.append(str(exc))
         members = []
+    if cfg.teachers.members is None and len(members) > MAX_AUTO_TEACHERS:
+        problems.append(f"{len(spec.task_names)} tasks make {len(members)} teachers (one per task subset); list "
+                        f"the ones to train in teachers.members (e.g. one per task plus one with all tasks)")
     for where, train in (("teachers.train", cfg.teachers.train), ("student.train", cfg.student.train)):
         problems += _select_problems(f"{where}.select_metric", train.select_metric, keys)
     models = [("teachers.model", cfg.teachers.model), ("student.model", cfg.student.model)]
