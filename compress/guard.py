@@ -83,10 +83,37 @@ def metric_drops(reference: dict, candidate: dict, tasks: list[TaskSpec]) -> dic
             for key, _ in guarded_metrics(tasks)}
 
 
-def within(drops: dict[str, float], guard: GuardConfig, tasks: list[TaskSpec]) -> bool:
-    limits = {"accuracy": guard.max_drop_accuracy_points, "top5": guard.max_drop_top5_points,
+def one_image_points(key: str, labels: np.ndarray, num_classes: int) -> float:
+    """How many points one validation image can move `key`: 100/N for accuracy-like metrics and kappa;
+    100/(classes present x smallest class) for balanced accuracy (an image of the rarest class)."""
+    labels = np.asarray(labels)
+    counts = np.bincount(labels[labels >= 0], minlength=num_classes)
+    present = counts[counts > 0]
+    if not present.size:
+        return 0.0
+    if key.endswith("/balanced_accuracy"):
+        return 100.0 / (len(present) * present.min())
+    return 100.0 / present.sum()
+
+
+def metric_limits(guard: GuardConfig, tasks: list[TaskSpec], targets: dict | None = None) -> dict[str, float]:
+    """The allowed drop of each guarded metric: its configured points, widened to `guard.noise_images`
+    images' worth on this validation split (`targets`: task -> class ids, -1 = no label). BLEU: as set."""
+    points = {"accuracy": guard.max_drop_accuracy_points, "top5": guard.max_drop_top5_points,
               "bleu": guard.max_drop_bleu}
-    return all(drops[k] <= limits[kind] for k, kind in guarded_metrics(tasks) if k in drops)
+    by_name = {t.name: t for t in tasks}
+    limits = {}
+    for key, kind in guarded_metrics(tasks):
+        task = by_name[key.split("/")[0]]
+        noise = 0.0
+        if kind != "bleu" and targets is not None and task.name in targets:
+            noise = guard.noise_images * one_image_points(key, targets[task.name], task.num_classes)
+        limits[key] = round(max(points[kind], noise), 3)
+    return limits
+
+
+def within(drops: dict[str, float], limits: dict[str, float]) -> bool:
+    return all(drops[k] <= limit for k, limit in limits.items() if k in drops)
 
 
 class Guard:
@@ -100,6 +127,8 @@ class Guard:
         self.images, self.cfg, self.patterns = calibration_images, ccfg, float_patterns
         self.ranges = range_cache  # (method, n_images) -> TensorsData, shared by the flavours
         self.fp32_outputs, self.fp32_metrics = reference
+        targets = getattr(val, "targets", None)  # class ids of the validation images (noise allowance)
+        self.limits = metric_limits(ccfg.guard, tasks, targets)
         self.attempts: list[Attempt] = []
 
     def _ranges(self, method: str, n: int):
@@ -123,7 +152,7 @@ class Guard:
         outputs, metrics = evaluate_onnx(out, self.val, self.tasks, self.cfg.threads)
         drops = metric_drops(self.fp32_metrics, metrics, self.tasks)
         agree = agreement(outputs, self.fp32_outputs, self.tasks, self.val.dataset.vocabulary)
-        attempt = Attempt(step, method, n, list(float_layers), drops, agree, within(drops, self.cfg.guard, self.tasks),
+        attempt = Attempt(step, method, n, list(float_layers), drops, agree, within(drops, self.limits),
                           round(time.perf_counter() - t0, 2), metrics)
         self.attempts.append(attempt)
         print(f"  [{self.flavour}] {step}: {method}, {n} images, {len(float_layers)} float layers -> drops "
@@ -165,8 +194,7 @@ class Guard:
         tried = "\n".join(f"  - {a.step}: {a.method}, {a.images} images, float layers {a.float_layers}: "
                           f"drops {a.drops}" for a in self.attempts)
         raise GuardFailed(f"{self.fp32_path.name} [{self.flavour}]: no attempt stayed within the accuracy "
-                          f"guard ({guard.max_drop_accuracy_points} acc / {guard.max_drop_top5_points} top-5 / "
-                          f"{guard.max_drop_bleu} BLEU):\n{tried}\nUse more or more representative "
+                          f"guard (limits in points {self.limits}):\n{tried}\nUse more or more representative "
                           f"calibration images, or relax compress.guard.", self.attempts)
 
     def _sensitive(self, method: str, n: int, candidate: Path) -> Attempt | None:
@@ -196,10 +224,8 @@ class Guard:
         return attempt
 
     def _worst_drops(self, drops: dict[str, float]) -> float:
-        """The largest drop relative to its threshold (> 1 means over the limit)."""
-        g = self.cfg.guard
-        scale = {"accuracy": g.max_drop_accuracy_points, "top5": g.max_drop_top5_points, "bleu": g.max_drop_bleu}
-        return max((drops[k] / max(scale[kind], 1e-9) for k, kind in guarded_metrics(self.tasks) if k in drops), default=0.0)
+        """The largest drop relative to its limit (> 1 means over the limit)."""
+        return max((drops[k] / max(limit, 1e-9) for k, limit in self.limits.items() if k in drops), default=0.0)
 
     def _worst(self, attempt: Attempt) -> float:
         return self._worst_drops(attempt.drops) if attempt.drops else float("inf")

@@ -13,7 +13,7 @@ import pytest
 from onnx import TensorProto, helper
 
 import compress.guard as guard_mod
-from compress.guard import Guard, GuardFailed, metric_drops, within
+from compress.guard import Guard, GuardFailed, metric_drops, metric_limits, one_image_points, within
 from compress.quantize import markdown
 from compress.settings import CompressConfig, GuardConfig
 from deploy.contract import TaskSpec
@@ -47,7 +47,22 @@ def test_drops_are_in_points_and_the_limit_is_one_point(coarse, fine, bleu, ok):
     drops = metric_drops(FP32, _metrics(coarse, fine, bleu), TASKS)
     assert max(drops.values()) == pytest.approx(0.5 if ok else 1.5)
     assert set(drops) == {primary_metric(TASKS[0]), primary_metric(TASKS[1]), "fine/top5", "diagnosis/bleu"}
-    assert within(drops, GuardConfig(), TASKS) is ok
+    assert within(drops, metric_limits(GuardConfig(), TASKS)) is ok
+
+
+def test_limits_widen_to_the_noise_of_a_few_validation_images():
+    """198 images, smallest class 20: one image moves 3-class balanced accuracy by 100/60 points and
+    accuracy by 100/198; a drop of two images' worth is noise, not damage."""
+    coarse = np.repeat(np.arange(3), [100, 78, 20])
+    fine = np.arange(198) % 7
+    targets = {"coarse": coarse, "fine": fine}
+    assert one_image_points("coarse/balanced_accuracy", coarse, 3) == pytest.approx(100 / 60)
+    assert one_image_points("fine/top5", fine, 7) == pytest.approx(100 / 198)
+    limits = metric_limits(GuardConfig(noise_images=2), TASKS, targets)
+    assert limits[primary_metric(TASKS[0])] == pytest.approx(3.333)
+    assert limits["fine/top5"] == pytest.approx(1.01)  # max(1.0 configured, 2 x 0.505)
+    assert limits["diagnosis/bleu"] == 1.0  # BLEU: as configured
+    assert metric_limits(GuardConfig(noise_images=0), TASKS, targets)[primary_metric(TASKS[0])] == 1.0
 
 
 @pytest.fixture()
