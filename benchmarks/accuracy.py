@@ -21,7 +21,8 @@ from deploy.preprocess import PreprocessSpec
 from deploy.vocab import Vocabulary
 from train.data.torch_data import FundusImages
 from train.evaluate import score_outputs
-from train.metrics import LOWER_IS_BETTER, Floor, agreement, headline, parse_floor  # noqa: F401 (re-exported)
+from train.floors import Floor, parse_floor  # noqa: F401 (re-exported)
+from train.metrics import LOWER_IS_BETTER, agreement, headline  # noqa: F401 (re-exported)
 from train.stage import Splits, image_set
 
 CACHE_MB = 512  # preprocessed test images kept in memory up to this size

@@ -123,7 +123,7 @@ def save_checkpoint(path: str | Path, tensors: dict[str, Tensor], meta: dict) ->
         meta_json = json.dumps(meta, sort_keys=False)
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"{path}: meta is not JSON-serializable ({exc})") from exc
-    # Serialized here, not by safetensors' save_file: that writes its own ".tmpXXXXXX" next to the target,
+    # Serialized here, not by safetensors' save_file: that writes its own ".tmp<random>" next to the target,
     # which a kill would orphan where nothing cleans it; atomic_write's temporary files are cleaned.
     data = save(_prepare(tensors), metadata={META_KEY: meta_json})
     atomic_write_bytes(path, data)

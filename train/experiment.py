@@ -17,7 +17,7 @@ from typing import Literal
 
 from deploy.errors import cli
 from train.config import ConfigError, load_config, read_overrides_file, split_overrides, to_dict
-from train.metrics import parse_floor
+from train.floors import parse_floor
 from train.models.config import ModelConfig
 
 

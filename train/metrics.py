@@ -12,10 +12,7 @@ they can be written to JSON as they are; a metric that cannot be computed (nothi
 
 from __future__ import annotations
 
-import fnmatch
-import re
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import sacrebleu
@@ -363,48 +360,3 @@ def agreement(
                 same = [_until_eos(a) == _until_eos(b) for a, b in zip(s, r)]
             out[task.name] = {"sequence_agreement": float(np.mean(same)) if same else None, "n": len(same)}
     return out
-
-
-# --- floors: minimum (or maximum) values a report checks -------------------------------------------
-@dataclass(frozen=True)
-class Floor:
-    """A minimum (or, for ece/nll/kl, maximum) of one metric for the artifacts matching a pattern."""
-
-    pattern: str
-    metric: str
-    value: float
-
-    @property
-    def is_ceiling(self) -> bool:
-        return self.metric.endswith(LOWER_IS_BETTER)
-
-    def applies(self, artifact: str) -> bool:
-        return fnmatch.fnmatchcase(artifact, self.pattern)
-
-    def violation(self, metrics: dict[str, float]) -> str | None:
-        """Why `metrics` miss this floor, or None when met."""
-        got = metrics.get(self.metric)
-        if got is None:
-            return f"{self.metric} not measured (floor {self.value:g})"
-        if (got > self.value) if self.is_ceiling else (got < self.value):
-            return f"{self.metric} {got:.4g} {'>' if self.is_ceiling else '<'} {self.value:g}"
-        return None
-
-    def __str__(self) -> str:
-        return f"{self.pattern}:{self.metric}={self.value:g}"
-
-
-_FLOOR = re.compile(r"^(?P<pattern>[^:=\s]+):(?P<metric>[\w/]+)=(?P<value>[-+0-9.eE]+)$")
-
-
-def parse_floor(text: str) -> Floor:
-    """`student.int8-cpu:coarse/accuracy=0.8` -> Floor; ValueError with the expected form otherwise."""
-    match = _FLOOR.match(text.strip())
-    if not match:
-        raise ValueError(f"floor {text!r} must look like ARTIFACT:METRIC=VALUE, e.g. "
-                         "student.int8-cpu:coarse/accuracy=0.8 (accuracies are fractions, BLEU is 0-100)")
-    try:
-        value = float(match["value"])
-    except ValueError as exc:
-        raise ValueError(f"floor {text!r}: {match['value']!r} is not a number") from exc
-    return Floor(match["pattern"], match["metric"], value)

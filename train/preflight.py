@@ -13,11 +13,11 @@ from pathlib import Path
 from train.config import ConfigError
 from train.data.manifest import DatasetSpec
 from train.experiment import ExperimentConfig, teacher_specs
+from train.floors import parse_floor
 from train.metrics import (
     HEADLINE_KEYS,
     LOWER_IS_BETTER,
     joint_key,
-    parse_floor,
     present_ks,
     selectable_metrics,
 )
