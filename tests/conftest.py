@@ -63,3 +63,16 @@ def _torch_threads_restored():
     yield
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def idrid_data(tmp_path_factory) -> Path:
+    """A small dataset made by our IDRiD adapter from the raw release layout (tests/raw_fixtures.py)."""
+    from raw_fixtures import write_idrid
+
+    from train.adapt import main as adapt_main
+
+    root = tmp_path_factory.mktemp("idrid")
+    out = root / "idrid"
+    assert adapt_main(["idrid", "--src", str(write_idrid(root / "raw", train=40, test=6)), "--out", str(out)]) == 0
+    return out
