@@ -1,6 +1,9 @@
 """Shared fixtures. `trained_run`: one tiny teachers + student + baseline run, trained through the real
 entry points and exported once per test session, shared by the training, compress and bench tests
-(each used to train its own). Tests that write into a run take a private copy (`copy_run`)."""
+(each used to train its own). Tests that write into a run take a private copy (`copy_run`).
+
+Nothing here imports torch, yaml or the training stack at module level: the deploy tests also run in a
+venv that holds only the device dependencies (.ci/device_deps.py oldest)."""
 
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ import os
 # is imported; subprocesses inherit it. An explicit OMP_NUM_THREADS wins.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import importlib.util  # noqa: E402
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -18,7 +22,6 @@ from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
-from tiny import make_tiny_dataset, write_tiny_config  # noqa: E402  (tests/ is on sys.path)
 
 REPO = Path(__file__).resolve().parents[1]
 # Enough epochs for the tiny models to learn the colours (the compress and bench checks need a real model).
@@ -34,12 +37,16 @@ class TrainedRun:
 
     def copy(self, dest: Path, **extra) -> Path:
         """A private copy of the run folder with its own config over the same (read-only) dataset."""
+        from tiny import write_tiny_config
+
         shutil.copytree(self.root / "runs", dest / "runs")
         return write_tiny_config(dest / "cfg.yaml", self.data, dest / "runs", **TRAINED, **extra)
 
 
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory) -> TrainedRun:
+    from tiny import make_tiny_dataset, write_tiny_config
+
     from compress.export import export_all
 
     root = tmp_path_factory.mktemp("trained")
@@ -57,6 +64,9 @@ def trained_run(tmp_path_factory) -> TrainedRun:
 def _torch_threads_restored():
     """Some code under test sets torch's thread count for its own run (the benchmarks do): restore it,
     so that one test cannot slow down every later one."""
+    if importlib.util.find_spec("torch") is None:  # the device-install venv (.ci/device_deps.py oldest)
+        yield
+        return
     import torch
 
     threads = torch.get_num_threads()
