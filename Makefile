@@ -27,6 +27,8 @@ endif
 # Overrides travel through the environment as one string, so spaces, commas and braces reach Python
 # intact (train.config.split_overrides splits them); OVERRIDES_FILE is a YAML mapping.
 OVERRIDES ?=
+# Teachers trained at once, each its own process ('auto': one per GPU, else one per core with one thread).
+TEACHER_JOBS ?= auto
 OVERRIDES_FILE ?=
 export OVERRIDES OVERRIDES_FILE
 STAGE_ARGS = --config '$(CONFIG)' 'data.root=$(DATA)' 'name=$(NAME)' --set "$$OVERRIDES" \
@@ -69,7 +71,7 @@ validate: $(STAMP)  ## check a dataset folder and list every problem with its ro
 	$(PYTHON) -m train.validate '$(DATA)'
 
 teachers: $(STAMP)  ## train every teacher of the ensemble (resumes finished/interrupted ones)
-	$(PYTHON) -m train.teachers $(STAGE_ARGS)
+	$(PYTHON) -m train.teachers $(STAGE_ARGS) --jobs $(TEACHER_JOBS)
 
 teacher-%: $(STAMP)  ## train one teacher by name; `make -j N teacher-a teacher-b` runs them in parallel
 	$(PYTHON) -m train.teachers $(STAGE_ARGS) --only $*

@@ -40,6 +40,7 @@ def _trainer_steps(cfg, splits, world_size: int) -> int:
     ([], 1),
     (["student.train.batch_size=7", "student.train.min_steps=20"], 1),
     (["student.kd.schedule=staged", "student.kd.stage_epochs=[2,1,3]"], 1),
+    (["student.kd.labelled_share=0.7"], 1),
     (["student.train.max_steps_per_epoch=2", "student.train.epochs=3"], 2),
 ])
 def test_student_steps_match_the_training_loop(tiny_data, tmp_path, overrides, world_size):

@@ -220,6 +220,21 @@ def test_staged_schedule_follows_the_paper(tiny_data, tmp_path):
     assert list(plan(0).indices) == [0, 1] and list(plan(3).indices) == [2, 3, 4]
 
 
+def test_labelled_share_repeats_labelled_images_evenly_and_keeps_the_epoch_size(tiny_data, tmp_path):
+    labelled = np.array([True] * 4 + [False] * 36)
+    plans = {share: student_plan(load_experiment(write_tiny_config(
+        tmp_path / f"{share}.yaml", tiny_data, tmp_path / "runs", **{"student.kd.labelled_share": share})), labelled)
+        for share in (None, 0.5, 0.01)}
+    assert sorted(plans[None](0).indices) == list(range(40))  # null: the natural mix, every image once
+    for epoch in range(2):
+        idx = plans[0.5](epoch).indices
+        assert len(idx) == 40 and (idx < 4).sum() == 20
+        assert list(np.bincount(idx[idx < 4])) == [5, 5, 5, 5]  # every labelled image equally often
+        assert len(set(idx[idx >= 4])) == 20  # unlabelled: drawn without repeats
+    assert set(plans[0.5](0).indices[20:]) != set(plans[0.5](1).indices[20:])  # a fresh draw each epoch
+    assert (plans[0.01](0).indices < 4).sum() == 4  # never below the natural share
+
+
 def test_student_and_baseline_pipeline(trained_run):
     # The session's run: `python -m train.teachers` then `python -m train.student` (tests/conftest.py).
     run = trained_run.root / "runs" / "tiny"

@@ -132,10 +132,16 @@ class KDConfig:
     token_kd: bool = True  # token-level KL against the text teachers under teacher forcing
     sequence_kd: bool = True  # the ensemble's greedy diagnosis as the decoder target on unlabelled images
     use_unlabeled: bool = True
+    # joint schedule: the share of each epoch's images that are labelled (labelled images repeated,
+    # unlabelled ones drawn anew each epoch, the epoch's size unchanged). With a large pool the natural
+    # mix shows each labelled image only once or twice; null keeps the natural mix.
+    labelled_share: float | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.alpha <= 1:
             raise ValueError(f"kd.alpha must be in [0, 1], got {self.alpha}")
+        if self.labelled_share is not None and not 0 < self.labelled_share <= 1:
+            raise ValueError(f"kd.labelled_share must be in (0, 1] (or null), got {self.labelled_share}")
         if len(self.stage_epochs) != 3 or min(self.stage_epochs) < 0:
             raise ValueError("kd.stage_epochs must be 3 non-negative epoch counts")
 

@@ -1,7 +1,7 @@
 """A small KD sweep on the validation split: alpha, temperature, schedule and ensemble weighting.
 
     python -m train.sweep --config configs/default.yaml --alpha 0.5 0.8 0.95 --temperature 1 2 4 \\
-        --schedule joint staged --weighting mean calibrated_mean --steps 150
+        --schedule joint staged --weighting mean calibrated_mean --labelled-share natural 0.5 --steps 150
     make sweep-kd SWEEP_ARGS="--alpha 0.5 0.95 --steps 150"
 
 Every point of the grid trains the student from the cached teacher soft targets (made once, as
@@ -46,26 +46,32 @@ class Point:
     temperature: float | None  # None: the configured per-task temperatures
     schedule: str
     weighting: str
+    labelled_share: float | None = None  # None: the natural mix of labelled and unlabelled images
 
     @property
     def name(self) -> str:
         temp = CONFIGURED if self.temperature is None else f"{self.temperature:g}"
-        return f"a{self.alpha:g}-T{temp}-{self.schedule}-{self.weighting}"
+        share = "" if self.labelled_share is None else f"-L{self.labelled_share:g}"
+        return f"a{self.alpha:g}-T{temp}-{self.schedule}-{self.weighting}{share}"
 
     def overrides(self) -> list[str]:
+        share = "null" if self.labelled_share is None else self.labelled_share
         out = [f"student.kd.alpha={self.alpha}", f"student.kd.schedule={self.schedule}",
-               f"teachers.ensemble_weighting={self.weighting}"]
+               f"teachers.ensemble_weighting={self.weighting}", f"student.kd.labelled_share={share}"]
         if self.temperature is not None:
             out += ["student.kd.temperatures={}", f"student.kd.default_temperature={self.temperature}"]
         return out
 
 
 def grid(cfg: ExperimentConfig, alphas: list[float] | None, temperatures: list[str] | None,
-         schedules: list[str] | None, weightings: list[str] | None) -> list[Point]:
+         schedules: list[str] | None, weightings: list[str] | None, shares: list[str] | None = None) -> list[Point]:
     """Every combination of the given axes; an axis not given is the configured value."""
     temps = [None if t == CONFIGURED else float(t) for t in (temperatures or [CONFIGURED])]
-    return [Point(a, t, s, w) for a in (alphas or [cfg.student.kd.alpha]) for t in temps
-            for s in (schedules or [cfg.student.kd.schedule]) for w in (weightings or [cfg.teachers.ensemble_weighting])]
+    kd = cfg.student.kd
+    mixes = [None if m == "natural" else float(m) for m in shares] if shares else [kd.labelled_share]
+    return [Point(a, t, s, w, m) for a in (alphas or [kd.alpha]) for t in temps
+            for s in (schedules or [kd.schedule]) for w in (weightings or [cfg.teachers.ensemble_weighting])
+            for m in mixes]
 
 
 def budgeted(cfg: ExperimentConfig, steps: int | None) -> ExperimentConfig:
@@ -124,18 +130,19 @@ def sweep(config: str | None, overrides: list[str], points: list[Point], steps: 
         cfg = dataclasses.replace(budgeted(base, steps), runs_root=str(root), name=f"baseline-{budget}steps")
         print("=== sweep reference: labels-only baseline ===", flush=True)
         records.append({"point": "labels-only baseline", "alpha": None, "temperature": None, "schedule": None,
-                        "weighting": None, **run_point(cfg, splits, soft, "baseline", device, info, budget)})
+                        "weighting": None, "labelled_share": None, **run_point(cfg, splits, soft, "baseline", device, info, budget)})
     return sorted(records, key=lambda r: -r["val_score"])
 
 
 def markdown(records: list[dict], columns: list[tuple[str, str]], title: str) -> str:
     """The sweep table, best first: the parameters, the selection score and the headline metrics."""
-    head = ["point", "alpha", "temperature", "schedule", "weighting", "val score", *[c for _, c in columns], "steps"]
+    head = ["point", "alpha", "temperature", "schedule", "weighting", "labelled share", "val score", *[c for _, c in columns], "steps"]
     lines = [title, "", "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for r in records:
         temp = CONFIGURED if r["temperature"] is None and r["alpha"] is not None else r["temperature"]
+        share = r.get("labelled_share") or ("natural" if r["alpha"] is not None else None)
         cells = [r["point"], *("—" if v is None else f"{v:g}" if isinstance(v, float) else str(v)
-                               for v in (r["alpha"], temp, r["schedule"], r["weighting"])),
+                               for v in (r["alpha"], temp, r["schedule"], r["weighting"], share)),
                  f"{r['val_score']:.4f}"]
         for key, _ in columns:
             v = r["val"].get(key)
@@ -158,16 +165,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--temperature", nargs="+", help=f"KD temperatures for every task, or '{CONFIGURED}'")
     parser.add_argument("--schedule", nargs="+", choices=("joint", "staged"))
     parser.add_argument("--weighting", nargs="+", choices=WEIGHTINGS, help="ensemble weighting of the soft targets")
+    parser.add_argument("--labelled-share", nargs="+", metavar="S|natural",
+                        help="share of labelled images in each joint epoch (student.kd.labelled_share)")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per point (default: the config's)")
     parser.add_argument("--no-baseline", action="store_true", help="skip the labels-only reference row")
     args = parser.parse_args(argv)
     for t in args.temperature or []:
         if t != CONFIGURED and not _positive(t):
             parser.error(f"--temperature {t!r}: give positive numbers or '{CONFIGURED}'")
+    for m in args.labelled_share or []:
+        if m != "natural" and not (_positive(m) and float(m) <= 1):
+            parser.error(f"--labelled-share {m!r}: give shares in (0, 1] or 'natural'")
     try:
         base = load_experiment(args.config, config_overrides(args))
         info, device = init_distributed(base.device)
-        points = grid(base, args.alpha, args.temperature, args.schedule, args.weighting)
+        points = grid(base, args.alpha, args.temperature, args.schedule, args.weighting, args.labelled_share)
         records = sweep(args.config, config_overrides(args), points, args.steps, not args.no_baseline, device, info)
         tasks = load_splits(base).data.spec.tasks
         title = (f"# KD sweep ({base.name}): validation split, {len(points)} points, best first\n\n"

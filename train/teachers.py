@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from deploy.errors import cli
+from deploy.errors import RunFailed, cli
 from train.budget import teacher_train_config
 from train.checkpoint import load_model
 from train.config import ConfigError, to_dict
@@ -38,6 +38,7 @@ from train.fit_check import dataset_fingerprint
 from train.loop import EpochPlan, Trainer, config_fingerprint, seed_everything
 from train.losses import MultiTaskLoss
 from train.metrics import headline
+from train.parallel import Job, auto_jobs, run_parallel
 from train.stage import (
     Splits,
     build_model,
@@ -124,12 +125,36 @@ def train_teacher(cfg: ExperimentConfig, spec: TeacherSpec, splits: Splits, devi
     return metrics
 
 
+def job_count(text: str, teachers: int) -> int:
+    """--jobs as a number of parallel teacher processes."""
+    if text == "auto":
+        return auto_jobs(teachers, torch.cuda.device_count() if torch.cuda.is_available() else 0)
+    if not text.isdigit() or int(text) < 1:
+        raise ConfigError(f"--jobs {text!r}: give a positive number or 'auto'")
+    return min(int(text), max(1, teachers))
+
+
+def train_in_parallel(cfg: ExperimentConfig, args: argparse.Namespace, specs: list[TeacherSpec], jobs: int) -> int:
+    """Each teacher in its own `python -m train.teachers --only` process, `jobs` at a time."""
+    base = ["-m", "train.teachers", "--config", args.config, *config_overrides(args)]
+    todo = [Job(s.name, [*base, "--only", s.name], teacher_dir(cfg, s.name) / "train.log") for s in specs]
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() and cfg.device != "cpu" else 0
+    failed = [o.name for o in run_parallel(todo, jobs, gpus) if o.returncode != 0]
+    if failed:
+        raise RunFailed(f"teacher(s) {failed} failed (their train.log says why); the others are kept, "
+                        f"and `make teachers` resumes only what is missing")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(parser)
     parser.add_argument("--only", action="append", default=[], help="train only this teacher (repeatable)")
     parser.add_argument("--list", action="store_true", help="print the teacher names and exit")
     parser.add_argument("--gpu", default=None, help="'auto': teacher i on GPU i mod count (parallel make)")
+    parser.add_argument("--jobs", default="1", metavar="N|auto",
+                        help="teachers trained at once as separate processes ('auto': one per GPU, else one "
+                             "per core, threads split evenly); logs in each teacher's folder")
     args = parser.parse_args(argv)
     try:
         cfg = load_experiment(args.config, config_overrides(args))
@@ -144,6 +169,10 @@ def main(argv: list[str] | None = None) -> int:
         unknown = set(args.only) - {s.name for s in specs}
         if unknown:
             raise ConfigError(f"unknown teacher(s) {sorted(unknown)}; teachers: {[s.name for s in specs]}")
+        chosen = [s for s in specs if not args.only or s.name in args.only]
+        jobs = job_count(args.jobs, len(chosen))
+        if jobs > 1 and not info.enabled:
+            return train_in_parallel(cfg, args, chosen, jobs)
         for i, spec in enumerate(specs):
             if args.only and spec.name not in args.only:
                 continue

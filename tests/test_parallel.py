@@ -1,0 +1,79 @@
+"""Parallel teacher processes: threads split between jobs, one GPU per running job, failures kept apart."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+import train.parallel as parallel
+from train.parallel import Job, auto_jobs, run_parallel, threads_per_job
+
+# A job that records its environment and how long it ran, then exits with the given code.
+RECORD = ("import json, os, sys, time; t0 = time.time(); time.sleep(0.3); "
+          "print(json.dumps({'omp': os.environ['OMP_NUM_THREADS'], 'gpu': os.environ.get('CUDA_VISIBLE_DEVICES'), "
+          "'t0': t0, 't1': time.time()})); sys.exit(int(sys.argv[1]))")
+
+
+def _jobs(tmp_path, codes: list[int]) -> list[Job]:
+    return [Job(f"j{i}", ["-c", RECORD, str(code)], tmp_path / f"j{i}" / "train.log") for i, code in enumerate(codes)]
+
+
+@pytest.fixture
+def four_cores(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(parallel, "usable_cores", lambda: 4)
+
+
+def test_jobs_and_threads_share_the_cores(four_cores, monkeypatch):
+    assert auto_jobs(7, gpus=0) == 4 and auto_jobs(3, gpus=0) == 3 and auto_jobs(7, gpus=2) == 2
+    assert threads_per_job(2) == 2 and threads_per_job(4) == 1 and threads_per_job(8) == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's explicit choice wins
+    assert threads_per_job(2) == 3
+
+
+def test_a_failed_job_does_not_stop_the_others(four_cores, tmp_path, capsys):
+    outcomes = run_parallel(_jobs(tmp_path, [0, 3, 0]), workers=2)
+    assert [o.returncode for o in outcomes] == [0, 3, 0]
+    assert all(json.loads(o.last_line)["omp"] == "2" for o in outcomes)  # 4 cores / 2 jobs
+    out = capsys.readouterr().out
+    assert "[j1] FAILED (exit 3)" in out and out.count("] done in") == 2
+
+
+def test_running_jobs_never_share_a_gpu(four_cores, tmp_path):
+    outcomes = run_parallel(_jobs(tmp_path, [0] * 6), workers=2, gpus=2)
+    runs = [json.loads(o.last_line) for o in outcomes]
+    for a in runs:
+        for b in runs:
+            overlap = a is not b and a["t0"] < b["t1"] and b["t0"] < a["t1"]
+            assert not overlap or a["gpu"] != b["gpu"], (a, b)
+    assert {r["gpu"] for r in runs} == {"0", "1"}
+
+
+def test_teachers_train_in_parallel_processes(tiny_data, tmp_path):
+    """`--jobs 2` trains each teacher in its own process, with its log in the teacher's folder."""
+    from tiny import write_tiny_config
+
+    from deploy.errors import cli
+    from train.teachers import main
+
+    members = [{"name": "t_coarse", "tasks": ["coarse"]}, {"name": "t_fine", "tasks": ["fine"]}]
+    cfg = write_tiny_config(tmp_path / "c.yaml", tiny_data, tmp_path / "runs",
+                            **{"teachers.members": members, "teachers.train.epochs": 1})
+    assert cli(main, ["--config", str(cfg), "--jobs", "2"]) == 0
+    for name in ("t_coarse", "t_fine"):
+        folder = tmp_path / "runs" / "tiny" / "teachers" / name
+        assert (folder / "final.json").exists() and "test:" in (folder / "train.log").read_text()
+    assert cli(main, ["--config", str(cfg), "--jobs", "0"]) == 2
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    from tiny import make_tiny_dataset
+
+    return make_tiny_dataset(tmp_path_factory.mktemp("data") / "tiny")
+
+
+def test_parallel_module_is_torch_free():
+    assert "torch" not in sys.modules or parallel.__dict__.get("torch") is None
