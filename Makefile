@@ -29,6 +29,7 @@ endif
 OVERRIDES ?=
 # Teachers trained at once, each its own process ('auto': one per GPU, else one per core with one thread).
 TEACHER_JOBS ?= auto
+FRACTIONS_ARGS ?=
 OVERRIDES_FILE ?=
 export OVERRIDES OVERRIDES_FILE
 STAGE_ARGS = --config '$(CONFIG)' 'data.root=$(DATA)' 'name=$(NAME)' --set "$$OVERRIDES" \
@@ -79,8 +80,8 @@ teacher-%: $(STAMP)  ## train one teacher by name; `make -j N teacher-a teacher-
 student: $(STAMP)  ## distill the student and train the labels-only baseline, evaluate all on test
 	$(PYTHON) -m train.student $(STAGE_ARGS)
 
-experiment-fractions: $(STAMP)  ## teachers/student/baseline at 15/30/45/60/70% labels: table + plot
-	$(PYTHON) -m train.fractions $(STAGE_ARGS)
+experiment-fractions: $(STAMP)  ## teachers/student/baseline at 15/30/45/60/70/100% labels: table + plot
+	$(PYTHON) -m train.fractions $(STAGE_ARGS) --jobs $(TEACHER_JOBS) $(FRACTIONS_ARGS)
 
 export: $(STAMP)  ## ONNX FP32 of the student, baseline, teachers and ensemble, verified against PyTorch
 	$(PYTHON) -m compress.export $(STAGE_ARGS)

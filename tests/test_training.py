@@ -276,10 +276,11 @@ def test_text_metrics_group_by_the_models_own_classification_task(tiny_data):
 @pytest.mark.slow
 def test_label_fraction_experiment_table_and_plot(tiny_data, tmp_path):
     cfg = write_tiny_config(tmp_path / "c.yaml", tiny_data, tmp_path / "runs", **{
-        "teachers.members": [{"name": "t_all", "tasks": ["coarse", "fine", "diagnosis"]}],
+        "teachers.members": [{"name": "t_all", "tasks": ["coarse", "fine", "diagnosis"]},
+                             {"name": "t_coarse", "tasks": ["coarse"]}],
         "teachers.train.epochs": 2, "student.train.epochs": 1})
-    proc = subprocess.run([sys.executable, "-m", "train.fractions", "--config", str(cfg), "--fractions", "0.5", "1.0"],
-                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "-m", "train.fractions", "--config", str(cfg), "--fractions", "0.5", "1.0",
+                           "--jobs", "2"], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = tmp_path / "runs" / "tiny" / "fractions"
     rows = json.loads((out / "fractions.json").read_text())
@@ -287,6 +288,9 @@ def test_label_fraction_experiment_table_and_plot(tiny_data, tmp_path):
                                                            for m in ("ensemble", "student", "baseline",
                                                                      "linear probe")}
     assert (out / "fractions.png").stat().st_size > 0 and "| 50% | student |" in (out / "fractions.md").read_text()
+    # 100 % is the experiment's own run; teachers ran as parallel processes, each with its log.
+    assert (out.parent / "summary.json").exists() and not (tmp_path / "runs" / "tiny-frac100").exists()
+    assert (tmp_path / "runs" / "tiny-frac050" / "teachers" / "t_coarse" / "train.log").exists()
     half = load_dataset(tiny_data, manifest="manifest.frac050.seed0.csv")
     full = load_dataset(tiny_data)
     kept = {r.patient_id for r in half.split("train")}

@@ -134,9 +134,11 @@ def job_count(text: str, teachers: int) -> int:
     return min(int(text), max(1, teachers))
 
 
-def train_in_parallel(cfg: ExperimentConfig, args: argparse.Namespace, specs: list[TeacherSpec], jobs: int) -> int:
-    """Each teacher in its own `python -m train.teachers --only` process, `jobs` at a time."""
-    base = ["-m", "train.teachers", "--config", args.config, *config_overrides(args)]
+def train_in_parallel(cfg: ExperimentConfig, config: str, overrides: list[str], specs: list[TeacherSpec],
+                      jobs: int) -> int:
+    """Each teacher in its own `python -m train.teachers --only` process, `jobs` at a time; `config` and
+    `overrides` are what `cfg` was loaded from."""
+    base = ["-m", "train.teachers", "--config", config, *overrides]
     todo = [Job(s.name, [*base, "--only", s.name], teacher_dir(cfg, s.name) / "train.log") for s in specs]
     gpus = torch.cuda.device_count() if torch.cuda.is_available() and cfg.device != "cpu" else 0
     failed = [o.name for o in run_parallel(todo, jobs, gpus) if o.returncode != 0]
@@ -172,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         chosen = [s for s in specs if not args.only or s.name in args.only]
         jobs = job_count(args.jobs, len(chosen))
         if jobs > 1 and not info.enabled:
-            return train_in_parallel(cfg, args, chosen, jobs)
+            return train_in_parallel(cfg, args.config, config_overrides(args), chosen, jobs)
         for i, spec in enumerate(specs):
             if args.only and spec.name not in args.only:
                 continue
