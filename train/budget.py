@@ -13,6 +13,7 @@ import math
 from collections.abc import Callable
 
 from train.experiment import ExperimentConfig, TrainConfig
+from train.pool import student_rows
 from train.stage import Splits, image_set, preprocess_spec
 
 
@@ -41,7 +42,7 @@ def student_steps(cfg: ExperimentConfig, splits: Splits, world_size: int = 1) ->
     """Optimizer steps `make student` will spend on the KD student (no image is read)."""
     from train.student import student_plan  # train.student imports train.teachers, which imports us
 
-    rows = splits.train + (splits.unlabeled if cfg.student.kd.use_unlabeled else [])
+    rows = student_rows(cfg, splits)
     data = image_set(splits, rows, splits.data.spec.tasks, preprocess_spec(cfg, cfg.student.image_size))
     return schedule_steps(student_plan(cfg, data.labelled), student_train_config(cfg), world_size)
 

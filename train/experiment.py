@@ -132,6 +132,10 @@ class KDConfig:
     token_kd: bool = True  # token-level KL against the text teachers under teacher forcing
     sequence_kd: bool = True  # the ensemble's greedy diagnosis as the decoder target on unlabelled images
     use_unlabeled: bool = True
+    # Folders of unlabelled photographs that join the dataset's own pool at load time (train/pool.py);
+    # own_unlabeled: false leaves the dataset's own `unlabeled` split out.
+    unlabeled_pools: list[str] = field(default_factory=list)
+    own_unlabeled: bool = True
     # joint schedule: the share of each epoch's images that are labelled (labelled images repeated,
     # unlabelled ones drawn anew each epoch, the epoch's size unchanged). With a large pool the natural
     # mix shows each labelled image only once or twice; null keeps the natural mix.

@@ -120,6 +120,8 @@ def experiment_problems(cfg: ExperimentConfig, spec: DatasetSpec) -> list[str]:
         if model.tasks is not None:
             problems += _tasks_problems(f"{where}.tasks", model.tasks, spec)
     problems += _size_problems(cfg)
+    problems += [f"student.kd.unlabeled_pools: {folder!r} is not a folder (give folders of photographs)"
+                 for folder in cfg.student.kd.unlabeled_pools if not Path(folder).expanduser().is_dir()]
     problems += [f"compress.models: unknown {sorted(set(cfg.compress.models) - set(EXPORTABLE))}; use {list(EXPORTABLE)}"
                  ] if set(cfg.compress.models) - set(EXPORTABLE) else []
     problems += [f"compress.quantize: unknown {sorted(set(cfg.compress.quantize) - set(QUANTIZABLE))}; use "

@@ -38,6 +38,7 @@ from train.experiment import ExperimentConfig, TrainConfig, add_config_args, con
 from train.fit_check import dataset_fingerprint
 from train.loop import EpochPlan, Trainer, seed_everything
 from train.losses import MultiTaskLoss, ensemble_soft_targets, sequence_ce, soften
+from train.pool import student_rows
 from train.stage import (
     Splits,
     build_model,
@@ -140,7 +141,7 @@ def fit_student(cfg: ExperimentConfig, splits: Splits, role: str, device, info: 
     scfg = cfg.student
     tasks = splits.data.spec.tasks
     pre = preprocess_spec(cfg, scfg.image_size)
-    rows = splits.train + (splits.unlabeled if role == "student" and scfg.kd.use_unlabeled else [])
+    rows = student_rows(cfg, splits) if role == "student" else splits.train
     train_set = image_set(splits, rows, tasks, pre, scfg.train.augment)
     val_set = image_set(splits, splits.val, tasks, pre)
     text = next((t.name for t in tasks if t.kind == "text"), None)
@@ -187,7 +188,7 @@ def teacher_soft_targets(cfg: ExperimentConfig, splits: Splits, device, info: Di
     tasks = splits.data.spec.tasks
     ensemble, combination = teacher_ensemble(cfg, splits, device, info)
     paths = teacher_paths(cfg, splits)
-    rows = splits.train + (splits.unlabeled if cfg.student.kd.use_unlabeled else [])
+    rows = student_rows(cfg, splits)
     spec = preprocess_spec(cfg, cfg.teachers.image_size)
     key = {"rows": [r.path for r in rows], "preprocessing": spec.to_dict(),
            "teachers": {p.parent.name: sha256_file(p) for p in paths},
