@@ -11,7 +11,7 @@ from tiny import make_tiny_dataset, write_tiny_config
 
 from deploy.contract import TaskSpec
 from train.probe import fit_logistic
-from train.summary import below_floors
+from train.summary import below_floors, ensemble_behind_teachers
 
 
 def _blobs(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,6 +65,15 @@ def test_below_floor_flags_only_where_the_student_is_below():
                      "risk/balanced_accuracy": {"linear probe": pytest.approx(-2.0)},
                      "report/bleu": {"baseline": pytest.approx(-1.5)}}  # the probe has no text row
     assert below_floors({"student": rows["student"]}, tasks) == {}
+
+
+def test_ensemble_behind_its_best_teacher_is_flagged_per_column():
+    tasks = [TaskSpec("grade", "classification", tuple("abc")), TaskSpec("report", "text")]
+    rows = {"t_grade": {"grade/accuracy": 0.70, "grade/balanced_accuracy": 0.60},
+            "t_all": {"grade/accuracy": 0.74, "grade/balanced_accuracy": 0.50, "report/bleu": 40.0},
+            "ensemble": {"grade/accuracy": 0.72, "grade/balanced_accuracy": 0.65, "report/bleu": 40.0}}
+    behind = ensemble_behind_teachers(rows, ["t_grade", "t_all"], tasks)
+    assert behind == {"grade/accuracy": ("t_all", pytest.approx(-2.0))}  # a tie (BLEU) is not behind
 
 
 @pytest.mark.slow

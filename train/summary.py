@@ -90,8 +90,11 @@ def write_summary(cfg: ExperimentConfig, splits: Splits, results: dict[str, dict
             deltas[key] = {"student_minus_ensemble": None if s is None or e is None else to_points(key, s - e),
                            "student_minus_baseline": None if s is None or b is None else to_points(key, s - b)}
     below = below_floors(rows, tasks, joint)
+    teachers = [spec.name for spec in teacher_specs(cfg, splits.data.spec.task_names) if spec.name in rows]
+    behind = ensemble_behind_teachers(rows, teachers, tasks, joint)
     summary = {"experiment": cfg.name, "label_fraction": cfg.data.label_fraction or 1.0,
                "test_images": len(splits.test), "rows": rows, "deltas_points": deltas, "below_floor": below,
+               "ensemble_behind_teacher": behind,
                "written": time.strftime("%Y-%m-%dT%H:%M:%S")}
     atomic_write_text(cfg.run_dir / "summary.json", json.dumps(summary, indent=1))
     md = [f"# {cfg.name}: test split ({len(splits.test)} images), label fraction "
@@ -103,6 +106,9 @@ def write_summary(cfg: ExperimentConfig, splits: Splits, results: dict[str, dict
     md += [f"- BELOW FLOOR {key}: KD student {_pts(gap)} points vs the {floor}"
            for key, floors in below.items() for floor, gap in floors.items()] or \
           ["- the KD student is at or above every floor on every column"]
+    md += ["", "Ensemble against its best single teacher (a combination worth distilling beats each member):", ""]
+    md += [f"- ENSEMBLE BEHIND {teacher} on {key}: {_pts(gap)} points" for key, (teacher, gap) in behind.items()] or \
+          ["- the ensemble is at or above its best teacher on every column"]
     deployed = "student" if "student" in results else next(iter(results), None)
     if deployed:
         md += ["", *per_class_section(deployed, results[deployed], tasks, cfg.run_dir)]
@@ -123,6 +129,20 @@ def below_floors(rows: dict[str, dict], tasks: list[TaskSpec],
             if s is not None and f is not None and s < f:
                 below.setdefault(key, {})[floor] = to_points(key, s - f)
     return below
+
+
+def ensemble_behind_teachers(rows: dict[str, dict], teachers: list[str], tasks: list[TaskSpec],
+                             joint: list[tuple[str, ...]] | tuple = ()) -> dict[str, tuple[str, float]]:
+    """Column -> (best teacher, ensemble minus it in points) where a single teacher beats the ensemble."""
+    behind: dict[str, tuple[str, float]] = {}
+    ensemble = rows.get("ensemble", {})
+    for key, _ in summary_columns(tasks, joint):
+        scored = [(rows[t][key], t) for t in teachers if rows[t].get(key) is not None]
+        e = ensemble.get(key)
+        if scored and e is not None and max(scored)[0] > e:
+            best, name = max(scored)
+            behind[key] = (name, to_points(key, e - best))
+    return behind
 
 
 def _pts(v) -> str:
