@@ -139,7 +139,9 @@ def train_in_parallel(cfg: ExperimentConfig, config: str, overrides: list[str], 
     """Each teacher in its own `python -m train.teachers --only` process, `jobs` at a time; `config` and
     `overrides` are what `cfg` was loaded from."""
     base = ["-m", "train.teachers", "--config", config, *overrides]
-    todo = [Job(s.name, [*base, "--only", s.name], teacher_dir(cfg, s.name) / "train.log") for s in specs]
+    # Longest first (more heads, more work): the last teacher does not run alone while cores idle.
+    ordered = sorted(specs, key=lambda s: -len(s.tasks))
+    todo = [Job(s.name, [*base, "--only", s.name], teacher_dir(cfg, s.name) / "train.log") for s in ordered]
     gpus = torch.cuda.device_count() if torch.cuda.is_available() and cfg.device != "cpu" else 0
     failed = [o.name for o in run_parallel(todo, jobs, gpus) if o.returncode != 0]
     if failed:
