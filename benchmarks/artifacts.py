@@ -8,7 +8,6 @@ Names are `<model>.<flavour>`: student.pytorch, student.fp32, student.int8-cpu, 
 
 from __future__ import annotations
 
-import json
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,11 +16,11 @@ import numpy as np
 import onnx
 from onnx import shape_inference
 
-from deploy.contract import TaskSpec, sidecar_path
+from deploy.contract import TaskSpec, read_sidecar
 from deploy.preprocess import PreprocessSpec
 from deploy.vocab import Vocabulary
+from train.layout import ONNX_FLAVOURS, RunLayout
 
-ONNX_FLAVOURS = ("fp32", "fp16", "int8-cpu", "int8-tensorrt")
 STUDENT_ROLES = ("student", "baseline")
 # Ops whose multiply-accumulates dominate; weight input index and kind.
 _CONV_OPS = {"Conv": 1, "ConvInteger": 1, "QLinearConv": 3}
@@ -55,12 +54,6 @@ class Artifact:
         return cls(**data)
 
 
-def _onnx_file(run_dir: Path, model: str, flavour: str) -> Path:
-    # The same naming as compress.onnx_eval.onnx_path, which benchmarks may import but deploy-style
-    # discovery should not need torch for (the memory probe imports this module).
-    return run_dir / "onnx" / (f"{model}.onnx" if flavour == "fp32" else f"{model}.{flavour}.onnx")
-
-
 def _missing(paths: list[Path], make: str) -> str | None:
     gone = [str(p) for p in paths if not p.is_file()]
     return f"skipped: {gone[0]} not found (run `make {make}`)" if gone else None
@@ -69,7 +62,7 @@ def _missing(paths: list[Path], make: str) -> str | None:
 def _engine_precision(engine: Path) -> str | None:
     """The precision deploy.build_engine recorded in the engine's sidecar (int8 / fp16 / fp32)."""
     try:
-        build = json.loads(sidecar_path(engine).read_text()).get("extra", {}).get("tensorrt", {})
+        build = read_sidecar(engine).extra.get("tensorrt", {})
     except (OSError, ValueError, AttributeError):
         return None
     return build.get("precision") if isinstance(build, dict) else None
@@ -82,13 +75,13 @@ def discover(run_dir: Path, teachers: dict[str, Path], cuda: bool, ort_gpu: bool
     teachers: teacher name -> its best.safetensors. cuda: torch sees a GPU (adds PyTorch FP16);
     ort_gpu: onnxruntime has a GPU provider (FP16 ONNX runs); tensorrt: `import tensorrt` works.
     """
-    run_dir = Path(run_dir)
+    layout = RunLayout(run_dir)
     out: list[Artifact] = []
 
     def onnx_artifacts(model: str, role: str, flavours: tuple[str, ...]) -> None:
-        fp32 = _onnx_file(run_dir, model, "fp32")
+        fp32 = layout.onnx(model)
         for flavour in flavours:
-            path = _onnx_file(run_dir, model, flavour)
+            path = layout.onnx(model, flavour)
             skip = _missing([path], "export" if flavour == "fp32" else "compress")
             if flavour == "fp16" and not ort_gpu and skip is None:
                 skip = "skipped: FP16 ONNX needs a GPU execution provider (onnxruntime-gpu); none here"
@@ -96,16 +89,16 @@ def discover(run_dir: Path, teachers: dict[str, Path], cuda: bool, ort_gpu: bool
 
     paths = list(teachers.values())
     out.append(Artifact("ensemble.pytorch", "ensemble", "ensemble", "pytorch", "fp32", paths,
-                        _onnx_file(run_dir, "ensemble", "fp32"), _missing(paths, "teachers")))
+                        layout.onnx("ensemble"), _missing(paths, "teachers")))
     onnx_artifacts("ensemble", "ensemble", ("fp32",))
     for name, ckpt in teachers.items():
         out.append(Artifact(f"{name}.pytorch", name, "teacher", "pytorch", "fp32", [ckpt],
-                            _onnx_file(run_dir, name, "fp32"), _missing([ckpt], "teachers")))
+                            layout.onnx(name), _missing([ckpt], "teachers")))
         onnx_artifacts(name, "teacher", ("fp32",))
-    engines = sorted({*run_dir.glob("engines/*.engine"), *run_dir.glob("onnx/*.engine")})
+    engines = layout.engines()
     for role in STUDENT_ROLES:
-        ckpt = run_dir / role / "best.safetensors"
-        fp32 = _onnx_file(run_dir, role, "fp32")
+        ckpt = layout.checkpoint(role)
+        fp32 = layout.onnx(role)
         out.append(Artifact(f"{role}.pytorch", role, role, "pytorch", "fp32", [ckpt], fp32,
                             _missing([ckpt], "student")))
         if cuda:
@@ -258,9 +251,9 @@ class TorchRunner(Runner):
                  threads: int | None, device: str = "cpu"):
         import torch
 
-        from train.checkpoint import load_model
         from train.ensemble import TeacherEnsemble, attach_stored_combination
         from train.models.multitask import ExportModel
+        from train.models.saved import load_model
 
         self.torch = torch
         if threads:
@@ -272,9 +265,8 @@ class TorchRunner(Runner):
             raise ValueError(f"{artifact.paths[0]}: checkpoint meta has no 'preprocessing'; re-train or re-save it")
         self.spec = PreprocessSpec.from_dict(metas[0]["preprocessing"])
         if artifact.role == "ensemble":
-            # The ensemble as the student saw it: calibration/weights stored in runs/<name>/ensemble/
-            # (teacher checkpoints live in runs/<name>/teachers/<teacher>/, see train.teachers).
-            run_dir = Path(artifact.paths[0]).parents[2]
+            # The ensemble as the student saw it: calibration/weights stored in its run's ensemble/.
+            run_dir = RunLayout.of_teacher_checkpoint(artifact.paths[0]).root
             module = attach_stored_combination(TeacherEnsemble(list(models), tasks), run_dir, list(artifact.paths))
             self.tasks = list(module.tasks)
         else:

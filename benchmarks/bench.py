@@ -46,7 +46,6 @@ from train.experiment import (
 )
 from train.fit_check import check_tasks, vocabulary_sha256
 from train.stage import load_splits
-from train.teachers import teacher_dir
 
 REFERENCES = ("ensemble.pytorch", "ensemble.fp32")  # agreement/retention are measured against the first that runs
 
@@ -159,7 +158,7 @@ def run_bench(cfg: ExperimentConfig, bench: BenchConfig, out_dir: Path | None = 
     splits = load_splits(cfg)
     test = acc.TestImages(splits, bench.max_test_images, seed=cfg.seed)
     floors = [acc.parse_floor(f) for f in bench.floors]
-    teachers = {s.name: teacher_dir(cfg, s.name) / "best.safetensors"
+    teachers = {s.name: cfg.layout.teacher_checkpoint(s.name)
                 for s in teacher_specs(cfg, splits.data.spec.task_names)}
     import onnxruntime as ort
     import torch
@@ -191,8 +190,8 @@ def run_bench(cfg: ExperimentConfig, bench: BenchConfig, out_dir: Path | None = 
     settings = {**dataclasses.asdict(bench), "threads": threads, "images": len(test),
                 "test_split_images": len(splits.test), "sample_seed": cfg.seed, "device": device}
     report = build_report(cfg.name, records, test.tasks, machine, settings, ref_name, unmatched)
-    fractions = cfg.run_dir / "fractions" / "fractions.png"
-    md = write_report(report, out_dir or cfg.run_dir / "bench", fractions)
+    fractions = cfg.layout.fractions_dir / "fractions.png"
+    md = write_report(report, out_dir or cfg.layout.bench_dir, fractions)
     return report, md
 
 
@@ -244,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
                    "memory": args.memory}
         bench = from_dict(BenchConfig, {**dataclasses.asdict(bench),
                                         **{k: v for k, v in changes.items() if v is not None}}, where="bench")
-        out_dir = args.out or cfg.run_dir / "bench"
+        out_dir = args.out or cfg.layout.bench_dir
         report, md = run_bench(cfg, bench, out_dir)
     except (ConfigError, DatasetError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

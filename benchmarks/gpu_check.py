@@ -25,8 +25,10 @@ import numpy as np
 
 from benchmarks.latency import measure
 from benchmarks.machine import describe_machine
+from deploy.contract import read_sidecar
 from deploy.errors import UserError, cli
 from deploy.fileio import atomic_write_text
+from train.layout import CHECKPOINT, RunLayout
 
 TOP1_FLOOR = {"fp16": 0.99, "int8": 0.98}
 FP32_MAX_ABS = 1e-4
@@ -97,8 +99,9 @@ def check_tensorrt(run: Path, out: Path, batch: np.ndarray) -> list[dict]:
     from deploy.runtime import OrtBackend
     from deploy.trt_runtime import TrtBackend
 
-    onnx = {"fp32": run / "onnx/student.onnx", "fp16": run / "onnx/student.fp16.onnx",
-            "int8": run / "onnx/student.int8-tensorrt.onnx"}
+    layout = RunLayout(run)
+    onnx = {"fp32": layout.onnx("student"), "fp16": layout.onnx("student", "fp16"),
+            "int8": layout.onnx("student", "int8-tensorrt")}
     reference = OrtBackend(onnx["fp32"], providers=["CPUExecutionProvider"])
     ref = reference.run(batch)
     checks, p50 = [], {}
@@ -158,8 +161,8 @@ def amp_steps(checkpoint: Path, batch: np.ndarray, steps: int = 6,
     classification parameters that did not change."""
     import torch
 
-    from train.checkpoint import load_model
     from train.losses import MultiTaskLoss
+    from train.models.saved import load_model
 
     model, _ = load_model(checkpoint)
     model = model.to(device).train()
@@ -191,8 +194,8 @@ def amp_steps(checkpoint: Path, batch: np.ndarray, steps: int = 6,
 def check_amp_training(run: Path, batch: np.ndarray) -> list[dict]:
     """The desktop-GPU training path: AMP steps of the student and of the first teacher with a class head."""
     checks = []
-    teachers = sorted((run / "teachers").glob("*/best.safetensors"))
-    for name, path in (("student", run / "student" / "best.safetensors"), ("teacher", next(iter(teachers), None))):
+    teachers = sorted(RunLayout(run).teachers_dir().glob(f"*/{CHECKPOINT}"))
+    for name, path in (("student", RunLayout(run).checkpoint("student")), ("teacher", next(iter(teachers), None))):
         if path is None or not path.is_file():
             checks.append({"name": f"amp training steps ({name})", "ok": None, "detail": "skipped: no checkpoint"})
             continue
@@ -205,9 +208,9 @@ def check_torch_cuda(run: Path, batch: np.ndarray) -> list[dict]:
     """The student on CUDA: FP16 autocast and a CUDA-graph replay agree with FP32 on top-1."""
     import torch
 
-    from train.checkpoint import load_model
+    from train.models.saved import load_model
 
-    model, _ = load_model(run / "student" / "best.safetensors")
+    model, _ = load_model(RunLayout(run).checkpoint("student"))
     model = model.cuda().eval()
     x = torch.from_numpy(batch).cuda()
     with torch.no_grad():
@@ -233,7 +236,7 @@ def check_ort_cuda(run: Path, batch: np.ndarray) -> list[dict]:
 
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         return [{"name": "ort cuda provider", "ok": None, "detail": "skipped: onnxruntime has no CUDA provider"}]
-    path = run / "onnx/student.onnx"
+    path = RunLayout(run).onnx("student")
     cpu = OrtBackend(path, providers=["CPUExecutionProvider"]).run(batch)
     gpu = OrtBackend(path, providers=["CUDAExecutionProvider"]).run(batch)
     max_abs = max(float(np.abs(gpu[k] - cpu[k]).max()) for k in cpu if cpu[k].dtype.kind == "f")
@@ -263,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     reason = cuda_reason()
     if reason:
         raise UserError(f"gpu-check needs an NVIDIA GPU with CUDA: {reason}")
-    size = json.loads((args.run / "onnx/student.json").read_text())["preprocessing"]["size"]
+    size = read_sidecar(RunLayout(args.run).onnx("student")).preprocessing.size
     batch = np.random.default_rng(0).standard_normal((8, 3, size, size)).astype(np.float32)
     args.out.mkdir(parents=True, exist_ok=True)
     checks = _guarded("torch cuda", lambda: check_torch_cuda(args.run, batch))

@@ -20,10 +20,9 @@ from pathlib import Path
 import numpy as np
 
 from deploy.contract import TaskSpec
+from deploy.predictor import decode_row
 from deploy.preprocess import PreprocessSpec, preprocess_file
 from deploy.vocab import Vocabulary
-
-TOP_K = 5
 
 
 @dataclass(frozen=True)
@@ -93,24 +92,6 @@ def measure(run: Callable[[], object], batch: int, warmup: int = 5, min_duration
     return summarize(time_calls(run, warmup, min_duration_s, min_runs, max_runs, sync), batch)
 
 
-def decode_outputs(outputs: dict[str, np.ndarray], tasks: Sequence[TaskSpec],
-                   vocab: Vocabulary | None) -> list[dict[str, object]]:
-    """The device's post-processing, per image: top-5 (class, probability) per classification task and
-    the decoded sentence per text task. `outputs` are keyed by task name."""
-    n = len(next(iter(outputs.values())))
-    results: list[dict[str, object]] = [{} for _ in range(n)]
-    for task in tasks:
-        values = np.asarray(outputs[task.name])
-        for i in range(n):
-            if task.kind == "classification":
-                probs = values[i].astype(np.float64)
-                order = np.argsort(-probs, kind="stable")[:TOP_K]
-                results[i][task.name] = [(task.classes[int(c)], float(probs[int(c)])) for c in order]
-            else:
-                results[i][task.name] = vocab.decode(values[i].astype(np.int64).tolist()) if vocab else ""
-    return results
-
-
 def time_preprocess(paths: Sequence[str | Path], spec: PreprocessSpec, min_runs: int = 16) -> float:
     """Median milliseconds of `deploy.preprocess.preprocess_file` per image (decode, resize, normalize),
     cycling through `paths` for at least `min_runs` files; the file cache is warmed first."""
@@ -127,11 +108,12 @@ def time_preprocess(paths: Sequence[str | Path], spec: PreprocessSpec, min_runs:
 
 def time_postprocess(outputs: dict[str, np.ndarray], tasks: Sequence[TaskSpec], vocab: Vocabulary | None,
                      runs: int = 50) -> float:
-    """Median milliseconds to decode the outputs of one image (row 0) with `decode_outputs`."""
-    row = {k: np.asarray(v)[:1] for k, v in outputs.items()}
+    """Median milliseconds to decode the outputs (keyed by task name) of one image (row 0) with the
+    device's own post-processing, `deploy.predictor.decode_row`."""
+    row = {t.output_name: np.asarray(outputs[t.name])[:1] for t in tasks}
     times = []
     for _ in range(max(runs, 1)):
         t0 = time.perf_counter()
-        decode_outputs(row, tasks, vocab)
+        decode_row(row, 0, list(tasks), vocab)
         times.append(time.perf_counter() - t0)
     return float(np.median(times) * 1e3)

@@ -231,7 +231,7 @@ def _probe(request: dict) -> dict:
     if artifact.format == "pytorch":
         import torch  # noqa: F401  (the runtime belongs to the baseline, not to the model)
 
-        import train.checkpoint  # noqa: F401
+        import train.models.saved  # noqa: F401
     else:
         import onnxruntime  # noqa: F401
 

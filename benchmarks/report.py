@@ -16,7 +16,7 @@ from pathlib import Path
 
 from deploy.contract import TaskSpec
 from deploy.fileio import atomic_write, atomic_write_text
-from train.metrics import primary_metric, to_points
+from train.metrics import points_label, primary_metric, to_points
 from train.plots import plot_confusion_matrix, plt, save_figure
 from train.summary import summary_columns
 
@@ -265,7 +265,7 @@ def plot_accuracy_latency(records: list[dict], key: str, path: Path) -> Path | N
         ax.scatter(x, y, s=40, color="tab:red" if i in front else "tab:blue", zorder=3)
         ax.annotate(name, (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points")
     ax.plot([pts[i][0] for i in front], [pts[i][1] for i in front], "--", color="tab:red", label="Pareto front")
-    ax.set(xscale="log", xlabel="ms per image, batch 1 (log)", ylabel=f"{key} (%)" if "bleu" not in key else key,
+    ax.set(xscale="log", xlabel="ms per image, batch 1 (log)", ylabel=points_label(key),
            title="accuracy vs latency")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)

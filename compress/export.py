@@ -22,20 +22,19 @@ import onnx
 import torch
 from torch import nn
 
-from compress.onnx_eval import make_session, onnx_path, run_onnx
+from compress.onnx_eval import open_onnx, run_onnx
 from compress.settings import CompressConfig, compress_config
-from deploy.contract import METADATA_KEY, Contract, sidecar_path
+from deploy.contract import Contract, sidecar_path, write_metadata, write_sidecar
 from deploy.errors import MissingInput, RunFailed, cli
 from deploy.fileio import atomic_write, atomic_write_text, sha256_file
-from train.checkpoint import load_model
 from train.data.torch_data import FundusImages
 from train.ensemble import TeacherEnsemble, attach_stored_combination
 from train.evaluate import collect_outputs
 from train.experiment import add_config_args, config_overrides, load_experiment, teacher_specs
 from train.fit_check import check_checkpoint
 from train.models.multitask import ExportModel
+from train.models.saved import load_model
 from train.stage import Splits, image_set, load_splits, model_contract, preprocess_spec
-from train.teachers import teacher_dir
 
 
 class ExportMismatch(RunFailed):
@@ -52,16 +51,6 @@ class EnsembleExport(nn.Module):
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
         out = self.ensemble(image)
         return tuple(out[t.name] for t in self.ensemble.tasks)
-
-
-def set_contract_metadata(model: onnx.ModelProto, contract: Contract) -> None:
-    """Write the contract (and model name/version) into the ONNX metadata, replacing older values."""
-    meta = {p.key: p.value for p in model.metadata_props}
-    meta.update({METADATA_KEY: contract.to_json(), "model_name": contract.model_name,
-                 "model_version": contract.model_version})
-    del model.metadata_props[:]
-    for k, v in meta.items():
-        model.metadata_props.add(key=k, value=v)
 
 
 def _ancestors(graph: onnx.GraphProto, outputs: list[str]) -> set[str]:
@@ -105,14 +94,14 @@ def export_onnx(module: nn.Module, contract: Contract, out_path: Path, opset: in
             torch.onnx.export(module.eval(), (dummy,), str(tmp), input_names=[contract.input_name],
                               output_names=names, dynamic_axes=axes, opset_version=opset, dynamo=False)
         model = onnx.load(str(tmp))
-        set_contract_metadata(model, contract)
+        write_metadata(model, contract)
         model.producer_name = "fundus-mtkd"
         tag_text_nodes(model, contract)
         onnx.checker.check_model(model, full_check=True)
         onnx.save(model, str(tmp))
 
     atomic_write(out_path, write)
-    contract.save(sidecar_path(out_path))
+    write_sidecar(out_path, contract)
     return out_path
 
 
@@ -128,7 +117,7 @@ def verify_export(path: Path, module: nn.Module, contract: Contract, data: Fundu
     """Compare ONNX Runtime with PyTorch on real images; raise ExportMismatch when they differ."""
     limit = min(cfg.verify_images or len(data), len(data))
     ref = _torch_outputs(module.eval(), contract.tasks, data, limit)
-    got = run_onnx(make_session(path, threads=cfg.threads), data, batch_size=32, limit=limit)
+    got = run_onnx(open_onnx(path, threads=cfg.threads), data, batch_size=32, limit=limit)
     report, problems = {"images": limit}, []
     vocab = contract.vocabulary
     for task in contract.tasks:
@@ -159,10 +148,10 @@ def export_all(cfg_path: str | None, overrides: list[str]) -> dict:
     tasks = splits.data.spec.tasks
     jobs: list[tuple[str, nn.Module, Contract]] = []
     specs = teacher_specs(cfg, splits.data.spec.task_names)
-    teacher_paths = [teacher_dir(cfg, s.name) / "best.safetensors" for s in specs]
+    teacher_paths = [cfg.layout.teacher_checkpoint(s.name) for s in specs]
     for role in ("student", "baseline"):
         if role in ccfg.models:
-            ckpt = cfg.run_dir / role / "best.safetensors"
+            ckpt = cfg.layout.checkpoint(role)
             if not ckpt.exists():
                 raise MissingInput(f"{ckpt}: missing; run `make student` first")
             check_checkpoint(ckpt, splits.data)
@@ -185,7 +174,7 @@ def export_all(cfg_path: str | None, overrides: list[str]) -> dict:
         jobs.append(("ensemble", EnsembleExport(ens), contract))
     reports = {}
     for name, module, contract in jobs:
-        out = onnx_path(cfg.run_dir, name)
+        out = cfg.layout.onnx(name)
         export_onnx(module, contract, out, ccfg.opset)
         data = image_set(splits, splits.val, tasks, contract.preprocessing)
         try:
@@ -197,7 +186,7 @@ def export_all(cfg_path: str | None, overrides: list[str]) -> dict:
         reports[name] = {"onnx": str(out), "size_mb": out.stat().st_size / 1e6, **check}
         print(f"[export] {name}: {out} ({reports[name]['size_mb']:.1f} MB) verified on "
               f"{reports[name]['images']} validation images", flush=True)
-    atomic_write_text(cfg.run_dir / "onnx" / "export_report.json", json.dumps(reports, indent=1))
+    atomic_write_text(cfg.layout.export_report(), json.dumps(reports, indent=1))
     return reports
 
 

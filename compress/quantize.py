@@ -22,18 +22,18 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from compress.export import set_contract_metadata
 from compress.guard import Guard, GuardFailed, metric_drops
-from compress.onnx_eval import evaluate_onnx, load_contract, onnx_path
+from compress.onnx_eval import evaluate_onnx
 from compress.quantize_flavours import convert_fp16, qdq_summary
 from compress.settings import CompressConfig, compress_config
 from compress.trt_check import check_model, check_qdq_for_tensorrt
-from deploy.contract import Contract, sidecar_path
+from deploy.contract import Contract, read_sidecar, sidecar_path, write_metadata, write_sidecar
 from deploy.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, MissingInput, UserError, cli
 from deploy.fileio import atomic_write, atomic_write_text, sha256_file
 from train.data.torch_data import FundusImages
 from train.experiment import add_config_args, config_overrides, load_experiment
 from train.fit_check import check_tasks, vocabulary_sha256
+from train.layout import INT8_FLAVOURS
 from train.stage import Splits, image_set, load_splits
 
 
@@ -52,25 +52,18 @@ def calibration_source(splits: Splits, contract: Contract, seed: int):
     return images, len(rows)
 
 
-def flavour_contract(contract: Contract, precision: str, extra: dict) -> Contract:
-    """The FP32 model's contract with the precision and provenance of a derived model."""
-    return Contract(contract.model_name, contract.model_version, contract.tasks, contract.preprocessing,
-                    contract.vocabulary, contract.input_name, dict(contract.hashes),
-                    {**contract.extra, "precision": precision, **extra})
-
-
 def embed_contract(candidate: Path, contract: Contract) -> None:
     """Write the contract into a candidate file's metadata (in place: it is moved into place later)."""
     model = onnx.load(str(candidate))
-    set_contract_metadata(model, contract)
+    write_metadata(model, contract)
     onnx.save(model, str(candidate))
 
 
 def quantize_model(name: str, cfg, ccfg: CompressConfig, splits: Splits) -> dict:
-    fp32 = onnx_path(cfg.run_dir, name)
+    fp32 = cfg.layout.onnx(name)
     if not fp32.exists():
         raise MissingInput(f"{fp32}: missing; run `make export` first")
-    contract = load_contract(fp32)
+    contract = read_sidecar(fp32)
     tasks = contract.tasks
     check_tasks(fp32, tasks, splits.data, vocabulary_sha256(contract.vocabulary))  # not a stale export
     val = image_set(splits, splits.val, tasks, contract.preprocessing)
@@ -81,8 +74,8 @@ def quantize_model(name: str, cfg, ccfg: CompressConfig, splits: Splits) -> dict
     report: dict = {"fp32": str(fp32), "fp32_size_mb": fp32.stat().st_size / 1e6, "flavours": {}}
     ranges: dict = {}  # one calibration per (method, images), shared by both flavours
     reference = evaluate_onnx(fp32, val, tasks, ccfg.threads)
-    for flavour in ("int8-cpu", "int8-tensorrt"):
-        out = onnx_path(cfg.run_dir, name, flavour)
+    for flavour in INT8_FLAVOURS:
+        out = cfg.layout.onnx(name, flavour)
         t0 = time.perf_counter()
         guard = Guard(fp32, flavour, val, tasks, images, ccfg, patterns, ranges, reference)
         entry: dict = {"path": str(out)}
@@ -90,14 +83,15 @@ def quantize_model(name: str, cfg, ccfg: CompressConfig, splits: Splits) -> dict
         stamped: dict[str, Contract] = {}
 
         def finalize(candidate: Path, kept, flavour=flavour, stamped=stamped) -> None:  # before the move
-            stamped["contract"] = flavour_contract(contract, flavour, {
-                "calibration": {"method": kept.method, "images": kept.images, "float_layers": kept.float_layers},
-                "fp32_sha256": sha256_file(fp32)})
+            stamped["contract"] = contract.derive(
+                precision=flavour,
+                calibration={"method": kept.method, "images": kept.images, "float_layers": kept.float_layers},
+                fp32_sha256=sha256_file(fp32))
             embed_contract(candidate, stamped["contract"])
 
         try:
             kept = guard.run(out, available, finalize)
-            stamped["contract"].save(sidecar_path(out))
+            write_sidecar(out, stamped["contract"])
             entry.update(status="passed", kept=kept.to_dict(), summary=qdq_summary(out))
             if flavour == "int8-tensorrt":
                 violations = check_model(out) + check_qdq_for_tensorrt(out)
@@ -118,21 +112,21 @@ def quantize_model(name: str, cfg, ccfg: CompressConfig, splits: Splits) -> dict
             entry["size_mb"] = out.stat().st_size / 1e6
         report["flavours"][flavour] = entry
         print(f"[compress] {name} {flavour}: {entry['status']} ({entry['seconds']}s)", flush=True)
-    report["flavours"]["fp16"] = _fp16(fp32, onnx_path(cfg.run_dir, name, "fp16"), contract, val, tasks,
+    report["flavours"]["fp16"] = _fp16(fp32, cfg.layout.onnx(name, "fp16"), contract, val, tasks,
                                        reference[1], ccfg)
     return report
 
 
 def _fp16(fp32: Path, out: Path, contract: Contract, val: FundusImages, tasks, fp32_metrics: dict,
           ccfg: CompressConfig) -> dict:
-    c16 = flavour_contract(contract, "fp16", {"fp32_sha256": sha256_file(fp32)})
+    c16 = contract.derive(precision="fp16", fp32_sha256=sha256_file(fp32))
 
     def write(tmp: Path) -> None:
         convert_fp16(fp32, tmp)
         embed_contract(tmp, c16)
 
     atomic_write(out, write)
-    c16.save(sidecar_path(out))
+    write_sidecar(out, c16)
     _, metrics = evaluate_onnx(out, val, tasks, ccfg.threads)
     drops = metric_drops(fp32_metrics, metrics, tasks)
     print(f"[compress] {fp32.stem} fp16: drops {drops} (CPU run; FP16 is meant for GPUs)", flush=True)
@@ -203,9 +197,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {name}: {exc}", file=sys.stderr)
         rep = reports[name]
         failed |= "error" in rep or any(e["status"] != "passed" for e in rep.get("flavours", {}).values())
-    out_dir = cfg.run_dir / "onnx"
-    atomic_write_text(out_dir / "compress_report.json", json.dumps(reports, indent=1, default=str))
-    atomic_write_text(out_dir / "compress_report.md", markdown(reports))
+    atomic_write_text(cfg.layout.compress_report("json"), json.dumps(reports, indent=1, default=str))
+    atomic_write_text(cfg.layout.compress_report("md"), markdown(reports))
     print(markdown(reports))
     return EXIT_USAGE if user_error else EXIT_FAILED if failed else EXIT_OK
 

@@ -26,10 +26,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from deploy.contract import Contract, sidecar_path
+from deploy.backend import ModelError, check_model_file
+from deploy.contract import Contract, sidecar_path, write_sidecar
 from deploy.errors import RunFailed, UserError, cli
 from deploy.fileio import atomic_write_bytes, sha256_file
-from deploy.runtime import ModelError, check_model_file, load_model_contract
+from deploy.runtime import load_model_contract
 from deploy.trt_runtime import gpu_name, import_tensorrt, trt_major
 
 PRECISIONS = ("int8", "fp16", "fp32")
@@ -179,12 +180,11 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path | None = None, p
     atomic_write_bytes(engine_path, bytes(serialized))
     if timing_cache:
         atomic_write_bytes(Path(timing_cache), bytes(cache.serialize()))
-    engine_contract = Contract.from_dict(contract.to_dict())
-    engine_contract.extra["tensorrt"] = {
+    engine_contract = contract.derive(tensorrt={
         "version": trt.__version__, "gpu": gpu, "precision": precision, "min_batch": min_batch,
         "opt_batch": opt_batch, "max_batch": max_batch, "build_seconds": round(seconds, 2),
-        "onnx_sha256": sha256_file(onnx_path)}
-    engine_contract.save(sidecar_path(engine_path))
+        "onnx_sha256": sha256_file(onnx_path)})
+    write_sidecar(engine_path, engine_contract)
     log(f"wrote {engine_path} ({engine_path.stat().st_size / 1e6:.1f} MB) and {sidecar_path(engine_path)} "
         f"in {seconds:.1f} s")
     return engine_path

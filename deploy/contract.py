@@ -3,10 +3,14 @@
 Task names and kinds, class lists, the diagnosis vocabulary, preprocessing, input/output tensor names,
 model name/version and weight hashes. It is written into the ONNX metadata (key `fundus_mtkd.contract`)
 and into a JSON sidecar next to every model file, and checked against the model when it is loaded.
+
+The one API every stage uses: `Contract.derive` (a flavour or engine made from a model),
+`write_metadata` / `read_metadata` (inside an ONNX file), `write_sidecar` / `read_sidecar` (next to it).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -178,6 +182,12 @@ class Contract:
             raise ContractError(f"{source}: not a valid fundus-mtkd contract ({what}); re-export the model "
                                 "(make export) or restore its .json sidecar") from exc
 
+    def derive(self, **extra: object) -> Contract:
+        """The contract of a model made from this one (a reduced-precision flavour, an engine): the same
+        tasks, preprocessing, vocabulary and hashes, with provenance (`precision`, build facts) added."""
+        return dataclasses.replace(self, tasks=list(self.tasks), hashes=dict(self.hashes),
+                                   extra={**self.extra, **extra})
+
     def save(self, path: str | Path) -> Path:
         return atomic_write_text(path, self.to_json())
 
@@ -208,3 +218,30 @@ def _sequence(value: object, what: str) -> list:
 def sidecar_path(model_path: str | Path) -> Path:
     """The JSON sidecar next to a model file: model.onnx -> model.json, model.engine -> model.json."""
     return Path(model_path).with_suffix(".json")
+
+
+def write_sidecar(model_path: str | Path, contract: Contract) -> Path:
+    """Write `contract` as the sidecar of `model_path` (atomically); returns the sidecar's path."""
+    return contract.save(sidecar_path(model_path))
+
+
+def read_sidecar(model_path: str | Path) -> Contract:
+    """The contract in the sidecar of `model_path`; ContractError naming the fix when missing/invalid."""
+    return Contract.load(sidecar_path(model_path))
+
+
+def write_metadata(model, contract: Contract) -> None:
+    """Write the contract (and model name/version) into an ONNX ModelProto's metadata_props, replacing
+    older values. Duck-typed on `metadata_props`, so deploy/ needs no `onnx` package."""
+    meta = {p.key: p.value for p in model.metadata_props}
+    meta.update({METADATA_KEY: contract.to_json(), "model_name": contract.model_name,
+                 "model_version": contract.model_version})
+    del model.metadata_props[:]
+    for key, value in meta.items():
+        model.metadata_props.add(key=key, value=value)
+
+
+def read_metadata(metadata: dict[str, str], source: str) -> Contract | None:
+    """The contract embedded in ONNX metadata_props (a {key: value} map), or None when it has none."""
+    text = metadata.get(METADATA_KEY)
+    return None if text is None else Contract.from_json(text, source=f"{source} (metadata {METADATA_KEY})")

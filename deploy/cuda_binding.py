@@ -23,8 +23,8 @@ from contextlib import contextmanager
 
 import numpy as np
 
+from deploy.backend import ModelError
 from deploy.errors import RunFailed
-from deploy.runtime import ModelError
 
 PYCUDA_HINT = (
     "no CUDA binding: install pycuda (`pip install '.[jetson]'`; it compiles against CUDA, so put nvcc on "

@@ -21,17 +21,11 @@ from pathlib import Path
 
 import numpy as np
 
-from deploy.contract import Contract, TaskSpec
+from deploy.backend import Backend, check_model_file
+from deploy.contract import Contract, TaskSpec, read_metadata
 from deploy.preprocess import ImageError, load_image, preprocess_image
-from deploy.runtime import (
-    Backend,
-    backend_kind,
-    check_model_file,
-    contract_from_metadata,
-    open_backend,
-    resolve_contract,
-    verify_backend,
-)
+from deploy.runtime import backend_kind, open_backend, resolve_contract, verify_backend
+from deploy.vocab import Vocabulary
 
 MIN_SIDE = 32
 MAX_ASPECT = 4.0
@@ -120,6 +114,21 @@ def _class_result(task: TaskSpec, probs: np.ndarray) -> ClassResult:
     )
 
 
+def decode_row(outputs: dict[str, np.ndarray], row: int, tasks: list[TaskSpec],
+               vocabulary: Vocabulary | None) -> dict[str, ClassResult | TextResult]:
+    """The device's post-processing of one image (`row`) of a model's outputs, keyed by output name
+    (`TaskSpec.output_name`): label, probabilities and top-5 per classification task, the sentence per
+    text task. The benchmarks time this very function."""
+    results: dict[str, ClassResult | TextResult] = {}
+    for task in tasks:
+        value = outputs[task.output_name][row]
+        if task.kind == "classification":
+            results[task.name] = _class_result(task, value)
+        else:
+            results[task.name] = TextResult(vocabulary.decode(value.astype(np.int64).tolist()) if vocabulary else "")
+    return results
+
+
 class Predictor:
     """A model file plus its contract: loads, verifies, preprocesses, runs and decodes.
 
@@ -136,7 +145,7 @@ class Predictor:
         self.backend: Backend = open_backend(self.model_path, backend, providers, threads, engine_contract)
         try:
             metadata = getattr(self.backend, "metadata", None)
-            embedded = contract_from_metadata(metadata, str(self.model_path)) if metadata is not None else None
+            embedded = read_metadata(metadata, str(self.model_path)) if metadata is not None else None
             self.contract: Contract = engine_contract or resolve_contract(self.model_path, embedded)
             verify_backend(self.backend, self.contract, str(self.model_path))
         except BaseException:
@@ -175,16 +184,6 @@ class Predictor:
         check_image_kind(img, path)
         return preprocess_image(img, self.spec)
 
-    def _decode(self, outputs: dict[str, np.ndarray], row: int) -> dict[str, ClassResult | TextResult]:
-        results: dict[str, ClassResult | TextResult] = {}
-        for task in self.contract.tasks:
-            value = outputs[task.output_name][row]
-            if task.kind == "classification":
-                results[task.name] = _class_result(task, value)
-            else:
-                results[task.name] = TextResult(self.contract.vocabulary.decode(value.astype(np.int64).tolist()))
-        return results
-
     def predict(self, paths: list[str | Path], batch_size: int = 8) -> list[Prediction]:
         """Predictions for image files, in the order given; bad files get `error` set."""
         if batch_size < 1:
@@ -215,7 +214,7 @@ class Predictor:
             per_image = (time.perf_counter() - t0) * 1e3 / len(good)  # batch time shared by its images
             for row, pred in enumerate(good):
                 t0 = time.perf_counter()
-                pred.tasks = self._decode(outputs, row)
+                pred.tasks = decode_row(outputs, row, self.contract.tasks, self.contract.vocabulary)
                 pred.timing_ms["inference"] = per_image
                 pred.timing_ms["postprocess"] = (time.perf_counter() - t0) * 1e3
         for pred in predictions:

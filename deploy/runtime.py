@@ -1,6 +1,6 @@
-"""Inference backends behind one small interface, and the ONNX Runtime backend.
+"""The ONNX Runtime backend, choosing a backend for a model file, and checking a model against its contract.
 
-A backend turns a preprocessed batch (float32 [N, 3, S, S]) into the model's raw named outputs. It
+A backend (deploy.backend.Backend) turns a preprocessed batch into the model's raw named outputs. It
 knows nothing about tasks, classes or text: `deploy.predictor.Predictor` adds that from the contract.
 The TensorRT backend lives in `deploy.trt_runtime` and is imported only when asked for, so a device
 without TensorRT (or a laptop) runs ONNX models with just numpy, Pillow and onnxruntime.
@@ -8,13 +8,12 @@ without TensorRT (or a laptop) runs ONNX models with just numpy, Pillow and onnx
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
 from pathlib import Path
 
 import numpy as np
 
-from deploy.contract import METADATA_KEY, Contract, ContractError, sidecar_path
-from deploy.errors import UserError
+from deploy.backend import Backend, ModelError, check_model_file, sniff_file
+from deploy.contract import Contract, ContractError, read_metadata, read_sidecar, sidecar_path
 
 BACKENDS = ("auto", "ort", "tensorrt")
 ONNX_SUFFIXES = (".onnx",)
@@ -23,36 +22,6 @@ ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
 # (--providers TensorrtExecutionProvider ...): without an engine cache it rebuilds the engine at every
 # start, which takes minutes on a Jetson; the native backend (deploy.trt_runtime) is the way to use TRT.
 PREFERRED_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
-
-# First bytes of files people mistake for models, to say what the file really is.
-_MAGIC = {b"\xff\xd8\xff": "a JPEG image", b"\x89PNG": "a PNG image", b"PK\x03\x04": "a zip archive",
-          b"%PDF": "a PDF document", b"{": "a JSON/text file"}
-
-
-class ModelError(UserError):
-    """A model file that is missing, is not a model, or cannot run here; the message says the fix."""
-
-
-def sniff_file(path: Path) -> str:
-    """A short description of what a file looks like from its first bytes ('' when unknown)."""
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(8)
-    except OSError:
-        return ""
-    if not head:
-        return "an empty file"
-    return next((what for magic, what in _MAGIC.items() if head.startswith(magic)), "")
-
-
-def check_model_file(path: str | Path) -> Path:
-    """The model path if it is an existing non-empty file, else ModelError naming the problem."""
-    path = Path(path)
-    if not path.is_file():
-        raise ModelError(f"{path}: model file not found; pass the .onnx or .engine written by export/build_engine")
-    if path.stat().st_size == 0:
-        raise ModelError(f"{path}: model file is empty (0 bytes); copy it to the device again")
-    return path
 
 
 def backend_kind(path: str | Path, backend: str = "auto") -> str:
@@ -68,29 +37,6 @@ def backend_kind(path: str | Path, backend: str = "auto") -> str:
         raise ModelError(f"{path}: cannot tell the backend from the suffix {suffix!r}; use a .onnx or .engine "
                          "file, or pass --backend ort|tensorrt")
     return backend
-
-
-class Backend(ABC):
-    """A loaded model that maps a preprocessed batch to named raw outputs."""
-
-    name: str = "backend"
-    input_name: str
-    input_shape: tuple  # ints, or None for a dynamic dimension
-    output_shapes: dict[str, tuple]
-    output_dtypes: dict[str, np.dtype]
-    max_batch: int | None = None  # None: no limit from the model
-
-    @abstractmethod
-    def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
-        """Outputs by name for one batch; the batch must fit `max_batch`."""
-
-    def describe(self) -> dict:
-        """JSON-friendly facts about the backend (for logs and benchmark reports)."""
-        return {"backend": self.name, "max_batch": self.max_batch}
-
-    @abstractmethod
-    def close(self) -> None:
-        """Release resources (device memory, sessions). Safe to call twice."""
 
 
 _ORT_DTYPES = {"tensor(float)": np.dtype(np.float32), "tensor(float16)": np.dtype(np.float16),
@@ -171,12 +117,6 @@ class OrtBackend(Backend):
                 "threads": self.threads, "max_batch": self.max_batch}
 
 
-def contract_from_metadata(metadata: dict[str, str], source: str) -> Contract | None:
-    """The contract embedded in ONNX metadata_props, or None when the model carries none."""
-    text = metadata.get(METADATA_KEY)
-    return None if text is None else Contract.from_json(text, source=f"{source} (metadata {METADATA_KEY})")
-
-
 def _essential(contract: Contract) -> dict:
     # The sidecar may add the model file's own hash and build facts (`hashes`, `extra`), which cannot be
     # embedded in the file they describe; everything that changes how outputs are read must agree.
@@ -198,7 +138,7 @@ def resolve_contract(model_path: Path, embedded: Contract | None) -> Contract:
             return embedded
         raise ContractError(f"{model_path}: no contract: {sidecar} is missing and the model carries none in its "
                             f"metadata; copy the sidecar next to the model (export writes both)")
-    contract = Contract.load(sidecar)
+    contract = read_sidecar(model_path)
     if embedded is not None and _essential(contract) != _essential(embedded):
         diff = sorted(k for k, v in _essential(contract).items() if _essential(embedded).get(k) != v)
         raise ContractError(f"{model_path}: the sidecar {sidecar.name} and the contract in the model's metadata "
@@ -210,7 +150,7 @@ def load_model_contract(model_path: str | Path) -> Contract:
     """The contract of an ONNX model (sidecar and/or metadata) or an engine (sidecar), without running it."""
     model_path = check_model_file(model_path)
     if backend_kind(model_path) == "ort":
-        return resolve_contract(model_path, contract_from_metadata(OrtBackend(model_path).metadata, str(model_path)))
+        return resolve_contract(model_path, read_metadata(OrtBackend(model_path).metadata, str(model_path)))
     return resolve_contract(model_path, None)
 
 

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
+from deploy.backend import Backend, ModelError, check_model_file, sniff_file
 from deploy.cuda_binding import CudaDevice, CudaUnavailable, open_cuda
 from deploy.errors import RunFailed
-from deploy.runtime import Backend, ModelError, check_model_file, sniff_file
 
 TENSORRT_HINT = (
     "the `tensorrt` Python package is not installed. On a Jetson it comes with JetPack: "

@@ -12,12 +12,13 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from benchmarks import bench
+from benchmarks import bench, latency
 from benchmarks.accuracy import Floor, floor_violations, parse_floor, retention, unmatched_floors
 from benchmarks.artifacts import discover, onnx_graph_stats
-from benchmarks.latency import decode_outputs, measure, summarize, time_calls
+from benchmarks.latency import measure, summarize, time_calls
 from benchmarks.report import headline, pareto_front, targets
 from deploy.contract import TaskSpec
+from deploy.predictor import decode_row
 from deploy.vocab import Vocabulary
 
 # --- latency statistics ---------------------------------------------------------------------------
@@ -55,13 +56,17 @@ def test_time_calls_warms_up_then_meets_runs_and_duration():
     assert stats.total_s >= 0.02 and stats.runs >= 1 and len(syncs) == stats.runs + 1
 
 
-def test_decode_outputs_top5_and_text():
+def test_postprocess_times_the_device_decoder(monkeypatch):
     vocab = Vocabulary.build(["mild retinopathy", "normal fundus"], max_len=6)
     tasks = [TaskSpec("coarse", "classification", ("a", "b", "c")), TaskSpec("diagnosis", "text")]
     tokens = np.array([vocab.encode_padded("normal fundus")])
-    out = decode_outputs({"coarse": np.array([[0.2, 0.5, 0.3]]), "diagnosis": tokens}, tasks, vocab)
-    assert out[0]["coarse"] == [("b", 0.5), ("c", 0.3), ("a", 0.2)]
-    assert out[0]["diagnosis"] == "normal fundus"
+    outputs = {"coarse": np.array([[0.2, 0.5, 0.3]]), "diagnosis": tokens}  # keyed by task, as runners give
+    out = decode_row({t.output_name: outputs[t.name] for t in tasks}, 0, tasks, vocab)
+    assert out["coarse"].top5 == [("b", 0.5), ("c", 0.3), ("a", 0.2)]
+    assert out["diagnosis"].text == "normal fundus"
+    calls = []
+    monkeypatch.setattr(latency, "decode_row", lambda *a: calls.append(a))  # the benchmark times that code
+    assert latency.time_postprocess(outputs, tasks, vocab, runs=3) >= 0 and len(calls) == 3
 
 
 # --- MACs, floors, Pareto front -------------------------------------------------------------------

@@ -13,13 +13,12 @@ from train.checkpoint import (
     CheckpointError,
     flatten_state,
     load_checkpoint,
-    load_model,
     main,
     save_checkpoint,
-    save_model,
     unflatten_state,
 )
 from train.models.multitask import ModelConfig, MultiTaskNet
+from train.models.saved import load_model, save_model
 
 TASKS = [TaskSpec("coarse", "classification", ("a", "b", "c")), TaskSpec("diagnosis", "text")]
 

@@ -14,17 +14,17 @@ import torch
 
 from compress.export import ExportMismatch, export_all, verify_export
 from compress.guard import Guard, GuardFailed
-from compress.onnx_eval import evaluate_onnx, load_contract, onnx_path
+from compress.onnx_eval import evaluate_onnx
 from compress.quantize import calibration_source
 from compress.quantize import main as quantize_main
 from compress.quantize_flavours import qdq_summary
 from compress.settings import CompressConfig, GuardConfig
 from compress.trt_check import check_model, check_qdq_for_tensorrt
 from compress.trt_ops import CLAIMED_VERSIONS, unsupported_in_claimed
-from deploy.contract import METADATA_KEY, Contract
-from train.checkpoint import load_model
+from deploy.contract import METADATA_KEY, Contract, read_sidecar
 from train.experiment import load_experiment
 from train.models.multitask import ExportModel
+from train.models.saved import load_model
 from train.stage import image_set, load_splits
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,23 +43,23 @@ def test_export_matches_pytorch_and_carries_the_contract(run):
         rep = reports[name]
         assert rep["coarse"]["max_abs_diff"] <= 1e-4 and rep["coarse"]["top1_agreement"] >= 0.995
         assert rep["diagnosis"]["text_agreement"] >= 0.995
-        path = onnx_path(cfg.run_dir, name)
+        path = cfg.layout.onnx(name)
         model = onnx.load(str(path))
         onnx.checker.check_model(model, full_check=True)
         embedded = Contract.from_json(next(p.value for p in model.metadata_props if p.key == METADATA_KEY))
-        assert embedded.to_dict() == load_contract(path).to_dict()
+        assert embedded.to_dict() == read_sidecar(path).to_dict()
         assert [o.name for o in model.graph.output] == embedded.output_names
         assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # dynamic batch
 
 
 def test_export_check_fails_loudly_when_onnx_differs(run):
     _, cfg, _ = run
-    path = onnx_path(cfg.run_dir, "student")
+    path = cfg.layout.onnx("student")
     model, _ = load_model(cfg.run_dir / "student" / "best.safetensors")
     with torch.no_grad():  # a different model than the one exported
         model.heads["coarse"][-1].bias[0] += 2.0  # (a shift of every logit would not change softmax)
     splits = load_splits(cfg)
-    contract = load_contract(path)
+    contract = read_sidecar(path)
     data = image_set(splits, splits.val, contract.tasks, contract.preprocessing)
     with pytest.raises(ExportMismatch, match="coarse: max"):
         verify_export(path, ExportModel(model), contract, data, CompressConfig())
@@ -71,29 +71,29 @@ def test_compress_writes_every_flavour_with_the_right_quantization(run):
     report = json.loads((cfg.run_dir / "onnx" / "compress_report.json").read_text())["student"]
     assert {k: v["status"] for k, v in report["flavours"].items()} == \
         {"int8-cpu": "passed", "int8-tensorrt": "passed", "fp16": "passed"}
-    trt = qdq_summary(onnx_path(cfg.run_dir, "student", "int8-tensorrt"))
+    trt = qdq_summary(cfg.layout.onnx("student", "int8-tensorrt"))
     assert trt["zero_points_all_zero"] and set(trt["zero_point_dtypes"]) == {"int8"}
     assert trt["per_channel_axes"] and trt["dq_outputs"] == []
     assert not any("/heads/diagnosis/" in n for n in trt["quantized_nodes"])  # decoder stays float
-    cpu = qdq_summary(onnx_path(cfg.run_dir, "student", "int8-cpu"))
+    cpu = qdq_summary(cfg.layout.onnx("student", "int8-cpu"))
     assert "uint8" in cpu["zero_point_dtypes"] and "int8" in cpu["zero_point_dtypes"]
     for flavour in ("fp32", "fp16", "int8-cpu", "int8-tensorrt"):
-        path = onnx_path(cfg.run_dir, "student", flavour)
+        path = cfg.layout.onnx("student", flavour)
         assert [v for v in check_model(path) if v.severity == "error"] == [], flavour
-        sidecar = load_contract(path)  # each flavour has its own sidecar, equal to its embedded contract
+        sidecar = read_sidecar(path)  # each flavour has its own sidecar, equal to its embedded contract
         embedded = next(p.value for p in onnx.load(str(path)).metadata_props if p.key == METADATA_KEY)
         assert Contract.from_json(embedded).to_dict() == sidecar.to_dict()
         assert sidecar.extra.get("precision", "fp32") == flavour or flavour == "fp32"
     assert not [p.name for p in (cfg.run_dir / "onnx").iterdir() if p.name.startswith(".")]  # no stray temp files
-    assert [v for v in check_qdq_for_tensorrt(onnx_path(cfg.run_dir, "student", "int8-tensorrt"))
+    assert [v for v in check_qdq_for_tensorrt(cfg.layout.onnx("student", "int8-tensorrt"))
             if v.severity == "error"] == []
 
 
 def test_guard_fires_on_blank_calibration_and_more_images_recover(run):
     _, cfg, _ = run
     splits = load_splits(cfg)
-    fp32 = onnx_path(cfg.run_dir, "student")
-    contract = load_contract(fp32)
+    fp32 = cfg.layout.onnx("student")
+    contract = read_sidecar(fp32)
     val = image_set(splits, splits.val, contract.tasks, contract.preprocessing)
     real, available = calibration_source(splits, contract, seed=0)
 
@@ -122,7 +122,7 @@ def test_deploy_predict_equals_the_evaluation_of_every_flavour(run, tmp_path):
     """Train/serve skew check: the device CLI's probabilities and text for a set of images are those
     the evaluation (the numbers in the reports) computed for the same model and images."""
     cfg_path, cfg, _ = run
-    if not onnx_path(cfg.run_dir, "student", "int8-cpu").exists():
+    if not cfg.layout.onnx("student", "int8-cpu").exists():
         assert quantize_main(["--config", str(cfg_path)]) == 0
     splits = load_splits(cfg)
     rows = splits.test[:6]
@@ -130,14 +130,14 @@ def test_deploy_predict_equals_the_evaluation_of_every_flavour(run, tmp_path):
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"\xff\xd8\xff not really a jpeg")
     for flavour in ("fp32", "fp16", "int8-cpu", "int8-tensorrt"):
-        path = onnx_path(cfg.run_dir, "student", flavour)
+        path = cfg.layout.onnx("student", flavour)
         cmd = [sys.executable, "-m", "deploy.predict", str(path), *images, str(broken), "--json", "--batch-size", "4"]
         proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
         assert proc.returncode == 1, proc.stderr  # one image failed, the others were predicted
         records = json.loads(proc.stdout)["predictions"]
         assert [r["error"] is None for r in records] == [True] * len(rows) + [False]
         assert "broken.jpg" in records[-1]["error"]
-        contract = load_contract(path)
+        contract = read_sidecar(path)
         expected, _ = evaluate_onnx(path, image_set(splits, rows, contract.tasks, contract.preprocessing),
                                     contract.tasks)
         vocab = contract.vocabulary
@@ -154,7 +154,7 @@ def test_deploy_predict_equals_the_evaluation_of_every_flavour(run, tmp_path):
 def test_export_refuses_a_model_off_by_a_thousandth(run):
     """The parity check's tolerance (1e-4) is tight enough to catch a model that differs by 1e-3."""
     _, cfg, _ = run
-    path = onnx_path(cfg.run_dir, "student")
+    path = cfg.layout.onnx("student")
     model, _ = load_model(cfg.run_dir / "student" / "best.safetensors")
     exported = ExportModel(model)
 
@@ -166,7 +166,7 @@ def test_export_refuses_a_model_off_by_a_thousandth(run):
             return (coarse + shift, *rest)
 
     splits = load_splits(cfg)
-    contract = load_contract(path)
+    contract = read_sidecar(path)
     data = image_set(splits, splits.val, contract.tasks, contract.preprocessing)
     with pytest.raises(ExportMismatch, match=r"coarse: max \|p_onnx - p_torch\| = 1\.00e-03 > 0\.0001"):
         verify_export(path, Nudged(), contract, data, CompressConfig())
@@ -184,8 +184,8 @@ def test_a_failed_export_check_leaves_no_model_behind(run, monkeypatch):
     monkeypatch.setattr(export_mod, "verify_export", mismatch)
     with pytest.raises(ExportMismatch):
         export_all(str(cfg_path), ["compress.models=[ensemble]"])
-    assert not onnx_path(cfg.run_dir, "ensemble").exists()
-    assert not onnx_path(cfg.run_dir, "ensemble").with_suffix(".json").exists()
+    assert not cfg.layout.onnx("ensemble").exists()
+    assert not cfg.layout.onnx("ensemble").with_suffix(".json").exists()
 
 
 def test_exported_graphs_use_only_ops_every_claimed_tensorrt_parses(run):

@@ -19,12 +19,12 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
+from deploy.backend import ModelError
 from deploy.contract import METADATA_KEY, Contract, ContractError, TaskSpec, sidecar_path
 from deploy.errors import cli
 from deploy.predict import main as _predict_main
 from deploy.predictor import Predictor
 from deploy.preprocess import PreprocessSpec
-from deploy.runtime import ModelError
 from deploy.vocab import SPECIALS, Vocabulary
 
 REPO = Path(__file__).resolve().parents[1]

@@ -78,9 +78,9 @@ def test_amp_steps_train_a_saved_model(tmp_path):
     from tiny import tiny_model
 
     from deploy.contract import TaskSpec
-    from train.checkpoint import save_model
     from train.experiment import ModelConfig
     from train.models.multitask import MultiTaskNet
+    from train.models.saved import save_model
 
     tasks = [TaskSpec("coarse", "classification", ("a", "b", "c")), TaskSpec("diagnosis", "text")]
     model = MultiTaskNet(ModelConfig(**tiny_model()), tasks, vocab_size=12, max_len=5)

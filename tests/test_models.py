@@ -224,7 +224,8 @@ def test_timm_hub_failure_names_the_offline_options(monkeypatch):
 
 
 def test_safetensors_pretrained_from_backbone_or_model_checkpoint(tmp_path):
-    from train.checkpoint import save_checkpoint, save_model
+    from train.checkpoint import save_checkpoint
+    from train.models.saved import save_model
 
     source = tiny_model(["coarse"])
     save_checkpoint(tmp_path / "enc.safetensors", source.encoder.state_dict(), {})

@@ -72,9 +72,9 @@ def test_tasks_the_config_does_not_name_use_the_global_temperature(idrid_data):
 def _saved_model(tmp_path: Path, data_root: Path) -> Path:
     from tiny import tiny_model as small
 
-    from train.checkpoint import save_model
     from train.experiment import ModelConfig
     from train.fit_check import dataset_fingerprint
+    from train.models.saved import save_model
     from train.stage import build_model
 
     data = load_dataset(data_root)

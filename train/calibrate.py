@@ -40,7 +40,6 @@ from train.ensemble import (
 from train.experiment import ExperimentConfig, teacher_specs
 from train.fit_check import check_checkpoint
 from train.stage import Splits, image_set, preprocess_spec
-from train.teachers import teacher_dir
 
 # Bounds on a fitted temperature. On a small validation set that a teacher gets entirely right the NLL
 # keeps falling as T -> 0 (and as T -> inf for one it gets entirely wrong), and a few dozen images can
@@ -196,7 +195,7 @@ def load_calibrated_ensemble(paths: list[Path], val: FundusImages, run_dir: Path
 
 def teacher_paths(cfg: ExperimentConfig, splits: Splits) -> list[Path]:
     """The best checkpoint of every configured teacher, in ensemble order."""
-    return [teacher_dir(cfg, s.name) / "best.safetensors" for s in teacher_specs(cfg, splits.data.spec.task_names)]
+    return [cfg.layout.teacher_checkpoint(s.name) for s in teacher_specs(cfg, splits.data.spec.task_names)]
 
 
 def teacher_ensemble(cfg: ExperimentConfig, splits: Splits, device: torch.device,

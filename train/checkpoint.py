@@ -14,7 +14,6 @@ stored with `flatten_state`/`unflatten_state`: its tensors go to the file, its s
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import struct
 from pathlib import Path
@@ -25,15 +24,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 from torch import Tensor
 
-from deploy.contract import TaskSpec
 from deploy.errors import UserError, cli
 from deploy.fileio import atomic_write_bytes, atomic_write_text
-from train.config import from_dict, to_dict
-from train.models.multitask import ModelConfig, MultiTaskNet
 
 META_KEY = "fundus_mtkd.meta"
-MODEL_FORMAT = "fundus_mtkd.model"
-MODEL_FORMAT_VERSION = 1
 _TAGS = ("__tensor__", "__dict__", "__items__", "__tuple__")
 
 
@@ -196,68 +190,6 @@ def _repair_sidecar(sidecar: Path, meta: dict) -> None:
         atomic_write_text(sidecar, json.dumps(meta, indent=1))
     except OSError:
         pass
-
-
-# --- whole models -----------------------------------------------------------------------------------
-def model_meta(model: MultiTaskNet) -> dict:
-    """What is needed to rebuild `model` without any training config."""
-    return {"config": to_dict(model.cfg), "tasks": [t.to_dict() for t in model.tasks],
-            "vocab_size": model.vocab_size, "max_len": model.max_len}
-
-
-def save_model(path: str | Path, model: MultiTaskNet, meta: dict | None = None) -> Path:
-    """Save weights + everything needed to rebuild the model; `meta` adds caller data (epoch, metrics...)."""
-    meta = dict(meta or {})
-    reserved = {"format", "format_version", "model"} & set(meta)
-    if reserved:
-        raise CheckpointError(f"meta keys {sorted(reserved)} are reserved by save_model")
-    full = {"format": MODEL_FORMAT, "format_version": MODEL_FORMAT_VERSION, "model": model_meta(model), **meta}
-    return save_checkpoint(path, model.state_dict(), full)
-
-
-def load_model(path: str | Path) -> tuple[MultiTaskNet, dict]:
-    """Rebuild a MultiTaskNet from a `save_model` checkpoint alone; returned in eval mode."""
-    tensors, meta = load_checkpoint(path)
-    if meta.get("format") != MODEL_FORMAT or "model" not in meta:
-        raise CheckpointError(f"{path}: not a model checkpoint (no {MODEL_FORMAT!r} meta); it was not written "
-                              "by train.checkpoint.save_model")
-    if meta.get("format_version") != MODEL_FORMAT_VERSION:
-        raise CheckpointError(f"{path}: model format version {meta.get('format_version')!r} is not supported")
-    model = _build_described_model(path, meta["model"])
-    try:
-        model.load_state_dict(tensors)
-    except RuntimeError as exc:
-        raise CheckpointError(f"{path}: weights do not fit the model described in its meta ({exc})") from exc
-    return model.eval(), meta
-
-
-def _build_described_model(path: Path, info: Any) -> MultiTaskNet:
-    """The (untrained) model a checkpoint's `model` meta describes; CheckpointError naming the bad field."""
-    fix = "the checkpoint's meta was edited or damaged: re-save it with train.checkpoint.save_model"
-    if not isinstance(info, dict):
-        raise CheckpointError(f"{path}: meta 'model' must be an object, got {type(info).__name__}; {fix}")
-    missing = [k for k in ("config", "tasks", "vocab_size", "max_len") if k not in info]
-    if missing:
-        raise CheckpointError(f"{path}: meta 'model' lacks {missing}; {fix}")
-    if not isinstance(info["tasks"], list) or not info["tasks"]:
-        raise CheckpointError(f"{path}: meta 'model.tasks' must be a non-empty list, got {info['tasks']!r}; {fix}")
-    for key, optional in (("vocab_size", True), ("max_len", False)):  # vocab_size is None without a text task
-        value = info[key]
-        if not (value is None and optional) and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-            raise CheckpointError(f"{path}: meta 'model.{key}' must be a whole number, got {value!r}; {fix}")
-    if not isinstance(info["config"], dict):
-        raise CheckpointError(f"{path}: meta 'model.config' must be an object, got {info['config']!r}; {fix}")
-    cfg = from_dict(ModelConfig, info["config"], where=f"{path}: model.config")
-    # The weights come from this file: skip the pretrained source (it may be absent on this machine).
-    cfg = dataclasses.replace(cfg, pretrained="none")
-    try:
-        tasks = [TaskSpec.from_dict(t) for t in info["tasks"]]
-        return MultiTaskNet(cfg, tasks, vocab_size=info["vocab_size"], max_len=info["max_len"])
-    except UserError as exc:
-        raise CheckpointError(f"{path}: {exc}") from exc
-    except (KeyError, TypeError, ValueError, RuntimeError) as exc:  # e.g. a backbone timm does not know
-        raise CheckpointError(f"{path}: cannot build the model its meta describes ({type(exc).__name__}: {exc}); "
-                              f"{fix}, or install the library version it was trained with") from exc
 
 
 # --- command line -------------------------------------------------------------------------------------

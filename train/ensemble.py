@@ -25,12 +25,13 @@ from deploy.contract import TaskSpec
 from deploy.errors import MissingInput, UserError
 from deploy.fileio import sha256_file
 from deploy.vocab import PAD_ID
-from train.checkpoint import load_checkpoint, load_model, save_checkpoint
+from train.checkpoint import load_checkpoint, save_checkpoint
 from train.data.torch_data import FundusImages
+from train.layout import RunLayout
 from train.losses import mask_until_eos
+from train.models.saved import load_model
 
 WEIGHTINGS = ("mean", "calibrated_mean", "quality_weighted")
-COMBINATION_FILE = "combination.json"  # in runs/<name>/ensemble/, written by train.calibrate
 
 
 class StaleCombination(UserError):
@@ -218,7 +219,7 @@ def teacher_hashes(paths: list[Path]) -> dict[str, str]:
 
 
 def combination_path(run_dir: Path) -> Path:
-    return Path(run_dir) / "ensemble" / COMBINATION_FILE
+    return RunLayout(run_dir).combination()
 
 
 def load_stored_combination(run_dir: Path, paths: list[Path]) -> Combination | None:

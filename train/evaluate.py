@@ -104,5 +104,5 @@ def selection_score(task_metrics: dict, tasks: list[TaskSpec], select: str = "au
         if key not in heads and t.kind == "classification":
             key = metrics.primary_metric(t)  # e.g. top5 asked, but this task has <= 5 classes
         value = heads.get(key, 0.0)
-        picked.append(value / 100.0 if key.endswith("/bleu") else value)
+        picked.append(metrics.to_fraction(key, value))
     return float(np.mean(picked)) if picked else 0.0

@@ -18,6 +18,7 @@ from typing import Literal
 from deploy.errors import cli
 from train.config import ConfigError, load_config, read_overrides_file, split_overrides, to_dict
 from train.floors import parse_floor
+from train.layout import RunLayout
 from train.models.config import ModelConfig
 
 
@@ -255,6 +256,11 @@ class ExperimentConfig:
     @property
     def run_dir(self) -> Path:
         return Path(self.runs_root) / self.name
+
+    @property
+    def layout(self) -> RunLayout:
+        """Every path of this run's folder."""
+        return RunLayout(self.run_dir)
 
 
 def teacher_specs(cfg: ExperimentConfig, task_names: list[str]) -> list[TeacherSpec]:

@@ -51,7 +51,7 @@ def check_tasks(where: str | Path, model_tasks: list[TaskSpec], data: Dataset,
 
 
 def check_checkpoint(path: Path, data: Dataset) -> None:
-    """`check_tasks` for a checkpoint written by train.checkpoint.save_model."""
+    """`check_tasks` for a checkpoint written by train.models.saved.save_model."""
     _, meta = load_checkpoint(path)
     tasks = [TaskSpec.from_dict(t) for t in meta.get("model", {}).get("tasks", [])]
     recorded = meta.get("config", {}).get("dataset", {}).get("vocabulary_sha256")

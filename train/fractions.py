@@ -26,6 +26,7 @@ from train.experiment import (
     load_experiment,
     teacher_specs,
 )
+from train.metrics import to_points
 from train.plots import plot_fractions
 from train.stage import load_splits
 from train.student import run as run_student
@@ -59,13 +60,13 @@ def run_fraction(path: str, overrides: list[str], jobs: str) -> dict:
         for spec in specs:
             train_teacher(cfg, spec, splits, device, info)
     run_student(cfg, info, device)
-    return json.loads((cfg.run_dir / "summary.json").read_text())
+    return json.loads((cfg.layout.summary("json")).read_text())
 
 
 def table(rows: list[dict], keys: list[tuple[str, str]]) -> str:
     lines = ["| labels | model | " + " | ".join(t for _, t in keys) + " |", "|---" * (len(keys) + 2) + "|"]
     for r in rows:
-        cells = [("—" if r.get(k) is None else f"{r[k]:.1f}" if k.endswith("bleu") else f"{100 * r[k]:.1f}")
+        cells = [("—" if r.get(k) is None else f"{to_points(k, r[k]):.1f}")
                  for k, _ in keys]
         lines.append(f"| {100 * r['fraction']:.0f}% | {r['model']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
                     values = {k: summary["rows"][model].get(k) for k, _ in keys}
                     rows.append({"fraction": fraction, "model": model,
                                  **{k: v for k, v in values.items() if v is not None}})
-        out = base.run_dir / "fractions"
+        out = base.layout.fractions_dir
         atomic_write_text(out / "fractions.json", json.dumps(rows, indent=1))
         md = f"# Label-fraction experiment ({base.name}), test split\n\n{table(rows, keys)}\n"
         atomic_write_text(out / "fractions.md", md)

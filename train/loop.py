@@ -28,9 +28,11 @@ from tqdm import tqdm
 
 from deploy.errors import RunFailed
 from deploy.fileio import atomic_write_text
-from train.checkpoint import flatten_state, load_checkpoint, save_checkpoint, save_model, unflatten_state
+from train.checkpoint import flatten_state, load_checkpoint, save_checkpoint, unflatten_state
 from train.distributed import DistInfo, all_reduce_mean, barrier, broadcast_object, gather_objects
 from train.experiment import TrainConfig
+from train.layout import CHECKPOINT, LAST_CHECKPOINT
+from train.models.saved import save_model
 from train.plots import plot_curves
 
 
@@ -117,11 +119,11 @@ class Trainer:
 
     @property
     def last_path(self) -> Path:
-        return self.out_dir / "last.safetensors"
+        return self.out_dir / LAST_CHECKPOINT
 
     @property
     def best_path(self) -> Path:
-        return self.out_dir / "best.safetensors"
+        return self.out_dir / CHECKPOINT
 
     def _steps(self, n_items: int) -> int:
         return self._steps_for(n_items, self.cfg)

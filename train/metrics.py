@@ -316,6 +316,21 @@ def to_points(key: str, value: float) -> float:
     return value if key.endswith(NATIVE_UNITS) else 100.0 * value
 
 
+def fraction_scale(key: str) -> float:
+    """What divides a headline value onto the 0-1 scale of the accuracies: 100 for BLEU (0-100), else 1."""
+    return 100.0 if key.endswith("/bleu") else 1.0
+
+
+def to_fraction(key: str, value: float) -> float:
+    """A headline value on the 0-1 scale of the accuracies (BLEU / 100), to average or plot it with them."""
+    return value / fraction_scale(key)
+
+
+def points_label(key: str) -> str:
+    """An axis/column label for a headline key in report units: `coarse/accuracy (%)`, `diagnosis/bleu`."""
+    return key if key.endswith(NATIVE_UNITS) else f"{key} (%)"
+
+
 def _until_eos(row: np.ndarray) -> tuple[int, ...]:
     ids = [int(i) for i in row]
     return tuple(ids[: ids.index(EOS_ID) + 1]) if EOS_ID in ids else tuple(ids)

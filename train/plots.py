@@ -10,6 +10,7 @@ matplotlib.use("Agg")  # no display on servers, CI or Jetsons
 import matplotlib.pyplot as plt  # noqa: E402
 
 from deploy.fileio import atomic_write  # noqa: E402
+from train.metrics import fraction_scale  # noqa: E402
 
 
 def save_figure(fig, path: str | Path) -> Path:
@@ -28,8 +29,9 @@ def plot_curves(history: list[dict], path: str | Path, title: str = "") -> Path:
     for key in sorted({k for r in history for k in r if k.startswith("val/")}):
         values = [r.get(key, float("nan")) for r in history]
         if all(isinstance(v, (int, float)) for v in values):
-            ax_val.plot(epochs, [v / 100 if "bleu" in key else v for v in values], marker="o",
-                        label=key[4:] + (" /100" if "bleu" in key else ""))
+            scale = fraction_scale(key)  # BLEU shares the 0-1 axis of the accuracies
+            ax_val.plot(epochs, [v / scale for v in values], marker="o",
+                        label=key[4:] + (f" /{scale:g}" if scale != 1 else ""))
     ax_loss.set(title=f"{title} training loss", xlabel="epoch")
     ax_val.set(title=f"{title} validation", xlabel="epoch", ylim=(0, 1.02))
     for ax in (ax_loss, ax_val):

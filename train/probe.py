@@ -29,6 +29,7 @@ from train.data.torch_data import FundusImages
 from train.distributed import resolve_device
 from train.evaluate import score_outputs, selection_score
 from train.experiment import ExperimentConfig, add_config_args, config_overrides, load_experiment
+from train.layout import FINAL
 from train.metrics import headline
 from train.stage import Splits, build_model, image_set, load_splits, preprocess_spec, write_final
 
@@ -124,7 +125,7 @@ def linear_probe(cfg: ExperimentConfig, splits: Splits, device: torch.device) ->
     tasks = [t for t in splits.data.spec.tasks if t.kind == "classification"]
     pre = preprocess_spec(cfg, cfg.student.image_size)
     sets = {name: image_set(splits, getattr(splits, name), tasks, pre) for name in ("train", "val", "test")}
-    key, final = _key(cfg, sets), cfg.run_dir / "probe" / "final.json"
+    key, final = _key(cfg, sets), cfg.layout.model_dir("probe") / FINAL
     if final.exists():
         record = json.loads(final.read_text())
         if record.get("key") == key:
@@ -137,7 +138,7 @@ def linear_probe(cfg: ExperimentConfig, splits: Splits, device: torch.device) ->
     for task in tasks:
         outputs[task.name], chosen[task.name] = probe_task(task, feats, sets)
     metrics = score_outputs(outputs, sets["test"], tasks, None)
-    write_final(cfg.run_dir / "probe", "linear probe", metrics, tasks,
+    write_final(cfg.layout.model_dir("probe"), "linear probe", metrics, tasks,
                 {"key": key, "C": chosen, "model": to_dict(cfg.student.model), "image_size": pre.size})
     return metrics
 

@@ -23,6 +23,7 @@ from train.data.torch_data import FundusImages
 from train.distributed import DistInfo, barrier, broadcast_object
 from train.evaluate import collect_outputs, model_predict, score_outputs, selection_score
 from train.experiment import AugmentConfig, ExperimentConfig
+from train.layout import FINAL
 from train.losses import class_balance_weights
 from train.metrics import headline
 from train.models.multitask import ModelConfig, MultiTaskNet
@@ -130,7 +131,7 @@ def write_final(out_dir: Path, name: str, metrics: dict, tasks: list[TaskSpec], 
     """The final test evaluation of one model (JSON): headline numbers first, then everything."""
     record = {"model": name, "split": "test", "headline": headline(metrics, tasks), "metrics": metrics,
               "written": time.strftime("%Y-%m-%dT%H:%M:%S"), **(extra or {})}
-    return atomic_write_text(out_dir / "final.json", json.dumps(record, indent=1))
+    return atomic_write_text(out_dir / FINAL, json.dumps(record, indent=1))
 
 
 def save_resolved(cfg: ExperimentConfig, out_dir: Path) -> None:

@@ -25,7 +25,6 @@ from deploy.errors import cli
 from deploy.fileio import sha256_file
 from train.budget import student_train_config
 from train.calibrate import teacher_ensemble, teacher_paths
-from train.checkpoint import load_model
 from train.config import to_dict
 from train.distributed import DistInfo, init_distributed, shutdown_distributed
 from train.ensemble import (
@@ -38,6 +37,7 @@ from train.experiment import ExperimentConfig, TrainConfig, add_config_args, con
 from train.fit_check import dataset_fingerprint
 from train.loop import EpochPlan, Trainer, seed_everything
 from train.losses import MultiTaskLoss, ensemble_soft_targets, sequence_ce, soften
+from train.models.saved import load_model
 from train.pool import student_rows
 from train.stage import (
     Splits,
@@ -173,7 +173,7 @@ def fit_student(cfg: ExperimentConfig, splits: Splits, role: str, device, info: 
         # A student distilled from other ensemble weights is another run (the plain mean keeps the
         # fingerprints of runs made before weighting existed).
         meta["config"]["ensemble"] = {k: v for k, v in soft.combination.to_dict().items() if k != "hashes"}
-    out_dir = cfg.run_dir / role
+    out_dir = cfg.layout.model_dir(role)
     trainer = Trainer(name=role, model=model, train_set=train_set, plan=plan, step=step, evaluate=evaluate,
                       cfg=tcfg, out_dir=out_dir, seed=cfg.seed, device=device, info=info, meta=meta)
     if info.is_main:
@@ -193,7 +193,7 @@ def teacher_soft_targets(cfg: ExperimentConfig, splits: Splits, device, info: Di
     key = {"rows": [r.path for r in rows], "preprocessing": spec.to_dict(),
            "teachers": {p.parent.name: sha256_file(p) for p in paths},
            "combination": {k: v for k, v in combination.to_dict().items() if k != "hashes"}}
-    path = cfg.run_dir / "student" / "teacher_outputs.safetensors"
+    path = cfg.layout.teacher_outputs()
     soft = load_soft_targets(path, key)
     if soft is None:
         data = image_set(splits, rows, tasks, spec)
@@ -219,7 +219,7 @@ def run(cfg: ExperimentConfig, info: DistInfo, device) -> dict:
             _, metrics = evaluate_model(model, test, tasks, device, 64, info)
             results[role] = metrics
             if info.is_main:
-                write_final(cfg.run_dir / role, role, metrics, tasks)
+                write_final(cfg.layout.model_dir(role), role, metrics, tasks)
     if info.is_main:
         write_summary(cfg, splits, results, device)
     return results

@@ -16,11 +16,11 @@ from deploy.fileio import atomic_write_text
 from train.calibrate import teacher_ensemble
 from train.evaluate import collect_outputs, score_outputs
 from train.experiment import ExperimentConfig, teacher_specs
+from train.layout import FINAL
 from train.metrics import headline, joint_key, present_ks, primary_metric, to_points
 from train.plots import plot_confusion_matrix
 from train.probe import linear_probe
 from train.stage import Splits, image_set, preprocess_spec, write_final
-from train.teachers import teacher_dir
 
 PROBE_ROW = "linear probe"
 FLOOR_ROWS = ("baseline", PROBE_ROW)  # rows that need no teacher: the KD student must not fall below them
@@ -73,11 +73,11 @@ def write_summary(cfg: ExperimentConfig, splits: Splits, results: dict[str, dict
     tasks = splits.data.spec.tasks
     rows: dict[str, dict] = {}
     for spec in teacher_specs(cfg, splits.data.spec.task_names):
-        final = teacher_dir(cfg, spec.name) / "final.json"
+        final = cfg.layout.teacher_dir(spec.name) / FINAL
         if final.exists():
             rows[spec.name] = json.loads(final.read_text())["headline"]
     ensemble_metrics = evaluate_ensemble(cfg, splits, device)
-    write_final(cfg.run_dir / "ensemble", "ensemble", ensemble_metrics, tasks)
+    write_final(cfg.layout.model_dir("ensemble"), "ensemble", ensemble_metrics, tasks)
     rows["ensemble"] = headline(ensemble_metrics, tasks)
     for role, metrics in results.items():
         rows[role] = headline(metrics, tasks)
@@ -96,7 +96,7 @@ def write_summary(cfg: ExperimentConfig, splits: Splits, results: dict[str, dict
                "test_images": len(splits.test), "rows": rows, "deltas_points": deltas, "below_floor": below,
                "ensemble_behind_teacher": behind,
                "written": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    atomic_write_text(cfg.run_dir / "summary.json", json.dumps(summary, indent=1))
+    atomic_write_text(cfg.layout.summary("json"), json.dumps(summary, indent=1))
     md = [f"# {cfg.name}: test split ({len(splits.test)} images), label fraction "
           f"{summary['label_fraction']:.0%}", "", "Accuracies in %, BLEU 0-100.", "",
           markdown_table(rows, tasks, joint), "", "Student minus ensemble / minus baseline (points):", ""]
@@ -112,7 +112,7 @@ def write_summary(cfg: ExperimentConfig, splits: Splits, results: dict[str, dict
     deployed = "student" if "student" in results else next(iter(results), None)
     if deployed:
         md += ["", *per_class_section(deployed, results[deployed], tasks, cfg.run_dir)]
-    atomic_write_text(cfg.run_dir / "summary.md", "\n".join(md) + "\n")
+    atomic_write_text(cfg.layout.summary("md"), "\n".join(md) + "\n")
     print("\n".join(md), flush=True)
     return summary
 

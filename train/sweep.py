@@ -24,7 +24,6 @@ import hashlib
 import json
 import math
 import time
-from pathlib import Path
 
 from deploy.errors import cli
 from deploy.fileio import atomic_write_text
@@ -33,6 +32,7 @@ from train.calibrate import load_calibrated_ensemble, teacher_paths
 from train.distributed import DistInfo, init_distributed, shutdown_distributed
 from train.ensemble import WEIGHTINGS, Combination, SoftTargets, teacher_hashes
 from train.experiment import ExperimentConfig, add_config_args, config_overrides, load_experiment
+from train.metrics import to_points
 from train.stage import Splits, image_set, load_splits, preprocess_spec
 from train.student import fit_student, teacher_soft_targets
 from train.summary import summary_columns
@@ -113,7 +113,7 @@ def sweep(config: str | None, overrides: list[str], points: list[Point], steps: 
     splits = load_splits(base, info)
     soft = teacher_soft_targets(base, splits, device, info)  # the cache `make student` uses
     digest = hashlib.sha256(json.dumps(teacher_hashes(teacher_paths(base, splits)), sort_keys=True).encode())
-    root = base.run_dir / "sweep" / digest.hexdigest()[:10]
+    root = base.layout.sweep_dir / digest.hexdigest()[:10]
     combos = {}
     records = []
     for point in points:
@@ -146,7 +146,7 @@ def markdown(records: list[dict], columns: list[tuple[str, str]], title: str) ->
                  f"{r['val_score']:.4f}"]
         for key, _ in columns:
             v = r["val"].get(key)
-            cells.append("—" if v is None else f"{v:.1f}" if key.endswith("bleu") else f"{100 * v:.1f}")
+            cells.append("—" if v is None else f"{to_points(key, v):.1f}")
         lines.append("| " + " | ".join([*cells, str(r["steps"])]) + " |")
     return "\n".join(lines) + "\n"
 
@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         title = (f"# KD sweep ({base.name}): validation split, {len(points)} points, best first\n\n"
                  f"Selection score = the checkpoint-selection metric on validation; accuracies in %, BLEU 0-100.")
         md = markdown(records, summary_columns(tasks), title)
-        out = Path(base.run_dir) / "sweep"
+        out = base.layout.sweep_dir
         atomic_write_text(out / "sweep.json", json.dumps(records, indent=1))
         atomic_write_text(out / "sweep.md", md)
         print(md, flush=True)

@@ -23,7 +23,6 @@ import torch
 
 from deploy.errors import RunFailed, cli
 from train.budget import teacher_train_config
-from train.checkpoint import load_model
 from train.config import ConfigError, to_dict
 from train.distributed import DistInfo, init_distributed, shutdown_distributed
 from train.experiment import (
@@ -35,9 +34,11 @@ from train.experiment import (
     teacher_specs,
 )
 from train.fit_check import dataset_fingerprint
+from train.layout import FINAL
 from train.loop import EpochPlan, Trainer, config_fingerprint, seed_everything
 from train.losses import MultiTaskLoss
 from train.metrics import headline
+from train.models.saved import load_model
 from train.parallel import Job, auto_jobs, run_parallel
 from train.stage import (
     Splits,
@@ -51,10 +52,6 @@ from train.stage import (
     save_resolved,
     write_final,
 )
-
-
-def teacher_dir(cfg: ExperimentConfig, name: str) -> Path:
-    return cfg.run_dir / "teachers" / name
 
 
 def supervised_step(loss_fn: MultiTaskLoss, text_task: str | None):
@@ -81,7 +78,7 @@ def ensure_same_config(out_dir: Path, meta: dict) -> None:
 def train_teacher(cfg: ExperimentConfig, spec: TeacherSpec, splits: Splits, device: torch.device,
                   info: DistInfo) -> dict:
     """Train (or resume, or skip if finished) one teacher; returns its test metrics."""
-    out_dir = teacher_dir(cfg, spec.name)
+    out_dir = cfg.layout.teacher_dir(spec.name)
     model_cfg = dataclasses.replace(spec.model or cfg.teachers.model, tasks=list(spec.tasks))
     seed_everything(cfg.seed)
     model = build_model(model_cfg, splits.data, spec.tasks).to(device)
@@ -102,7 +99,7 @@ def train_teacher(cfg: ExperimentConfig, spec: TeacherSpec, splits: Splits, devi
             "config": {"model": to_dict(model_cfg), "train": to_dict(tcfg), "seed": cfg.seed,
                        "data": to_dict(cfg.data), "image_size": pre.size,
                        "dataset": dataset_fingerprint(splits.data)}}
-    final = out_dir / "final.json"
+    final = out_dir / FINAL
     if final.exists():
         ensure_same_config(out_dir, meta)
         print(f"[{spec.name}] already trained: {final}", flush=True)
@@ -141,7 +138,7 @@ def train_in_parallel(cfg: ExperimentConfig, config: str, overrides: list[str], 
     base = ["-m", "train.teachers", "--config", config, *overrides]
     # Longest first (more heads, more work): the last teacher does not run alone while cores idle.
     ordered = sorted(specs, key=lambda s: -len(s.tasks))
-    todo = [Job(s.name, [*base, "--only", s.name], teacher_dir(cfg, s.name) / "train.log") for s in ordered]
+    todo = [Job(s.name, [*base, "--only", s.name], cfg.layout.teacher_dir(s.name) / "train.log") for s in ordered]
     gpus = torch.cuda.device_count() if torch.cuda.is_available() and cfg.device != "cpu" else 0
     failed = [o.name for o in run_parallel(todo, jobs, gpus) if o.returncode != 0]
     if failed:

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from train.checkpoint import load_checkpoint
 from train.models.config import (  # noqa: F401 (re-exported)
     LITE_SOURCES,
     NAMED_SOURCES,
@@ -83,8 +84,6 @@ def _load_timm_hub(model: nn.Module, backbone_name: str) -> None:
 
 
 def _load_safetensors(model: nn.Module, path: Path) -> None:
-    from train.checkpoint import load_checkpoint  # late import: checkpoint imports the model modules
-
     if not path.is_file():
         raise PretrainedError(f"pretrained: {path} not found; {_OFFLINE_HINT}")
     tensors, _meta = load_checkpoint(path)

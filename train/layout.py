@@ -1,0 +1,102 @@
+"""Where every file of a run lives: one place for the run folder's layout (torch-free, config-free).
+
+    runs/<name>/
+      teachers/<teacher>/best.safetensors, last.safetensors, final.json, train.log
+      student/ baseline/ ensemble/ probe/   the same per model (ensemble/combination.json,
+                                             student/teacher_outputs.safetensors)
+      onnx/<model>.onnx, <model>.<flavour>.onnx (+ contract sidecars), export_report.json,
+           compress_report.json/.md, TensorRT engines (*.engine, also in engines/)
+      summary.json/.md, fractions/, sweep/, bench/
+
+Training writes, compress and the benchmarks read: they all ask `RunLayout`, nobody rebuilds a path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+# The ONNX files of one model: the FP32 export and the reduced-precision flavours of `make compress`.
+ONNX_FLAVOURS: tuple[str, ...] = ("fp32", "fp16", "int8-cpu", "int8-tensorrt")
+INT8_FLAVOURS: tuple[str, ...] = ("int8-cpu", "int8-tensorrt")
+CHECKPOINT = "best.safetensors"  # the selected weights of a trained model
+LAST_CHECKPOINT = "last.safetensors"  # the resume point
+FINAL = "final.json"  # a finished model's test metrics (its presence means "trained")
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """The paths of the run folder `root` (runs/<name>)."""
+
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    @classmethod
+    def of_teacher_checkpoint(cls, checkpoint: Path) -> RunLayout:
+        """The run a teacher checkpoint (runs/<name>/teachers/<teacher>/best.safetensors) belongs to."""
+        return cls(Path(checkpoint).parents[2])
+
+    # --- trained models ---------------------------------------------------------------------------
+    def teacher_dir(self, name: str) -> Path:
+        return self.root / "teachers" / name
+
+    def teacher_checkpoint(self, name: str) -> Path:
+        return self.teacher_dir(name) / CHECKPOINT
+
+    def teachers_dir(self) -> Path:
+        return self.root / "teachers"
+
+    def model_dir(self, role: str) -> Path:
+        """student | baseline | ensemble | probe."""
+        return self.root / role
+
+    def checkpoint(self, role: str) -> Path:
+        return self.model_dir(role) / CHECKPOINT
+
+    def combination(self) -> Path:
+        """The ensemble's fitted calibration/weights (train.calibrate)."""
+        return self.model_dir("ensemble") / "combination.json"
+
+    def teacher_outputs(self) -> Path:
+        """The cached teacher soft targets the student distils from."""
+        return self.model_dir("student") / "teacher_outputs.safetensors"
+
+    # --- ONNX and engines -------------------------------------------------------------------------
+    @property
+    def onnx_dir(self) -> Path:
+        return self.root / "onnx"
+
+    def onnx(self, model: str, flavour: str = "fp32") -> Path:
+        """onnx/<model>.onnx for FP32, onnx/<model>.<flavour>.onnx otherwise."""
+        if flavour not in ONNX_FLAVOURS:
+            raise ValueError(f"flavour must be one of {ONNX_FLAVOURS}, got {flavour!r}")
+        suffix = "" if flavour == "fp32" else f".{flavour}"
+        return self.onnx_dir / f"{model}{suffix}.onnx"
+
+    def export_report(self) -> Path:
+        return self.onnx_dir / "export_report.json"
+
+    def compress_report(self, ext: str = "json") -> Path:
+        return self.onnx_dir / f"compress_report.{ext}"
+
+    def engines(self) -> list[Path]:
+        """TensorRT engines built for this run (engines/ or next to the ONNX), sorted."""
+        return sorted({*self.root.glob("engines/*.engine"), *self.onnx_dir.glob("*.engine")})
+
+    # --- reports ----------------------------------------------------------------------------------
+    def summary(self, ext: str = "json") -> Path:
+        return self.root / f"summary.{ext}"
+
+    @property
+    def fractions_dir(self) -> Path:
+        return self.root / "fractions"
+
+    @property
+    def sweep_dir(self) -> Path:
+        return self.root / "sweep"
+
+    @property
+    def bench_dir(self) -> Path:
+        return self.root / "bench"
