@@ -1,6 +1,6 @@
 # fundus-mtkd: `make all` runs the whole pipeline on the embedded synthetic dataset; `make test` runs
 # the tests. Both create .venv and install the project on first use.
-#   make all DATA=data/idrid                      # your own dataset (a folder made by `python -m train.adapt`)
+#   make all DATA=data/idrid                      # your own dataset (a folder made by `python -m train.data.adapt`)
 #   make student DATA=data/idrid OVERRIDES="student.kd.alpha=0.5 student.kd.temperatures={dr_grade: 2}"
 #   make student OVERRIDES_FILE=my_overrides.yaml # a partial config mapping
 SHELL := /bin/bash
@@ -59,17 +59,17 @@ venv: $(STAMP)  ## create .venv and install the project
 
 data: $(STAMP)  ## generate the synthetic default dataset (with DATA=<your folder>: check it exists)
 ifeq ($(DATA),$(SYNTHETIC))
-	$(PYTHON) -m train.make_data --config $(DATA_CONFIG) --out $(DATA)
+	$(PYTHON) -m train.data.make_data --config $(DATA_CONFIG) --out $(DATA)
 else
 	@test -f '$(DATA)/dataset.yaml' || { echo "error: $(DATA)/dataset.yaml not found; make the dataset folder with \
-	\`python -m train.adapt ... --out $(DATA)\` first (README: Your own data)" >&2; exit 2; }
+	\`python -m train.data.adapt ... --out $(DATA)\` first (README: Your own data)" >&2; exit 2; }
 endif
 
 check: $(STAMP)  ## check every stage's config against the dataset and validate it (fast; before training)
-	$(PYTHON) -m train.experiment $(STAGE_ARGS) --check
+	$(PYTHON) -m train.check $(STAGE_ARGS)
 
 validate: $(STAMP)  ## check a dataset folder and list every problem with its row (DATA=...)
-	$(PYTHON) -m train.validate '$(DATA)'
+	$(PYTHON) -m train.data.validate '$(DATA)'
 
 teachers: $(STAMP)  ## train every teacher of the ensemble (resumes finished/interrupted ones)
 	$(PYTHON) -m train.teachers $(STAGE_ARGS) --jobs $(TEACHER_JOBS)

@@ -19,7 +19,7 @@ import numpy as np
 from deploy.contract import TaskSpec
 from deploy.preprocess import PreprocessSpec
 from deploy.vocab import Vocabulary
-from train.data.torch_data import FundusImages
+from train.datasets import FundusImages
 from train.evaluate import score_outputs
 from train.floors import Floor, parse_floor  # noqa: F401 (re-exported)
 from train.metrics import LOWER_IS_BETTER, agreement, headline  # noqa: F401 (re-exported)

@@ -27,7 +27,7 @@ from compress.settings import CompressConfig, compress_config
 from deploy.contract import Contract, sidecar_path, write_metadata, write_sidecar
 from deploy.errors import MissingInput, RunFailed, cli
 from deploy.fileio import atomic_write, atomic_write_text, sha256_file
-from train.data.torch_data import FundusImages
+from train.datasets import FundusImages
 from train.ensemble import TeacherEnsemble, attach_stored_combination
 from train.evaluate import collect_outputs
 from train.experiment import add_config_args, config_overrides, load_experiment, teacher_specs

@@ -33,7 +33,7 @@ from compress.settings import CALIBRATION_METHODS, CompressConfig, GuardConfig
 from deploy.contract import TaskSpec
 from deploy.errors import RunFailed
 from deploy.fileio import atomic_write
-from train.data.torch_data import FundusImages
+from train.datasets import FundusImages
 from train.metrics import agreement, headline, present_ks, primary_metric, to_points
 
 QUANTIZERS = {"int8-cpu": quantize_cpu, "int8-tensorrt": quantize_tensorrt}

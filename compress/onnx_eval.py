@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 
 from deploy.contract import TaskSpec
 from deploy.runtime import OrtBackend
-from train.data.torch_data import FundusImages
+from train.datasets import FundusImages
 from train.evaluate import score_outputs
 
 

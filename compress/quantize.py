@@ -30,7 +30,7 @@ from compress.trt_check import check_model, check_qdq_for_tensorrt
 from deploy.contract import Contract, read_sidecar, sidecar_path, write_metadata, write_sidecar
 from deploy.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, MissingInput, UserError, cli
 from deploy.fileio import atomic_write, atomic_write_text, sha256_file
-from train.data.torch_data import FundusImages
+from train.datasets import FundusImages
 from train.experiment import add_config_args, config_overrides, load_experiment
 from train.fit_check import check_tasks, vocabulary_sha256
 from train.layout import INT8_FLAVOURS

@@ -128,4 +128,4 @@ class Vocabulary:
             return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
         except (OSError, ValueError) as exc:  # JSON, UTF-8 and VocabularyError are ValueErrors
             raise VocabularyError(f"{path}: not a valid vocabulary file ({exc}); rebuild it from the train split "
-                                  "with `python -m train.validate DATASET --build-vocab` (or `make data`)") from exc
+                                  "with `python -m train.data.validate DATASET --build-vocab` (or `make data`)") from exc

@@ -80,7 +80,7 @@ def idrid_data(tmp_path_factory) -> Path:
     """A small dataset made by our IDRiD adapter from the raw release layout (tests/raw_fixtures.py)."""
     from raw_fixtures import write_idrid
 
-    from train.adapt import main as adapt_main
+    from train.data.adapt import main as adapt_main
 
     root = tmp_path_factory.mktemp("idrid")
     out = root / "idrid"

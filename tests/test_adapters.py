@@ -9,9 +9,9 @@ import pytest
 from PIL import Image
 
 from deploy.errors import cli
-from train.adapt import main as adapt_main
-from train.adapters import odir_keywords as kw
-from train.adapters.odir import find_labels
+from train.data.adapt import main as adapt_main
+from train.data.adapters import odir_keywords as kw
+from train.data.adapters.odir import find_labels
 from train.data.manifest import DatasetError, load_dataset
 from train.data.splits import leaking_patients
 

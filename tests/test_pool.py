@@ -7,9 +7,9 @@ from pathlib import Path
 import yaml
 from tiny import make_tiny_dataset
 
-from train.adapt import main as adapt_main
+from train.data.adapt import main as adapt_main
+from train.data.make_data import main as make_data_main
 from train.data.manifest import load_dataset
-from train.make_data import main as make_data_main
 
 REPO = Path(__file__).resolve().parents[1]
 

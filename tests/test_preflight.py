@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from deploy.errors import cli
-from train import experiment
+from train import check
 from train.config import ConfigError
 from train.data.manifest import load_dataset
 from train.experiment import load_experiment
@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_the_default_configs_temperatures_name_tasks_this_dataset_lacks(idrid_data, capsys):
     """The crash of the real-data report, now in well under a second, before anything trains."""
     start = time.perf_counter()
-    code = cli(experiment.main, ["--config", "configs/default.yaml", f"data.root={idrid_data}", "--check"])
+    code = cli(check.main, ["--config", "configs/default.yaml", f"data.root={idrid_data}"])
     elapsed = time.perf_counter() - start
     err = capsys.readouterr().err
     assert code == 2 and elapsed < 1.0, elapsed
@@ -122,8 +122,8 @@ def test_the_teacher_fingerprint_covers_the_dataset_spec_and_vocabulary(idrid_da
 
 def test_reading_and_checking_a_config_loads_no_torch(idrid_data):
     """make computes RUN and `make check` fails a wrong config without importing torch/timm (seconds each)."""
-    code = ("import sys\nfrom deploy.errors import cli\nfrom train import experiment\n"
-            f"rc = cli(experiment.main, ['--config', 'configs/default.yaml', 'data.root={idrid_data}', '--check'])\n"
+    code = ("import sys\nfrom deploy.errors import cli\nfrom train import check, experiment\n"
+            f"rc = cli(check.main, ['--config', 'configs/default.yaml', 'data.root={idrid_data}'])\n"
             "assert rc == 2, rc\nassert cli(experiment.main, ['--print', 'run_dir']) == 0\n"
             "print(sorted({'torch', 'timm'} & set(sys.modules)))")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)

@@ -20,7 +20,7 @@ from tiny import tiny_model, write_yaml
 
 from deploy.errors import cli
 from train import experiment
-from train.adapt import main as adapt_main
+from train.data.adapt import main as adapt_main
 from train.data.manifest import load_dataset
 from train.experiment import load_experiment
 from train.stage import load_splits

@@ -13,13 +13,14 @@ from PIL import Image, ImageFilter
 from deploy.fileio import sha256_file
 from deploy.vocab import detokenize, tokenize
 from train.config import ConfigError, from_dict, load_config
+from train.data.make_data import main as make_data_main
 from train.data.manifest import load_dataset
 from train.data.splits import leaking_patients
-from train.make_data import main as make_data_main
-from train.synth import SynthConfig, generate, plan_jobs
-from train.synth.catalog import COARSE_CLASSES, FINE_CLASSES, FINE_NAMES, FINE_TO_COARSE, fine_of
-from train.synth.grammar import DISEASE_PHRASES, MAX_TOKENS
-from train.synth.render import EyeJob, RenderSettings, render_image, render_jpeg
+from train.data.synth.catalog import COARSE_CLASSES, FINE_CLASSES, FINE_NAMES, FINE_TO_COARSE, fine_of
+from train.data.synth.config import SynthConfig
+from train.data.synth.generate import generate, plan_jobs
+from train.data.synth.grammar import DISEASE_PHRASES, MAX_TOKENS
+from train.data.synth.render import EyeJob, RenderSettings, render_image, render_jpeg
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "data.yaml"
 SMALL = dict(patients=10, unlabeled_patients=2, size=96, seed=3, contact_sheet_samples=0)

@@ -18,7 +18,7 @@ import train.teachers as teachers_mod
 from deploy.preprocess import PreprocessSpec
 from train.checkpoint import load_checkpoint
 from train.data.manifest import load_dataset
-from train.data.torch_data import FundusImages
+from train.datasets import FundusImages
 from train.evaluate import score_outputs
 from train.experiment import TrainConfig, load_experiment
 from train.loop import TrainingDiverged

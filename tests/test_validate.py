@@ -12,7 +12,7 @@ from deploy.contract import TaskSpec
 from deploy.vocab import VocabularyError
 from train import validate
 from train.data.manifest import DatasetError, DatasetSpec, Row, load_dataset, save_spec, write_manifest
-from train.validate import check_dataset, main, validate_dataset
+from train.data.validate import check_dataset, main, validate_dataset
 
 TASKS = [TaskSpec("grade", "classification", ("a", "b"))]
 # (file, patient, split, grade): a valid dataset; line = index + 2 (header is line 1).

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from deploy.fileio import atomic_write_text
-from train.data.torch_data import FundusImages
+from train.datasets import FundusImages
 from train.distributed import DistInfo
 from train.ensemble import (
     Combination,

@@ -26,7 +26,7 @@ from deploy.errors import MissingInput, UserError
 from deploy.fileio import sha256_file
 from deploy.vocab import PAD_ID
 from train.checkpoint import load_checkpoint, save_checkpoint
-from train.data.torch_data import FundusImages
+from train.datasets import FundusImages
 from train.layout import RunLayout
 from train.losses import mask_until_eos
 from train.models.saved import load_model

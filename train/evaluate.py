@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Subset
 from deploy.contract import TaskSpec
 from deploy.vocab import Vocabulary
 from train import metrics
-from train.data.torch_data import FundusImages, reference_texts
+from train.datasets import FundusImages, reference_texts
 from train.distributed import DistInfo, gather_objects
 
 # images [N,3,H,W] -> {task: probs [N,C] | tokens [N,L]}

@@ -5,6 +5,8 @@ One YAML file (configs/default.yaml, configs/paper.yaml, ...) drives every stage
 every key (unknown keys are rejected with the list of valid ones).
 
     python -m train.experiment --config configs/default.yaml --print run_dir
+
+Checking it against a dataset is `python -m train.check` (make check).
 """
 
 from __future__ import annotations
@@ -318,24 +320,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m train.experiment", description=__doc__.split("\n")[0])
     add_config_args(parser)
     parser.add_argument("--print", dest="key", default=None, help="print one value (e.g. run_dir, data.root)")
-    parser.add_argument("--check", action="store_true",
-                        help="check the config against the dataset and validate the dataset, then exit")
     args = parser.parse_args(argv)
     cfg = load_experiment(args.config, config_overrides(args))
-    if args.check:
-        # The config check first: it needs no torch, so a wrong task name fails in well under a second.
-        from train.data.manifest import load_spec
-        from train.preflight import check_experiment
-
-        check_experiment(cfg, load_spec(cfg.data.root), f"config (data.root={cfg.data.root})")
-        from train.stage import load_splits  # the dataset validation and splits (loads torch)
-
-        splits = load_splits(cfg)
-        print(f"[check] {args.config} fits dataset {splits.data.spec.name!r} ({cfg.data.root}): "
-              f"{len(splits.train)} train / {len(splits.val)} val / {len(splits.test)} test / "
-              f"{len(splits.unlabeled)} unlabelled images; tasks {splits.data.spec.task_names}; "
-              f"run folder {cfg.run_dir}", flush=True)
-    elif args.key == "run_dir":
+    if args.key == "run_dir":
         print(cfg.run_dir)
     elif args.key:
         print(_lookup(cfg, args.key))

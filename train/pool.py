@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from train.adapters.generic import read_unlabeled
+from train.data.adapters.generic import read_unlabeled
 from train.data.manifest import Row
 from train.experiment import ExperimentConfig
 from train.stage import Splits

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 from deploy.contract import TaskSpec
 from deploy.errors import cli
 from train.config import to_dict
-from train.data.torch_data import FundusImages
+from train.datasets import FundusImages
 from train.distributed import resolve_device
 from train.evaluate import score_outputs, selection_score
 from train.experiment import ExperimentConfig, add_config_args, config_overrides, load_experiment

@@ -19,7 +19,8 @@ from deploy.preprocess import PreprocessSpec
 from train.config import save_config
 from train.data.manifest import Dataset, DatasetError, load_dataset, write_manifest
 from train.data.splits import label_fraction
-from train.data.torch_data import FundusImages
+from train.data.validate import check_dataset
+from train.datasets import FundusImages
 from train.distributed import DistInfo, barrier, broadcast_object
 from train.evaluate import collect_outputs, model_predict, score_outputs, selection_score
 from train.experiment import AugmentConfig, ExperimentConfig
@@ -28,7 +29,6 @@ from train.losses import class_balance_weights
 from train.metrics import headline
 from train.models.multitask import ModelConfig, MultiTaskNet
 from train.preflight import check_experiment
-from train.validate import check_dataset
 
 
 @dataclass

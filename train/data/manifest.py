@@ -207,7 +207,7 @@ def load_dataset(root: str | Path, manifest: str | None = None) -> Dataset:
     if any(t.kind == "text" for t in spec.tasks):
         vpath = root / spec.vocabulary
         if not vpath.is_file():
-            raise DatasetError(f"{vpath}: vocabulary missing; build it with `python -m train.validate "
+            raise DatasetError(f"{vpath}: vocabulary missing; build it with `python -m train.data.validate "
                                f"{root} --build-vocab`")
         vocab = Vocabulary.load(vpath)
     return Dataset(root=root, spec=spec, rows=rows, vocabulary=vocab)

@@ -13,9 +13,9 @@ from functools import partial
 
 import numpy as np
 
-from train.synth import lesions as L
-from train.synth.anatomy import Geometry, Vessel
-from train.synth.catalog import FINE_TO_COARSE, QUADRANTS
+from train.data.synth import lesions as L
+from train.data.synth.anatomy import Geometry, Vessel
+from train.data.synth.catalog import FINE_TO_COARSE, QUADRANTS
 
 Painter = Callable[[np.ndarray], None]
 RELATIONS = {"temporal to": (1, 0), "nasal to": (-1, 0), "above": (0, -1), "below": (0, 1)}

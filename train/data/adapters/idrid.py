@@ -14,7 +14,7 @@ import csv
 from pathlib import Path
 
 from deploy.contract import TaskSpec
-from train.adapters.common import Adapted, ImageResolver, Sample, nothing_left
+from train.data.adapters.common import Adapted, ImageResolver, Sample, nothing_left
 from train.data.manifest import DatasetError
 
 GRADES = ("no_dr", "mild", "moderate", "severe", "proliferative")

@@ -11,9 +11,9 @@ import math
 import numpy as np
 from PIL import Image
 
-from train.synth.anatomy import Geometry
-from train.synth.lesions import dust
-from train.synth.paint import blend, crop, ellipse_alpha, grid
+from train.data.synth.anatomy import Geometry
+from train.data.synth.lesions import dust
+from train.data.synth.paint import blend, crop, ellipse_alpha, grid
 
 
 def strength_of(difficulty: float) -> float:

@@ -11,8 +11,8 @@ import math
 
 import numpy as np
 
-from train.synth.anatomy import Geometry, Vessel
-from train.synth.paint import Mask, blend, blob, ellipse_alpha, paint_mask, shade
+from train.data.synth.anatomy import Geometry, Vessel
+from train.data.synth.paint import Mask, blend, blob, ellipse_alpha, paint_mask, shade
 
 HAEM = (0.42, 0.03, 0.03)
 EXUDATE = (1.0, 0.90, 0.42)

@@ -1,16 +1,16 @@
 """Turn a public fundus release (or your own images) into a dataset folder.
 
-    python -m train.adapt odir --src ~/odir5k --out data/odir [--resize 512]
-    python -m train.adapt idrid --src "~/IDRiD/B. Disease Grading" --out data/idrid --resize 768
-    python -m train.adapt folders --src ~/my_classes --out data/mine
-    python -m train.adapt csv --src ~/aptos/train.csv --images ~/aptos/train_images \\
+    python -m train.data.adapt odir --src ~/odir5k --out data/odir [--resize 512]
+    python -m train.data.adapt idrid --src "~/IDRiD/B. Disease Grading" --out data/idrid --resize 768
+    python -m train.data.adapt folders --src ~/my_classes --out data/mine
+    python -m train.data.adapt csv --src ~/aptos/train.csv --images ~/aptos/train_images \\
         --path-column id_code --label-columns diagnosis --out data/aptos
-    python -m train.adapt unlabeled --src ~/odir5k/ODIR-5K_Testing_Images --out data/odir
+    python -m train.data.adapt unlabeled --src ~/odir5k/ODIR-5K_Testing_Images --out data/odir
 
 The manifest points at the original images by absolute path unless --resize N writes JPEG copies
 (longer side N) into <out>/images/. Splits are by patient, stratified by the first classification
 task and fixed by --seed. Skipped rows (missing images, unusable labels) are printed and saved in
-<out>/adapt_report.txt. Check the result with `python -m train.validate <out>`.
+<out>/adapt_report.txt. Check the result with `python -m train.data.validate <out>`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 from deploy.errors import cli
-from train.adapters import common, generic, idrid, odir
+from train.data.adapters import common, generic, idrid, odir
 from train.data.manifest import MANIFEST_FILE, DatasetError, load_spec
 
 
@@ -39,7 +39,7 @@ def _parser() -> argparse.ArgumentParser:
     shared.add_argument("--max-len", type=int, default=24, help="vocabulary: max tokens incl. <eos> (24)")
     shared.add_argument("--force", action="store_true", help="overwrite an existing dataset in --out")
 
-    parser = argparse.ArgumentParser(prog="python -m train.adapt", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m train.data.adapt", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="adapter", required=True)
     p = sub.add_parser("odir", parents=[shared], help="ODIR-5K (Kaggle full_df.csv or challenge xlsx)")
     p.add_argument("--labels", type=Path, help="full_df.csv or the annotations xlsx (default: found in --src)")
@@ -118,7 +118,7 @@ def run(args: argparse.Namespace) -> str:
     text = common.summary(rows, load_spec(args.out), args.out)
     if adapted.skipped:
         text += f"\n{len(adapted.skipped)} rows skipped (listed above and in {args.out / common.REPORT_FILE})"
-    return text + f"\nnext: python -m train.validate {args.out}"
+    return text + f"\nnext: python -m train.data.validate {args.out}"
 
 
 def main(argv: list[str] | None = None) -> int:

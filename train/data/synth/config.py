@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from train.synth.catalog import DEFAULT_PREVALENCE, check_prevalence
+from train.data.synth.catalog import DEFAULT_PREVALENCE, check_prevalence
 
 
 @dataclass

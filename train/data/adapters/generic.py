@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 
 from deploy.contract import TaskSpec
-from train.adapters.common import (
+from train.data.adapters.common import (
     Adapted,
     ImageResolver,
     Sample,

@@ -1,8 +1,8 @@
 """Check a dataset folder before anything trains on it, and report every problem with its line.
 
-    python -m train.validate data/odir                # every problem; exit 2 if any error (data to fix)
-    python -m train.validate data/odir --manifest manifest_frac15.csv
-    python -m train.validate data/odir --build-vocab  # (re)build vocab.json from the train split first
+    python -m train.data.validate data/odir                # every problem; exit 2 if any error (data to fix)
+    python -m train.data.validate data/odir --manifest manifest_frac15.csv
+    python -m train.data.validate data/odir --build-vocab  # (re)build vocab.json from the train split first
 
 Errors make training refuse the dataset (`check_dataset`); warnings do not (e.g. grayscale or 16-bit
 images, which the preprocessing converts to 8-bit RGB). Decoding every image is the slow part, so it
@@ -166,7 +166,7 @@ def _vocabulary_problems(root: Path, spec: DatasetSpec) -> list[Problem]:
         return []
     path = root / spec.vocabulary
     if not path.is_file():
-        return [Problem("error", 0, spec.vocabulary, f"vocabulary missing; run `python -m train.validate {root} "
+        return [Problem("error", 0, spec.vocabulary, f"vocabulary missing; run `python -m train.data.validate {root} "
                         "--build-vocab`", "no_vocab")]
     try:
         Vocabulary.load(path)
@@ -204,7 +204,7 @@ def check_dataset(root: str | Path, manifest: str | None = None, check_images: b
         lines = "\n  ".join(str(p) for p in errors[:limit])
         more = f"\n  ... and {len(errors) - limit} more" if len(errors) > limit else ""
         raise DatasetError(f"{root}: {len(errors)} error(s) in the dataset; fix them (details: "
-                           f"`python -m train.validate {root}`):\n  {lines}{more}")
+                           f"`python -m train.data.validate {root}`):\n  {lines}{more}")
 
 
 def rebuild_vocabulary(root: Path, manifest: str | None, min_freq: int, max_len: int) -> str:
@@ -219,7 +219,7 @@ def rebuild_vocabulary(root: Path, manifest: str | None, min_freq: int, max_len:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m train.validate", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m train.data.validate", description=__doc__.split("\n")[0])
     parser.add_argument("dataset", type=Path, help="dataset folder (with dataset.yaml)")
     parser.add_argument("--manifest", help="another manifest in the folder (e.g. a label-fraction subset)")
     parser.add_argument("--build-vocab", action="store_true", help="(re)build vocab.json first")

@@ -11,12 +11,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from train.synth import anatomy
-from train.synth.catalog import FINE_TO_COARSE
-from train.synth.diseases import plan_eye
-from train.synth.grammar import sentence
-from train.synth.nuisance import acquisition, finish, strength_of
-from train.synth.paint import noise_bank
+from train.data.synth import anatomy
+from train.data.synth.catalog import FINE_TO_COARSE
+from train.data.synth.diseases import plan_eye
+from train.data.synth.grammar import sentence
+from train.data.synth.nuisance import acquisition, finish, strength_of
+from train.data.synth.paint import noise_bank
 
 EYES = ("right", "left")
 LABELLED, UNLABELLED = 0, 1  # seed streams: adding unlabelled patients never changes labelled images

@@ -1,7 +1,7 @@
 """The synthetic taxonomy: five coarse diseases (T1), their fine sub-categories (T2), and prevalence.
 
 Every fine class belongs to exactly one coarse class and has a *visible* signature painted by
-`train.synth.lesions`. The within-class weights are chosen so that, with the default prevalence and
+`train.data.synth.lesions`. The within-class weights are chosen so that, with the default prevalence and
 the fellow-eye rules of `plan_patient`, every fine class gets enough labelled training images.
 """
 

@@ -24,7 +24,7 @@ from deploy.vocab import Vocabulary
 from train.config import save_config
 from train.data.manifest import MANIFEST_FILE, DatasetSpec, Row, build_vocabulary, save_spec, write_manifest
 from train.data.splits import assign_splits
-from train.synth.catalog import (
+from train.data.synth.catalog import (
     COARSE_CLASSES,
     FINE_NAMES,
     FINE_TO_COARSE,
@@ -32,9 +32,9 @@ from train.synth.catalog import (
     main_eye_classes,
     sample_main_eye,
 )
-from train.synth.config import SynthConfig
-from train.synth.paint import noise_bank
-from train.synth.render import LABELLED, UNLABELLED, EyeJob, RenderSettings, render_jpeg
+from train.data.synth.config import SynthConfig
+from train.data.synth.paint import noise_bank
+from train.data.synth.render import LABELLED, UNLABELLED, EyeJob, RenderSettings, render_jpeg
 
 IMAGE_DIR = "images"
 CONFIG_FILE = "synth_config.yaml"
@@ -72,11 +72,11 @@ def dataset_spec(cfg: SynthConfig) -> DatasetSpec:
     """dataset.yaml of the synthetic set: coarse/fine classification, diagnosis text, fine->coarse map."""
     return DatasetSpec(
         name=cfg.name,
-        description="Procedural fundus photographs (train.synth), deterministic from synth_config.yaml.",
+        description="Procedural fundus photographs (train.data.synth), deterministic from synth_config.yaml.",
         tasks=[TaskSpec("coarse", "classification", COARSE_CLASSES, "T1: coarse disease"),
                TaskSpec("fine", "classification", FINE_NAMES, "T2: fine sub-category (scored top-5)"),
                TaskSpec("diagnosis", "text", (), "T3: diagnosis sentence (scored BLEU)")],
-        extra={"fine_to_coarse": dict(FINE_TO_COARSE), "generator": "train.synth"})
+        extra={"fine_to_coarse": dict(FINE_TO_COARSE), "generator": "train.data.synth"})
 
 
 def plan_jobs(cfg: SynthConfig) -> list[EyeJob]:

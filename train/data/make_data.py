@@ -1,8 +1,8 @@
 """Generate the embedded synthetic dataset (`make data`).
 
-    python -m train.make_data [--config configs/data.yaml] [--out data/synthetic] [key=value ...]
+    python -m train.data.make_data [--config configs/data.yaml] [--out data/synthetic] [key=value ...]
 
-e.g. `python -m train.make_data patients=50 unlabeled_patients=0 difficulty=0.7`. Prints images/s, the
+e.g. `python -m train.data.make_data patients=50 unlabeled_patients=0 difficulty=0.7`. Prints images/s, the
 class balance per split and the vocabulary size; writes contact_sheet.png next to the manifest.
 """
 
@@ -14,10 +14,10 @@ from collections import Counter
 
 from deploy.errors import cli
 from train.config import ConfigError, load_config
-from train.synth.catalog import COARSE_CLASSES
-from train.synth.config import SynthConfig
-from train.synth.contact_sheet import contact_sheet
-from train.synth.generate import Result, generate
+from train.data.synth.catalog import COARSE_CLASSES
+from train.data.synth.config import SynthConfig
+from train.data.synth.contact_sheet import contact_sheet
+from train.data.synth.generate import Result, generate
 
 
 def summary(res: Result) -> str:
@@ -42,7 +42,7 @@ def summary(res: Result) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m train.make_data", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m train.data.make_data", description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/data.yaml", help="SynthConfig YAML (default: %(default)s)")
     parser.add_argument("--out", default="data/synthetic", help="dataset folder (default: %(default)s)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the config")

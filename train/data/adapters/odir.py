@@ -15,8 +15,8 @@ from collections import Counter
 from pathlib import Path
 
 from deploy.contract import TaskSpec
-from train.adapters import odir_keywords as kw
-from train.adapters.common import Adapted, ImageResolver, Sample, eye_from_name, group_rare, nothing_left
+from train.data.adapters import odir_keywords as kw
+from train.data.adapters.common import Adapted, ImageResolver, Sample, eye_from_name, group_rare, nothing_left
 from train.data.manifest import DatasetError
 
 CSV_NAME = "full_df.csv"
@@ -127,7 +127,7 @@ def read_odir(labels: Path, images: Path, min_fine_count: int = 10, name: str = 
         keyword_lists.append(words)
     warnings = []
     if unknown:
-        warnings.append("keywords not in the ODIR table, counted as 'other' (extend train/adapters/"
+        warnings.append("keywords not in the ODIR table, counted as 'other' (extend train/data/adapters/"
                         "odir_keywords.py): " + ", ".join(f"{k!r} x{c}" for k, c in sorted(unknown.items())))
     if not samples:
         raise nothing_left(name, skipped)

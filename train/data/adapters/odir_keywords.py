@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import re
 
-from train.adapters.common import sentence_list
+from train.data.adapters.common import sentence_list
 
 # ODIR letter -> readable class name (the T1 class list, in ODIR's column order).
 CATEGORY_NAMES = {"N": "normal", "D": "diabetes", "G": "glaucoma", "C": "cataract", "A": "amd",

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from train.synth.paint import Mask, blob, grid, paint_mask, shade, texture
+from train.data.synth.paint import Mask, blob, grid, paint_mask, shade, texture
 
 QUADRANT_SIGNS = {"superotemporal": (1, -1), "inferotemporal": (1, 1), "superonasal": (-1, -1),
                   "inferonasal": (-1, 1)}  # (temporal sign, vertical sign in image rows)
