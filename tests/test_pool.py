@@ -47,9 +47,9 @@ def test_a_referenced_pool_joins_the_students_images_only(tmp_path: Path):
     """student.kd.unlabeled_pools: the folder's images join (or, own_unlabeled false, replace) the
     dataset's pool for the student, its step budget and its soft targets; teachers and baseline not."""
     import pytest
+    from tiny import write_tiny_config
 
     import train.student as student_mod
-    from tiny import write_tiny_config
     from train.budget import student_steps
     from train.config import ConfigError
     from train.experiment import load_experiment
