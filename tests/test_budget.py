@@ -10,12 +10,11 @@ import pytest
 import torch
 from tiny import make_tiny_dataset, write_tiny_config
 
-from train.budget import schedule_steps, student_steps, teacher_train_config
+from train.budget import schedule_steps, student_plan, student_steps, teacher_train_config
 from train.distributed import DistInfo
 from train.experiment import load_experiment
 from train.loop import Trainer
 from train.stage import build_model, image_set, load_splits, preprocess_spec
-from train.student import student_plan
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ from tiny import make_tiny_dataset, write_tiny_config
 
 import train.teachers as teachers_mod
 from deploy.preprocess import PreprocessSpec
+from train.budget import student_plan
 from train.checkpoint import load_checkpoint
 from train.data.manifest import load_dataset
 from train.datasets import FundusImages
@@ -23,7 +24,7 @@ from train.evaluate import score_outputs
 from train.experiment import TrainConfig, load_experiment
 from train.loop import TrainingDiverged
 from train.stage import load_splits
-from train.student import budget_config, student_plan
+from train.student import budget_config
 
 REPO = Path(__file__).resolve().parents[1]
 

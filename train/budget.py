@@ -1,4 +1,5 @@
-"""Optimizer-step budgets: how many steps a run will take, and the teachers' budget policy.
+"""The student's epoch plan and optimizer-step budgets: how many steps a run will take, and the
+teachers' budget policy.
 
 A teacher that gets fewer optimizer steps than the student it teaches is usually the weaker model, and
 distilling it pulls the student down. `teachers.budget_multiple: m` gives every teacher at least
@@ -12,9 +13,46 @@ import dataclasses
 import math
 from collections.abc import Callable
 
+import numpy as np
+
 from train.experiment import ExperimentConfig, TrainConfig
+from train.loop import EpochPlan
 from train.pool import student_rows
 from train.stage import Splits, image_set, preprocess_spec
+
+
+def mixed_epoch(lab_idx: np.ndarray, unl_idx: np.ndarray, share: float, seed: int, epoch: int) -> np.ndarray:
+    """One joint epoch of len(lab_idx) + len(unl_idx) items of which `share` are labelled: the labelled
+    images tiled (each shown equally often), the unlabelled ones a fresh sample each epoch."""
+    size = len(lab_idx) + len(unl_idx)
+    n_lab = max(len(lab_idx), round(share * size))  # never fewer labelled items than the natural mix
+    rng = np.random.default_rng([seed, epoch])
+    lab = np.concatenate([np.tile(lab_idx, n_lab // len(lab_idx)),
+                          rng.choice(lab_idx, n_lab % len(lab_idx), replace=False)])
+    unl = rng.choice(unl_idx, size - n_lab, replace=False)
+    return np.concatenate([lab, unl])
+
+
+def student_plan(cfg: ExperimentConfig, labelled: np.ndarray):
+    """Epoch -> (items, mode). joint: every image every epoch; staged: the paper's three stages."""
+    lab_idx, unl_idx, all_idx = np.flatnonzero(labelled), np.flatnonzero(~labelled), np.arange(len(labelled))
+    kd = cfg.student.kd
+    if kd.schedule == "joint":
+        if not kd.use_unlabeled or len(unl_idx) == 0:
+            return lambda epoch: EpochPlan(lab_idx, "joint")
+        if kd.labelled_share is None:
+            return lambda epoch: EpochPlan(all_idx, "joint")
+        return lambda epoch: EpochPlan(mixed_epoch(lab_idx, unl_idx, kd.labelled_share, cfg.seed, epoch), "joint")
+    s1, s2, _ = kd.stage_epochs
+
+    def plan(epoch: int) -> EpochPlan:
+        if epoch < s1:
+            return EpochPlan(lab_idx, "labels")
+        if epoch < s1 + s2 or not kd.use_unlabeled or len(unl_idx) == 0:
+            return EpochPlan(lab_idx, "labels+kd")
+        return EpochPlan(unl_idx, "unlabeled-kd")
+
+    return plan
 
 
 def schedule_steps(plan: Callable, tcfg: TrainConfig, world_size: int = 1) -> int:
@@ -40,8 +78,6 @@ def student_train_config(cfg: ExperimentConfig) -> TrainConfig:
 
 def student_steps(cfg: ExperimentConfig, splits: Splits, world_size: int = 1) -> int:
     """Optimizer steps `make student` will spend on the KD student (no image is read)."""
-    from train.student import student_plan  # train.student imports train.teachers, which imports us
-
     rows = student_rows(cfg, splits)
     data = image_set(splits, rows, splits.data.spec.tasks, preprocess_spec(cfg, cfg.student.image_size))
     return schedule_steps(student_plan(cfg, data.labelled), student_train_config(cfg), world_size)

@@ -23,7 +23,7 @@ import torch
 
 from deploy.errors import cli
 from deploy.fileio import sha256_file
-from train.budget import student_train_config
+from train.budget import student_plan, student_train_config
 from train.calibrate import teacher_ensemble, teacher_paths
 from train.config import to_dict
 from train.distributed import DistInfo, init_distributed, shutdown_distributed
@@ -64,40 +64,6 @@ def budget_config(tcfg: TrainConfig, n_items: int, world_size: int, steps_budget
     budget = steps_budget or per_epoch * tcfg.epochs
     epochs = max(1, math.ceil(budget / per_epoch))
     return dataclasses.replace(tcfg, epochs=epochs, max_steps_per_epoch=math.ceil(budget / epochs))
-
-
-def mixed_epoch(lab_idx: np.ndarray, unl_idx: np.ndarray, share: float, seed: int, epoch: int) -> np.ndarray:
-    """One joint epoch of len(lab_idx) + len(unl_idx) items of which `share` are labelled: the labelled
-    images tiled (each shown equally often), the unlabelled ones a fresh sample each epoch."""
-    size = len(lab_idx) + len(unl_idx)
-    n_lab = max(len(lab_idx), round(share * size))  # never fewer labelled items than the natural mix
-    rng = np.random.default_rng([seed, epoch])
-    lab = np.concatenate([np.tile(lab_idx, n_lab // len(lab_idx)),
-                          rng.choice(lab_idx, n_lab % len(lab_idx), replace=False)])
-    unl = rng.choice(unl_idx, size - n_lab, replace=False)
-    return np.concatenate([lab, unl])
-
-
-def student_plan(cfg: ExperimentConfig, labelled: np.ndarray):
-    """Epoch -> (items, mode). joint: every image every epoch; staged: the paper's three stages."""
-    lab_idx, unl_idx, all_idx = np.flatnonzero(labelled), np.flatnonzero(~labelled), np.arange(len(labelled))
-    kd = cfg.student.kd
-    if kd.schedule == "joint":
-        if not kd.use_unlabeled or len(unl_idx) == 0:
-            return lambda epoch: EpochPlan(lab_idx, "joint")
-        if kd.labelled_share is None:
-            return lambda epoch: EpochPlan(all_idx, "joint")
-        return lambda epoch: EpochPlan(mixed_epoch(lab_idx, unl_idx, kd.labelled_share, cfg.seed, epoch), "joint")
-    s1, s2, _ = kd.stage_epochs
-
-    def plan(epoch: int) -> EpochPlan:
-        if epoch < s1:
-            return EpochPlan(lab_idx, "labels")
-        if epoch < s1 + s2 or not kd.use_unlabeled or len(unl_idx) == 0:
-            return EpochPlan(lab_idx, "labels+kd")
-        return EpochPlan(unl_idx, "unlabeled-kd")
-
-    return plan
 
 
 def distill_step(loss_fn: MultiTaskLoss, soft: SoftTargets, cfg: ExperimentConfig, text_task: str | None):
