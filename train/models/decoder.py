@@ -17,8 +17,8 @@ Greedy decoding is written so that each unrolled step costs what its arithmetic 
 student runs it `max_len` times per image, and per-node dispatch, not arithmetic, dominated it):
 the token's input gates are one Gather from a `[vocab, 3*hidden]` table (embedding x W_ih + b_ih,
 folded into a constant by the exporter), and one Gemm per step yields both the logits of this step
-and the hidden gates of the next (`[W_hh; W_out]` stacked). tests/test_decoder_export.py holds the
-per-step node budget and the token-for-token parity with ONNX Runtime.
+and the hidden gates of the next (`[W_hh; W_out]` stacked). The tests hold the
+per-step node budget and the token-for-token parity with ONNX Runtime (tests/test_compress.py).
 
 There is no early exit at <eos>: every row runs `max_len` steps, so the graph is static and exportable;
 consumers cut the ids at the first <eos> (deploy.vocab.Vocabulary.decode). `max_len` is the dataset
