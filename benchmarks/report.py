@@ -14,9 +14,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from benchmarks.interleave import ratio_over_rounds
 from deploy.contract import TaskSpec
 from deploy.fileio import atomic_write, atomic_write_text
-from benchmarks.interleave import ratio_over_rounds
 from train.metrics import primary_metric, to_points
 from train.plots import plot_confusion_matrix, plt, save_figure
 from train.summary import summary_columns

@@ -210,11 +210,12 @@ FIXED_BUDGET = 14  # decoder nodes outside the steps (initial state, context gat
 
 
 def _decoder_counts(context: bool, max_len: int, tmp_path: Path):
+    from tiny import COARSE, tiny_model
+
     from compress.export import export_onnx
     from compress.graph_split import decoder_op_counts
     from deploy.preprocess import PreprocessSpec
     from deploy.vocab import Vocabulary
-    from tiny import COARSE, tiny_model
     from train.models.multitask import ModelConfig, MultiTaskNet
 
     tasks = [TaskSpec("coarse", "classification", COARSE), TaskSpec("diagnosis", "text")]
