@@ -22,6 +22,8 @@ from benchmarks.report import headline, pareto_front, targets
 from deploy.contract import TaskSpec
 from deploy.vocab import Vocabulary
 
+REPO = Path(__file__).resolve().parents[1]
+
 # --- latency statistics ---------------------------------------------------------------------------
 
 
@@ -342,3 +344,36 @@ def test_headline_and_targets_compare_like_with_like():
     head = headline(records, tasks)
     assert head["compared"]["student"] == "student.fp32"
     assert head["latency_ensemble_over_student_int8"] == pytest.approx(187.5)
+
+
+# --- the architecture benchmark (random weights) ---------------------------------------------------------
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # dynamo=False (TorchScript exporter) is "legacy"
+def test_architecture_benchmark_builds_the_papers_models_without_weights(tmp_path, monkeypatch):
+    """configs/paper.yaml as written (7 ResNet-50 teachers, the Lite0 student with its GRU decoder), at a
+    tiny input size: built from random weights (no weight file is opened), exported, the student
+    quantized, all timed in one interleaved run; the report says it is latency only."""
+    from benchmarks import architectures
+    from tiny import make_tiny_dataset
+    from train.models import pretrained
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("the architecture benchmark must not load weights")
+
+    monkeypatch.setattr(pretrained, "load_lite_weights", no_weights)
+    data = make_tiny_dataset(tmp_path / "data", patients=12, unlabeled_patients=0)
+    out = tmp_path / "arch"
+    code = architectures.main(["--config", str(REPO / "configs" / "paper.yaml"), f"data.root={data}",
+                               "image_size=32", "--threads", "1", "--rounds", "2", "--duration", "0.02",
+                               "--out", str(out)])
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    models = report["summary"]["models"]
+    teachers = {n: m for n, m in models.items() if m["role"] == "teacher"}
+    assert len(teachers) == 7 and {m["backbone"] for m in teachers.values()} == {"resnet50"}
+    assert models["student"]["backbone"] == models["student.int8-cpu"]["backbone"] == "efficientnet_lite0"
+    assert {m["image_size"] for m in models.values()} == {32}
+    for key in ("ensemble_over_student_int8", "ensemble_over_student_fp32", "student_fp32_over_int8"):
+        assert report["summary"][key]["rounds"] == 2 and report["summary"][key]["median"] > 0
+    assert report["summary"]["ensemble_ms"] == pytest.approx(
+        np.median([sum(teachers[n]["rounds_ms"][r] for n in teachers) for r in range(2)]))
+    assert "random weights" in report["label"] and "**Random weights.**" in (out / "report.md").read_text()
