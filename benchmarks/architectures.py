@@ -34,7 +34,13 @@ from deploy.errors import cli
 from deploy.fileio import atomic_write_text
 from train.config import ConfigError
 from train.data.manifest import DatasetError, load_dataset
-from train.experiment import ExperimentConfig, add_config_args, config_overrides, load_experiment, teacher_specs
+from train.experiment import (
+    ExperimentConfig,
+    add_config_args,
+    config_overrides,
+    load_experiment,
+    teacher_specs,
+)
 
 CALIBRATION_IMAGES = 8
 LABEL = "random weights: latency only, accuracy not measured"

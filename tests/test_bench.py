@@ -352,8 +352,9 @@ def test_architecture_benchmark_builds_the_papers_models_without_weights(tmp_pat
     """configs/paper.yaml as written (7 ResNet-50 teachers, the Lite0 student with its GRU decoder), at a
     tiny input size: built from random weights (no weight file is opened), exported, the student
     quantized, all timed in one interleaved run; the report says it is latency only."""
-    from benchmarks import architectures
     from tiny import make_tiny_dataset
+
+    from benchmarks import architectures
     from train.models import pretrained
 
     def no_weights(*args, **kwargs):
