@@ -42,6 +42,7 @@ RUN ?= $(eval RUN := $(shell test -x $(PYTHON) && $(PYTHON) -m train.experiment 
 	--print run_dir 2>/dev/null || echo runs/$(NAME)))$(RUN)
 
 .PHONY: all venv data check validate teachers student experiment-fractions export compress engine bench \
+	bench-architectures \
 	predict test lint clean help
 
 all: data check teachers student export compress bench  ## the whole pipeline (DATA=<dataset folder> for yours)
@@ -100,6 +101,10 @@ predict:  ## on-device inference with the torch-free runtime (MODEL=..., IMAGES=
 
 bench: $(STAMP)  ## accuracy + latency of every artifact: report.md / report.json / plots
 	$(PYTHON) -m benchmarks.bench $(STAGE_ARGS)
+
+# Random weights, so it needs no training: e.g. CONFIG=configs/paper.yaml (7 ResNet-50 teachers at 224 px).
+bench-architectures: $(STAMP)  ## latency only, random weights: the config's teachers vs its student FP32/INT8
+	$(PYTHON) -m benchmarks.architectures $(STAGE_ARGS) --out 'runs/bench-architectures/$(basename $(notdir $(CONFIG)))'
 
 test: $(STAMP)  ## the test suite (CPU, a few minutes)
 	$(PYTHON) -m pytest -q

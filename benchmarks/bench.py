@@ -1,8 +1,11 @@
 """Benchmark every artifact of a run: accuracy on the test split, agreement with the teacher ensemble,
 size, parameters, MACs, latency (batch 1 and larger), per-stage times and peak memory.
+Latency is timed interleaved (every artifact in turn, over `bench.rounds` rounds, threads pinned), so
+each headline ratio comes with its spread across rounds; ONNX artifacts with a text decoder also get
+encoder vs decoder milliseconds (their encoder-only sub-model timed in the same rounds).
 
     python -m benchmarks.bench --config configs/default.yaml [key=value ...] \\
-        [--min-metric student.int8-cpu:coarse/accuracy=0.8 ...] [--threads 2] [--duration 2.0] \\
+        [--min-metric student.int8-cpu:coarse/accuracy=0.8 ...] [--threads 2] [--duration 2.0] [--rounds 5] \\
         [--batch 1 8] [--only 'student.*'] [--memory deploy|all|off] [--publish benchmarks/results]
 
 Writes runs/<name>/bench/report.{md,json} + PNG plots (atomically) and prints the report. Each artifact
@@ -29,8 +32,18 @@ import numpy as np
 
 from benchmarks import accuracy as acc
 from benchmarks import latency as lat
-from benchmarks.artifacts import Artifact, discover, onnx_graph_stats, open_artifact, size_mb
-from benchmarks.machine import PowerMeter, describe_machine, device_slug, probe_memory, usable_cores
+from benchmarks.artifacts import Artifact, Runner, discover, onnx_graph_stats, open_artifact, size_mb
+from benchmarks.encoder_only import encoder_decoder_ms, open_encoder_only
+from benchmarks.interleave import interleaved_times, round_medians
+from benchmarks.machine import (
+    PowerMeter,
+    describe_machine,
+    device_slug,
+    pinned_core_list,
+    pinned_cores,
+    probe_memory,
+    usable_cores,
+)
 from benchmarks.report import RAN, build_report, write_report
 from deploy.errors import cli
 from deploy.fileio import atomic_write_text
@@ -76,8 +89,9 @@ def _stats(ctx: Context, path: Path | None) -> dict:
     return ctx.graph_stats[path]
 
 
-def _measure(ctx: Context, art: Artifact, record: dict) -> dict[str, np.ndarray]:
-    """Fill `record` with the artifact's numbers; returns its test outputs. Raises when it cannot run."""
+def _measure(ctx: Context, art: Artifact, record: dict) -> tuple[dict[str, np.ndarray], Runner]:
+    """Fill `record` with the artifact's accuracy, stage times and graph numbers; returns its test outputs
+    and the open runner (timed later, interleaved with the others). Raises when it cannot run."""
     b = ctx.bench
     runner = open_artifact(art, ctx.test.tasks, ctx.test.vocab, ctx.threads, b.providers, ctx.device)
     try:
@@ -89,50 +103,113 @@ def _measure(ctx: Context, art: Artifact, record: dict) -> dict[str, np.ndarray]
         if first and first.name in full:
             record["confusion"] = {"task": first.name, "classes": list(first.classes),
                                    "matrix": full[first.name]["confusion_matrix"]}
-        record["latency"] = {}
-        for n in b.batch_sizes:
-            batch = ctx.test.head(runner.spec, n)
-            stats = lat.measure(lambda batch=batch: runner.run(batch), n, b.warmup,
-                                b.duration_s if n == 1 else b.batch_duration_s, b.min_runs, sync=runner.sync)
-            record["latency"][str(n)] = stats.to_dict()
-            if n == 1:
-                record["power"] = ctx.power.read()
         if runner.spec not in ctx.preprocess_ms:
             ctx.preprocess_ms[runner.spec] = lat.time_preprocess(ctx.test.paths(), runner.spec, b.stage_images)
-        record["stages_ms"] = {"preprocess": ctx.preprocess_ms[runner.spec],
-                               "inference": record["latency"]["1"]["per_image_ms"],
+        record["stages_ms"] = {"preprocess": ctx.preprocess_ms[runner.spec], "inference": None,
                                "postprocess": lat.time_postprocess(outputs, runner.tasks, runner.vocab or ctx.test.vocab)}
         record["runtime"] = runner.info
         record["image_size"] = runner.spec.size
         graph = _stats(ctx, art.paths[0] if art.format == "onnx" else art.onnx_fp32)
         record["params"] = runner.params if runner.params is not None else graph.get("params")
         record["macs"] = graph.get("macs")
-    finally:
+        if b.memory == "all" or (b.memory == "deploy" and art.format != "pytorch"):
+            record["memory"] = probe_memory(art, ctx.test.tasks, ctx.threads, max(b.batch_sizes), b.providers,
+                                            ctx.device)
+    except BaseException:
         runner.close()
-    if b.memory == "all" or (b.memory == "deploy" and art.format != "pytorch"):
-        record["memory"] = probe_memory(art, ctx.test.tasks, ctx.threads, max(b.batch_sizes), b.providers, ctx.device)
-    return outputs
+        raise
+    return outputs, runner
 
 
-def bench_artifact(ctx: Context, art: Artifact) -> tuple[dict, dict[str, np.ndarray] | None]:
-    """(record, test outputs or None). A failure is recorded with its reason, never raised."""
+def bench_artifact(ctx: Context, art: Artifact) -> tuple[dict, dict[str, np.ndarray] | None, Runner | None]:
+    """(record, test outputs or None, open runner or None). A failure is recorded with its reason, never
+    raised."""
     record = {"name": art.name, "model": art.model, "role": art.role, "format": art.format,
               "precision": art.precision, "paths": [str(p) for p in art.paths], "status": "skipped",
               "reason": art.skip, "size_mb": size_mb(art.paths) if art.paths and not art.skip else None,
               "metrics": {}, "latency": {}}
     if art.skip:
-        return record, None
+        return record, None, None
     print(f"[bench] {art.name} ...", flush=True)
     try:
-        outputs = _measure(ctx, art, record)
+        outputs, runner = _measure(ctx, art, record)
     # One bad artifact (corrupt file, wrong contract, runtime error) must not stop the others.
     except Exception as exc:
-        record.update(status="failed", reason=f"failed: {type(exc).__name__}: {str(exc).strip()[:400]}")
-        print(f"[bench] {art.name}: {record['reason']}", file=sys.stderr, flush=True)
-        return record, None
+        _fail(record, exc)
+        return record, None, None
     missed = acc.floor_violations(ctx.floors, art.name, record["metrics"])
     record.update(status="below floor" if missed else "passed", reason="; ".join(missed) or None)
-    return record, outputs
+    return record, outputs, runner
+
+
+def _fail(record: dict, exc: Exception | str) -> None:
+    reason = exc if isinstance(exc, str) else f"{type(exc).__name__}: {str(exc).strip()[:400]}"
+    record.update(status="failed", reason=f"failed: {reason}")
+    print(f"[bench] {record['name']}: {record['reason']}", file=sys.stderr, flush=True)
+
+
+ENCODER_ONLY = " [encoder only]"  # suffix of an artifact's encoder-only entry in the interleaved rounds
+
+
+def time_interleaved(ctx: Context, timed: list[tuple[dict, Runner, Artifact]]) -> None:
+    """Latency of every artifact that ran, at each batch size, interleaved over `bench.rounds` rounds
+    (benchmarks/interleave.py) with the threads pinned; at batch 1 also each ONNX artifact's encoder-only
+    sub-model, for its encoder vs decoder milliseconds. Fills record["latency"] (with per-round medians)
+    and record["encoder_decoder_ms"]; a record whose runner fails here is marked failed."""
+    b = ctx.bench
+    encoders = {}
+    try:
+        for record, _, art in timed:
+            if art.format == "onnx":
+                try:
+                    enc = open_encoder_only(art.paths[0], ctx.threads, b.providers)
+                except Exception as exc:  # the split is extra detail; the artifact itself still gets timed
+                    print(f"[bench] {art.name}: no encoder-only timing ({type(exc).__name__}: {exc})", file=sys.stderr)
+                    enc = None
+                if enc is not None:
+                    encoders[record["name"]] = enc
+        with pinned_cores(ctx.threads):
+            for n in b.batch_sizes:
+                _time_batch(ctx, timed, encoders if n == 1 else {}, n)
+    finally:
+        for enc in encoders.values():
+            enc.close()
+
+
+def _time_batch(ctx: Context, timed: list[tuple[dict, Runner, Artifact]], encoders: dict, n: int) -> None:
+    b = ctx.bench
+    live = [(record, runner) for record, runner, _ in timed if record["status"] != "failed"]
+    runs, syncs = {}, {}
+    for record, runner in live:
+        batch = ctx.test.head(runner.spec, n)
+        runs[record["name"]] = lambda runner=runner, batch=batch: runner.run(batch)
+        syncs[record["name"]] = runner.sync
+        if record["name"] in encoders:
+            enc = encoders[record["name"]]
+            runs[record["name"] + ENCODER_ONLY] = lambda enc=enc, batch=batch: enc.run(batch)
+    power = {}
+
+    def read_power(name: str, round_index: int) -> None:
+        if n == 1 and round_index == b.rounds - 1 and name in syncs:
+            power[name] = ctx.power.read()
+
+    duration = b.duration_s if n == 1 else b.batch_duration_s
+    result = interleaved_times(runs, b.rounds, duration / b.rounds, b.warmup, -(-b.min_runs // b.rounds),
+                               syncs, after_block=read_power)
+    for record, _ in live:
+        name = record["name"]
+        if name in result.failed:
+            _fail(record, result.failed[name])
+            continue
+        stats = lat.summarize(result.flat(name), n).to_dict()
+        stats["rounds_ms"] = round_medians(result.times[name], n)
+        record["latency"][str(n)] = stats
+        if n == 1:
+            record["power"] = power.get(name)
+            record["stages_ms"]["inference"] = stats["per_image_ms"]
+            if name + ENCODER_ONLY in result.times:
+                record["encoder_decoder_ms"] = encoder_decoder_ms(
+                    stats["rounds_ms"], round_medians(result.times[name + ENCODER_ONLY]))
 
 
 def _reference(ctx: Context, arts: list[Artifact], outputs: dict[str, dict]) -> tuple[str | None, dict | None]:
@@ -169,14 +246,21 @@ def run_bench(cfg: ExperimentConfig, bench: BenchConfig, out_dir: Path | None = 
     chosen = [a for a in arts if not bench.only or any(fnmatch.fnmatchcase(a.name, p) for p in bench.only)]
     threads = bench.threads or usable_cores()
     device = ("cuda" if cuda else "cpu") if cfg.device == "auto" else cfg.device
-    records, outputs = [], {}
+    records, outputs, timed = [], {}, []
     with PowerMeter() as power:
         ctx = Context(bench, test, floors, threads, device, power)
-        for art in chosen:
-            record, out = bench_artifact(ctx, art)
-            records.append(record)
-            if out is not None:
-                outputs[art.name] = out
+        try:
+            for art in chosen:
+                record, out, runner = bench_artifact(ctx, art)
+                records.append(record)
+                if runner is not None:
+                    outputs[art.name] = out
+                    timed.append((record, runner, art))
+            time_interleaved(ctx, timed)
+        finally:
+            for _, runner, _ in timed:
+                runner.close()
+        outputs = {name: out for name, out in outputs.items() if _record(records, name)["status"] != "failed"}
         ref_name, ref = _reference(ctx, arts, outputs)
     ref_metrics = next((r["metrics"] for r in records if r["name"] == ref_name and r["status"] in RAN), None)
     for record in records:
@@ -187,12 +271,17 @@ def run_bench(cfg: ExperimentConfig, bench: BenchConfig, out_dir: Path | None = 
     measured = [r["name"] for r in records if r["status"] in RAN]
     unmatched = [str(f) for f in acc.unmatched_floors(floors, measured)]
     machine = describe_machine(threads, bench.providers)
-    settings = {**dataclasses.asdict(bench), "threads": threads, "images": len(test),
+    settings = {**dataclasses.asdict(bench), "threads": threads, "pinned_cores": pinned_core_list(threads),
+                "images": len(test),
                 "test_split_images": len(splits.test), "sample_seed": cfg.seed, "device": device}
     report = build_report(cfg.name, records, test.tasks, machine, settings, ref_name, unmatched)
     fractions = cfg.layout.fractions_dir / "fractions.png"
     md = write_report(report, out_dir or cfg.layout.bench_dir, fractions)
     return report, md
+
+
+def _record(records: list[dict], name: str) -> dict:
+    return next(r for r in records if r["name"] == name)
 
 
 def publish(report: dict, out_dir: Path, results_root: Path) -> Path:
@@ -222,7 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--min-metric", action="append", default=[], metavar="ARTIFACT:METRIC=VALUE",
                         help="accuracy floor (repeatable); ARTIFACT may be a glob, e.g. 'student.*'")
     parser.add_argument("--threads", type=int, help="intra-op threads for onnxruntime and torch")
-    parser.add_argument("--duration", type=float, help="minimum timed seconds at batch 1")
+    parser.add_argument("--duration", type=float, help="minimum timed seconds at batch 1 (all rounds together)")
+    parser.add_argument("--rounds", type=int, help="interleaved timing rounds (each ratio's spread is over them)")
     parser.add_argument("--batch", type=int, nargs="+", help="batch sizes to time (must include 1)")
     parser.add_argument("--only", action="append", metavar="PATTERN", help="benchmark matching artifacts only")
     parser.add_argument("--memory", choices=("deploy", "all", "off"),
@@ -238,7 +328,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_experiment(args.config, config_overrides(args))
         bench = bench_config(cfg)
-        changes = {"threads": args.threads, "duration_s": args.duration, "batch_sizes": args.batch,
+        changes = {"threads": args.threads, "duration_s": args.duration, "rounds": args.rounds,
+                   "batch_sizes": args.batch,
                    "only": args.only, "floors": [*bench.floors, *args.min_metric] if args.min_metric else None,
                    "memory": args.memory}
         bench = from_dict(BenchConfig, {**dataclasses.asdict(bench),

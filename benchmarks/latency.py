@@ -64,9 +64,11 @@ def summarize(times_s: Sequence[float], batch: int) -> LatencyStats:
 
 
 def time_calls(run: Callable[[], object], warmup: int = 5, min_duration_s: float = 1.0, min_runs: int = 10,
-               max_runs: int = 100_000, sync: Callable[[], None] | None = None) -> list[float]:
+               max_runs: int = 100_000, sync: Callable[[], None] | None = None,
+               clock: Callable[[], float] = time.perf_counter) -> list[float]:
     """Call `run()` `warmup` times untimed, then keep timing calls until both `min_runs` calls and
-    `min_duration_s` seconds of timed work are reached (or `max_runs`). Returns seconds per call."""
+    `min_duration_s` seconds of timed work are reached (or `max_runs`). Returns seconds per call
+    (read with `clock`; a parameter so tests can feed synthetic time)."""
     if min_runs < 1 or max_runs < min_runs:
         raise ValueError(f"need 1 <= min_runs <= max_runs, got {min_runs}, {max_runs}")
     for _ in range(max(warmup, 0)):
@@ -76,11 +78,11 @@ def time_calls(run: Callable[[], object], warmup: int = 5, min_duration_s: float
     times: list[float] = []
     total = 0.0
     while len(times) < max_runs and (len(times) < min_runs or total < min_duration_s):
-        t0 = time.perf_counter()
+        t0 = clock()
         run()
         if sync:
             sync()
-        dt = time.perf_counter() - t0
+        dt = clock() - t0
         times.append(dt)
         total += dt
     return times

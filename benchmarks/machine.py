@@ -25,6 +25,8 @@ import resource
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import date
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -61,6 +63,46 @@ def usable_cores() -> int:
         return len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         return os.cpu_count() or 1
+
+
+def pinned_core_list(threads: int | None) -> list[int] | None:
+    """The cores a benchmark with `threads` threads is pinned to: the first `threads` usable ones
+    (None where affinity cannot be set, e.g. macOS)."""
+    try:
+        cores = sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return None
+    return cores[: threads or len(cores)]
+
+
+@contextmanager
+def pinned_cores(threads: int | None) -> Iterator[list[int] | None]:
+    """Pin this process (and the runtime threads it starts) to `pinned_core_list(threads)` while timing,
+    so the scheduler does not move the threads between runs; the old affinity is restored after."""
+    cores = pinned_core_list(threads)
+    if cores is None:
+        yield None
+        return
+    before = os.sched_getaffinity(0)
+    try:
+        _set_affinity(cores)
+    except OSError:  # not permitted (some containers): time unpinned rather than not at all
+        yield None
+        return
+    try:
+        yield cores
+    finally:
+        _set_affinity(before)
+
+
+def _set_affinity(cores) -> None:
+    """Every thread of this process (the runtimes' pools exist already; new threads inherit it)."""
+    tasks = Path("/proc/self/task")
+    for tid in (int(t) for t in os.listdir(tasks)) if tasks.is_dir() else (0,):
+        try:
+            os.sched_setaffinity(tid, cores)
+        except ProcessLookupError:  # a thread that ended meanwhile
+            continue
 
 
 def memory_total_gb() -> float | None:

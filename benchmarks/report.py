@@ -14,6 +14,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from benchmarks.interleave import ratio_over_rounds
 from deploy.contract import TaskSpec
 from deploy.fileio import atomic_write, atomic_write_text
 from train.metrics import points_label, primary_metric, to_points
@@ -63,21 +64,39 @@ def _ratio(num: float | None, den: float | None) -> float | None:
     return num / den if num is not None and den else None
 
 
+def latency_ratio(num: dict | None, den: dict | None, batch: int = 1) -> dict | None:
+    """num/den latency at `batch`: the median of the per-round ratios with their spread (interleaved
+    rounds, benchmarks/interleave.py); from the overall medians (rounds 1) when no rounds were recorded."""
+    rounds = [((r or {}).get("latency", {}).get(str(batch)) or {}).get("rounds_ms") for r in (num, den)]
+    if all(rounds):
+        return ratio_over_rounds(*rounds)
+    value = _ratio(_ms(num, batch), _ms(den, batch))
+    return None if value is None else {"median": value, "min": value, "max": value, "rounds": 1}
+
+
 def headline(records: list[dict], tasks: Sequence[TaskSpec]) -> dict:
     """Ratios measured in this run (same machine, runtime, threads and images): latency at batch 1
-    ensemble/student and FP32/INT8, and student/ensemble accuracy per primary metric."""
+    ensemble/student and FP32/INT8 (also at the largest batch), and student/ensemble accuracy per primary
+    metric. Each latency ratio is the median over interleaved rounds; `latency_spread` holds its spread."""
     (ens, stu), int8 = _pair(records), _ran(records, "student.int8-cpu")
     ens_onnx, stu_onnx = _ran(records, "ensemble.fp32"), _ran(records, "student.fp32")  # ORT, like INT8
     acc = {}
     for key in primary_metrics(tasks):
         s, e = (stu or {}).get("metrics", {}).get(key), (ens or {}).get("metrics", {}).get(key)
         acc[key] = _ratio(s, e)
+    largest = max((int(b) for r in records for b in r.get("latency", {})), default=1)
+    spread = {"latency_ensemble_over_student": latency_ratio(ens, stu),
+              "latency_ensemble_over_student_int8": latency_ratio(ens_onnx, int8),
+              "latency_fp32_over_int8_student": latency_ratio(stu_onnx, int8),
+              "latency_fp32_over_int8_student_largest_batch": latency_ratio(stu_onnx, int8, largest)}
+    split = (int8 or {}).get("encoder_decoder_ms") or {}
+    spread["latency_int8_student_over_its_encoder"] = split.get("full_over_encoder")
     return {
         "compared": {"ensemble": ens and ens["name"], "student": stu and stu["name"],
                      "student_int8": int8 and int8["name"]},
-        "latency_ensemble_over_student": _ratio(_ms(ens), _ms(stu)),
-        "latency_ensemble_over_student_int8": _ratio(_ms(ens_onnx), _ms(int8)),
-        "latency_fp32_over_int8_student": _ratio(_ms(stu_onnx), _ms(int8)),
+        **{key: value and value["median"] for key, value in spread.items()},
+        "largest_batch": largest,
+        "latency_spread": spread,
         "accuracy_student_over_ensemble": acc,
     }
 
@@ -98,6 +117,12 @@ def targets(records: list[dict], tasks: Sequence[TaskSpec]) -> list[dict]:
     out = [
         _target("INT8 (cpu) student >= 2x faster than FP32 student, batch 1", head["latency_fp32_over_int8_student"],
                 2.0, True, "x", "student.fp32 vs student.int8-cpu (ONNX Runtime)"),
+        _target(f"INT8 (cpu) student >= 2.5x faster than FP32 student, batch {head['largest_batch']}",
+                head["latency_fp32_over_int8_student_largest_batch"], 2.5, True, "x",
+                "student.fp32 vs student.int8-cpu (ONNX Runtime)"),
+        _target("decoder: INT8 (cpu) student <= 2x its encoder-only latency, batch 1 (decoder costs <= encoder)",
+                head["latency_int8_student_over_its_encoder"], 2.0, False, "x",
+                "student.int8-cpu vs its encoder-only sub-model (ONNX Runtime)"),
         _target("student (INT8 cpu, as deployed) >= 50x lower latency than the teacher ensemble, batch 1",
                 head["latency_ensemble_over_student_int8"], 50.0, True, "x",
                 "ensemble.fp32 vs student.int8-cpu (ONNX Runtime); FP32 vs FP32: "
@@ -166,7 +191,8 @@ def detail_columns(tasks: Sequence[TaskSpec]) -> list[tuple[str, str]]:
     cols = [("Artifact", "name"), ("Params (M)", "params"), ("GMACs", "macs"), ("p50 b1 (ms)", "latency.1.p50_ms"),
             ("p90 b1 (ms)", "latency.1.p90_ms"), ("p99 b1 (ms)", "latency.1.p99_ms"),
             ("pre (ms)", "stages_ms.preprocess"), ("infer (ms)", "stages_ms.inference"),
-            ("post (ms)", "stages_ms.postprocess"), ("model mem (MB)", "memory.model_mb")]
+            ("post (ms)", "stages_ms.postprocess"), ("encoder b1 (ms)", "encoder_decoder_ms.encoder_ms"),
+            ("decoder b1 (ms)", "encoder_decoder_ms.decoder_ms"), ("model mem (MB)", "memory.model_mb")]
     for t in tasks:
         key = "sequence_agreement" if t.kind == "text" else "top1_agreement"
         cols.append((f"{t.name} agree", f"agreement.{t.name}/{key}"))
@@ -207,14 +233,26 @@ def markdown_table(records: list[dict], columns: list[tuple[str, str]]) -> str:
     return "\n".join(lines)
 
 
+def _spread(h: dict, key: str, spec: str = ".2f") -> str:
+    """"3.10x (min 2.95x, max 3.21x over 5 rounds)" for a headline latency ratio."""
+    value = h["latency_spread"].get(key)
+    if not value:
+        return "—"
+    if value["rounds"] < 2:
+        return f"{value['median']:{spec}}x (1 round)"
+    return f"{value['median']:{spec}}x (min {value['min']:{spec}}x, max {value['max']:{spec}}x over {value['rounds']} rounds)"
+
+
 def _headline_lines(report: dict) -> list[str]:
     h = report["headline"]
     names = {k: v or "—" for k, v in h["compared"].items()}
-    lines = [f"- ensemble / student latency (batch 1): {_num(h['latency_ensemble_over_student'], '.1f', 'x')} "
+    lines = [f"- ensemble / student latency (batch 1): {_spread(h, 'latency_ensemble_over_student', '.1f')} "
              f"({names['ensemble']} vs {names['student']}); ensemble.fp32 / student.int8-cpu: "
-             f"{_num(h['latency_ensemble_over_student_int8'], '.1f', 'x')}",
-             f"- student.fp32 / student.int8-cpu latency (batch 1): "
-             f"{_num(h['latency_fp32_over_int8_student'], '.2f', 'x')}"]
+             f"{_spread(h, 'latency_ensemble_over_student_int8', '.1f')}",
+             f"- student.fp32 / student.int8-cpu latency (batch 1): {_spread(h, 'latency_fp32_over_int8_student')}; "
+             f"batch {h['largest_batch']}: {_spread(h, 'latency_fp32_over_int8_student_largest_batch')}",
+             f"- student.int8-cpu / its encoder-only sub-model (batch 1): "
+             f"{_spread(h, 'latency_int8_student_over_its_encoder')}"]
     accs = ", ".join(f"{k} {_num(v, '.3f')}" for k, v in h["accuracy_student_over_ensemble"].items())
     lines.append(f"- student / ensemble accuracy ({names['student']} vs {names['ensemble']}): {accs}")
     return lines
@@ -229,9 +267,14 @@ def render_markdown(report: dict) -> str:
            f"Machine: {m.get('cpu')} ({m.get('usable_cores')} usable cores), GPU: {m.get('gpu') or 'none'}, "
            f"onnxruntime {m.get('onnxruntime')}, torch {m.get('torch')}, TensorRT {m.get('tensorrt') or 'none'}; "
            f"threads {s['threads']}, providers {s.get('providers') or 'default'}.",
-           f"Test split: {_images_line(s)}; latency: {s['warmup']} warm-up runs, then >= {s['duration_s']} s "
-           f"at batch 1 and >= {s['batch_duration_s']} s at larger batches; ms/im = p50 batch time / batch. "
-           f"Absolute times hold for this machine only; the ratios below compare artifacts on it.", "",
+           f"Test split: {_images_line(s)}; latency: {s['warmup']} warm-up runs, then the artifacts timed in "
+           f"turn over {s.get('rounds', 1)} interleaved rounds (>= {s['duration_s']} s each at batch 1 and "
+           f">= {s['batch_duration_s']} s at larger batches, all rounds together), threads pinned to cores "
+           f"{s.get('pinned_cores')}; ms/im = p50 batch time / batch; each ratio is the median of its per-round "
+           f"ratios, with their min and max. Absolute times hold for this machine only; the ratios below "
+           f"compare artifacts on it. Encoder / decoder ms: the ONNX artifact's encoder-only sub-model "
+           f"(image -> classification outputs and pooled features), timed in the same rounds; decoder = "
+           f"whole - encoder-only.", "",
            "## Headline (one run, one machine, same runtime, threads and images)", "", *_headline_lines(report),
            "", "## Targets", ""]
     for t in report["targets"]:

@@ -22,6 +22,7 @@ import onnx
 import torch
 from torch import nn
 
+from compress.graph_split import text_only_nodes
 from compress.onnx_eval import open_onnx, run_onnx
 from compress.settings import CompressConfig, compress_config
 from deploy.contract import Contract, sidecar_path, write_metadata, write_sidecar
@@ -53,31 +54,18 @@ class EnsembleExport(nn.Module):
         return tuple(out[t.name] for t in self.ensemble.tasks)
 
 
-def _ancestors(graph: onnx.GraphProto, outputs: list[str]) -> set[str]:
-    """Names of the nodes that contribute to any of `outputs`."""
-    producer = {o: n for n in graph.node for o in n.output}
-    seen, stack = set(), list(outputs)
-    while stack:
-        node = producer.get(stack.pop())
-        if node is not None and node.name not in seen:
-            seen.add(node.name)
-            stack.extend(node.input)
-    return seen
-
-
 def tag_text_nodes(model: onnx.ModelProto, contract: Contract) -> None:
     """Prefix the nodes that only feed a text output with `/heads/<task>/`.
 
     The unrolled decoder is traced from functional calls, so its nodes carry no module scope; the
     quantizers find it by this prefix to keep it in float.
     """
-    cls_outputs = [t.output_name for t in contract.tasks if t.kind == "classification"]
-    shared = _ancestors(model.graph, cls_outputs)
+    graph = model.graph
     for task in (t for t in contract.tasks if t.kind == "text"):
         prefix = f"/heads/{task.name}/"
-        only_text = _ancestors(model.graph, [task.output_name]) - shared
-        for node in model.graph.node:
-            if node.name in only_text and not node.name.startswith(prefix):
+        for i in text_only_nodes(graph, [task.output_name]):
+            node = graph.node[i]
+            if not node.name.startswith(prefix):
                 node.name = prefix + node.name.lstrip("/")
 
 

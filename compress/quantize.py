@@ -69,7 +69,7 @@ def quantize_model(name: str, cfg, ccfg: CompressConfig, splits: Splits) -> dict
     val = image_set(splits, splits.val, tasks, contract.preprocessing)
     images, available = calibration_source(splits, contract, cfg.seed)
     text = [t.name for t in tasks if t.kind == "text"]
-    # The decoder (argmax feedback over 24 steps) and Softmax stay float: tiny cost, big accuracy risk.
+    # The decoder (argmax feedback over max_len steps) and Softmax stay float: tiny cost, big accuracy risk.
     patterns = [f"/heads/{t}/" for t in text]
     report: dict = {"fp32": str(fp32), "fp32_size_mb": fp32.stat().st_size / 1e6, "flavours": {}}
     ranges: dict = {}  # one calibration per (method, images), shared by both flavours

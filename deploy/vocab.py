@@ -70,11 +70,18 @@ class Vocabulary:
 
     @classmethod
     def build(cls, texts: Iterable[str], min_freq: int = 1, max_len: int = 24) -> Vocabulary:
-        """Build from (training-split) sentences; words seen fewer than `min_freq` times map to <unk>."""
-        counts = Counter(tok for text in texts if text for tok in tokenize(text))
+        """Build from (training-split) sentences; words seen fewer than `min_freq` times map to <unk>.
+
+        `max_len` is a cap: the vocabulary's own max_len is the longest sentence's token count plus
+        <eos>, when that is shorter. The decoder runs exactly max_len steps for every image (a static
+        graph), so steps no training sentence needs would be paid for on every device call.
+        """
+        sentences = [tokenize(text) for text in texts if text]
+        counts = Counter(tok for tokens in sentences for tok in tokens)
         # Sorted by frequency then alphabetically so the same texts always give the same ids.
         words = sorted((w for w, c in counts.items() if c >= min_freq), key=lambda w: (-counts[w], w))
-        return cls(tokens=[*SPECIALS, *words], max_len=max_len, min_freq=min_freq)
+        longest = max((len(tokens) for tokens in sentences), default=1)
+        return cls(tokens=[*SPECIALS, *words], max_len=max(2, min(max_len, longest + 1)), min_freq=min_freq)
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text` followed by <eos>, truncated to `max_len` (no <bos>, no padding)."""

@@ -15,11 +15,15 @@ from onnx import TensorProto, helper, numpy_helper
 from benchmarks import bench, latency
 from benchmarks.accuracy import Floor, floor_violations, parse_floor, retention, unmatched_floors
 from benchmarks.artifacts import discover, onnx_graph_stats
+from benchmarks.encoder_only import encoder_decoder_ms
+from benchmarks.interleave import interleaved_times, ratio_over_rounds, round_medians, round_order
 from benchmarks.latency import measure, summarize, time_calls
 from benchmarks.report import headline, pareto_front, targets
 from deploy.contract import TaskSpec
 from deploy.predictor import decode_row
 from deploy.vocab import Vocabulary
+
+REPO = Path(__file__).resolve().parents[1]
 
 # --- latency statistics ---------------------------------------------------------------------------
 
@@ -54,6 +58,91 @@ def test_time_calls_warms_up_then_meets_runs_and_duration():
     stats = measure(lambda: sum(range(2000)), batch=2, warmup=0, min_duration_s=0.02, min_runs=1,
                     sync=lambda: syncs.append(1))
     assert stats.total_s >= 0.02 and stats.runs >= 1 and len(syncs) == stats.runs + 1
+
+
+class SyntheticMachine:
+    """A fake clock and runs of fixed cost (seconds per call) on a machine that gets `slowdown[r]` times
+    slower in round r, as when another process starts: no real time is measured."""
+
+    def __init__(self, costs: dict[str, float], slowdown: list[float]):
+        self.now, self.costs, self.slowdown, self.blocks = 0.0, costs, slowdown, 0
+        self.calls = {name: 0 for name in costs}
+
+    def clock(self) -> float:
+        return self.now
+
+    def run(self, name: str):
+        def call():
+            self.calls[name] += 1
+            self.now += self.costs[name] * self.slowdown[min(self.blocks // len(self.costs), len(self.slowdown) - 1)]
+        return call
+
+    def after_block(self, name: str, round_index: int) -> None:
+        self.blocks += 1
+
+
+def test_interleaving_rotates_the_order_and_ratios_survive_a_slow_round():
+    machine = SyntheticMachine({"a": 0.004, "b": 0.002, "c": 0.001}, slowdown=[1.0, 3.0, 1.0, 1.5])
+    result = interleaved_times({n: machine.run(n) for n in "abc"}, rounds=4, per_round_s=0.01, warmup=2,
+                               min_runs=3, clock=machine.clock, after_block=machine.after_block)
+    assert result.order == [["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"], ["a", "b", "c"]]
+    assert not result.failed
+    for name in "abc":
+        blocks = result.times[name]
+        assert len(blocks) == 4 and all(len(b) >= 3 and sum(b) >= 0.01 for b in blocks)
+        assert machine.calls[name] == 2 + len(result.flat(name))  # warm-up calls are not timed
+    a, b = round_medians(result.times["a"]), round_medians(result.times["b"])
+    assert a == pytest.approx([4.0, 12.0, 4.0, 6.0])  # ms per call, round by round
+    ratio = ratio_over_rounds(a, b)
+    # The slow round slowed both: every per-round ratio is the true 2x.
+    assert ratio["rounds"] == 4
+    assert (ratio["median"], ratio["min"], ratio["max"]) == pytest.approx((2.0, 2.0, 2.0))
+    assert round_medians([[0.008, 0.008]], batch=8) == pytest.approx([1.0])  # per image
+    assert round_order(["a", "b"], 3) == ["b", "a"]
+
+
+def test_ratio_spread_and_a_failing_run_is_dropped_alone():
+    spread = ratio_over_rounds([10.0, 12.0, 30.0], [5.0, 4.0, 10.0])
+    assert (spread["median"], spread["min"], spread["max"]) == pytest.approx((3.0, 2.0, 3.0))
+    assert ratio_over_rounds([], [1.0]) is None
+    machine = SyntheticMachine({"ok": 0.001, "bad": 0.001}, slowdown=[1.0])
+    calls = {"bad": 0}
+
+    def bad():
+        calls["bad"] += 1
+        if calls["bad"] > 3:  # warm-up passes, then it breaks in the first timed round
+            raise RuntimeError("device lost")
+
+    result = interleaved_times({"ok": machine.run("ok"), "bad": bad}, rounds=3, per_round_s=0.005, warmup=3,
+                               clock=machine.clock)
+    assert result.failed == {"bad": "RuntimeError: device lost"} and "bad" not in result.times
+    assert len(result.times["ok"]) == 3 and result.order[1:] == [["ok"], ["ok"]]
+    with pytest.raises(ValueError, match="rounds"):
+        interleaved_times({"ok": machine.run("ok")}, rounds=0, per_round_s=0.1)
+
+
+def test_headline_ratios_come_from_rounds_with_their_spread():
+    tasks = [TaskSpec("coarse", "classification", ("a", "b"))]
+
+    def rec(name: str, rounds: dict[int, list[float]], split: dict | None = None) -> dict:
+        r = _record(name, 0.0, 0.9)
+        r["latency"] = {str(b): {"per_image_ms": float(np.median(v)), "rounds_ms": v} for b, v in rounds.items()}
+        return {**r, "encoder_decoder_ms": split} if split else r
+
+    split = encoder_decoder_ms([1.5, 1.8, 1.6], [1.0, 1.0, 0.8])
+    assert split["encoder_ms"] == pytest.approx(1.0) and split["decoder_ms"] == pytest.approx(0.8)  # of 0.5 .8 .8
+    assert split["full_over_encoder"]["median"] == pytest.approx(1.8)  # of 1.5, 1.8, 2.0
+    records = [rec("ensemble.fp32", {1: [100.0, 90.0, 120.0]}), rec("student.fp32", {1: [4.0, 3.0, 6.0], 8: [2.0]}),
+               rec("student.int8-cpu", {1: [2.0, 2.0, 2.0], 8: [0.5]}, split)]
+    head = headline(records, tasks)
+    assert head["latency_fp32_over_int8_student"] == pytest.approx(2.0)  # median of 2.0, 1.5, 3.0
+    assert head["latency_spread"]["latency_fp32_over_int8_student"]["min"] == pytest.approx(1.5)
+    assert head["latency_spread"]["latency_fp32_over_int8_student"]["max"] == pytest.approx(3.0)
+    assert head["latency_ensemble_over_student_int8"] == pytest.approx(50.0)  # median of 50, 45, 60
+    assert head["largest_batch"] == 8 and head["latency_fp32_over_int8_student_largest_batch"] == pytest.approx(4.0)
+    assert head["latency_int8_student_over_its_encoder"] == pytest.approx(1.8)
+    found = {t["target"].split(" ")[0] + str(t["goal"]): t for t in targets(records, tasks)}
+    assert found["decoder:2.0"]["status"] == "met" and found["INT82.5"]["status"] == "met"
 
 
 def test_postprocess_times_the_device_decoder(monkeypatch):
@@ -260,3 +349,37 @@ def test_headline_and_targets_compare_like_with_like():
     head = headline(records, tasks)
     assert head["compared"]["student"] == "student.fp32"
     assert head["latency_ensemble_over_student_int8"] == pytest.approx(187.5)
+
+
+# --- the architecture benchmark (random weights) ---------------------------------------------------------
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # dynamo=False (TorchScript exporter) is "legacy"
+def test_architecture_benchmark_builds_the_papers_models_without_weights(tmp_path, monkeypatch):
+    """configs/paper.yaml as written (7 ResNet-50 teachers, the Lite0 student with its GRU decoder), at a
+    tiny input size: built from random weights (no weight file is opened), exported, the student
+    quantized, all timed in one interleaved run; the report says it is latency only."""
+    from tiny import make_tiny_dataset
+
+    from benchmarks import architectures
+    from train.models import pretrained
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("the architecture benchmark must not load weights")
+
+    monkeypatch.setattr(pretrained, "load_lite_weights", no_weights)
+    data = make_tiny_dataset(tmp_path / "data", patients=12, unlabeled_patients=0)
+    out = tmp_path / "arch"
+    code = architectures.main(["--config", str(REPO / "configs" / "paper.yaml"), f"data.root={data}",
+                               "image_size=32", "--threads", "1", "--rounds", "2", "--duration", "0.02",
+                               "--out", str(out)])
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    models = report["summary"]["models"]
+    teachers = {n: m for n, m in models.items() if m["role"] == "teacher"}
+    assert len(teachers) == 7 and {m["backbone"] for m in teachers.values()} == {"resnet50"}
+    assert models["student"]["backbone"] == models["student.int8-cpu"]["backbone"] == "efficientnet_lite0"
+    assert {m["image_size"] for m in models.values()} == {32}
+    for key in ("ensemble_over_student_int8", "ensemble_over_student_fp32", "student_fp32_over_int8"):
+        assert report["summary"][key]["rounds"] == 2 and report["summary"][key]["median"] > 0
+    assert report["summary"]["ensemble_ms"] == pytest.approx(
+        np.median([sum(teachers[n]["rounds_ms"][r] for n in teachers) for r in range(2)]))
+    assert "random weights" in report["label"] and "**Random weights.**" in (out / "report.md").read_text()

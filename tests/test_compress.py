@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 import torch
 
@@ -21,7 +22,7 @@ from compress.quantize_flavours import qdq_summary
 from compress.settings import CompressConfig, GuardConfig
 from compress.trt_check import check_model, check_qdq_for_tensorrt
 from compress.trt_ops import CLAIMED_VERSIONS, unsupported_in_claimed
-from deploy.contract import METADATA_KEY, Contract, read_sidecar
+from deploy.contract import METADATA_KEY, Contract, TaskSpec, read_sidecar
 from train.experiment import load_experiment
 from train.models.multitask import ExportModel
 from train.models.saved import load_model
@@ -198,3 +199,69 @@ def test_exported_graphs_use_only_ops_every_claimed_tensorrt_parses(run):
         ops = {n.op_type for g in [model.graph] + [a.g for n in model.graph.node for a in n.attribute if a.g.node]
                for n in g.node}
         assert unsupported_in_claimed(ops) == {}, f"{path.name}: not parsed by TensorRT {CLAIMED_VERSIONS}"
+
+
+# --- the exported text decoder: node budget per step, greedy parity in every flavour ------------------
+# Nodes per unrolled decoder step of the exported student (context feature on / off): Gemm (logits and
+# the next hidden gates), Split, Gather (token-gate table), [Add context], Split, Add, Sigmoid, Split,
+# Mul, Add, Tanh, Sub, Mul, Add, ArgMax. Before the rework: 50 per step (26 of them Constant).
+STEP_BUDGET = {True: 15, False: 14}
+FIXED_BUDGET = 14  # decoder nodes outside the steps (initial state, context gates, token stacking)
+
+
+def _decoder_counts(context: bool, max_len: int, tmp_path: Path):
+    from tiny import COARSE, tiny_model
+
+    from compress.export import export_onnx
+    from compress.graph_split import decoder_op_counts
+    from deploy.preprocess import PreprocessSpec
+    from deploy.vocab import Vocabulary
+    from train.models.multitask import ModelConfig, MultiTaskNet
+
+    tasks = [TaskSpec("coarse", "classification", COARSE), TaskSpec("diagnosis", "text")]
+    vocab = Vocabulary.build(["a b c d e f g h i j k"], max_len=max_len)
+    model = MultiTaskNet(ModelConfig(**{**tiny_model(), "decoder_context": context}), tasks, len(vocab), max_len)
+    contract = Contract(model_name="m", model_version="1", tasks=tasks, preprocessing=PreprocessSpec(size=32),
+                        vocabulary=vocab)
+    path = export_onnx(ExportModel(model.eval()), contract, tmp_path / f"d{int(context)}{max_len}.onnx")
+    return decoder_op_counts(onnx.load(str(path)))
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.parametrize("context", [True, False])
+def test_exported_decoder_stays_within_its_node_budget_per_step(context, tmp_path):
+    short, long = _decoder_counts(context, 4, tmp_path), _decoder_counts(context, 8, tmp_path)
+    per_step = {op: (long[op] - short[op]) / 4 for op in long | short if long[op] != short[op]}
+    assert sum(per_step.values()) <= STEP_BUDGET[context], per_step
+    assert not {"Constant", "Slice", "Unsqueeze", "MatMul"} & set(per_step), per_step  # no churn per step
+    fixed = sum(short.values()) - 4 * sum(per_step.values())
+    assert fixed <= FIXED_BUDGET, short
+
+
+def test_greedy_tokens_of_every_flavour_equal_pytorch_on_every_validation_image(run, tmp_path):
+    """Whole fp32 graph: tokens identical to the PyTorch model's greedy decoding on every validation
+    image. Every flavour's decoder (cut out at the pooled features, fed PyTorch's features): identical too."""
+    from compress.graph_split import split_text_decoder
+
+    cfg_path, cfg, _ = run
+    if not cfg.layout.onnx("student", "int8-cpu").exists():
+        assert quantize_main(["--config", str(cfg_path)]) == 0
+    model, _ = load_model(cfg.run_dir / "student" / "best.safetensors")
+    splits = load_splits(cfg)
+    contract = read_sidecar(cfg.layout.onnx("student"))
+    val = image_set(splits, splits.val, contract.tasks, contract.preprocessing)
+    images = torch.stack([val[i]["image"] for i in range(len(val))])
+    with torch.no_grad():
+        features = model.features(images)
+        want = model.decoder.greedy(features)[1].numpy()
+    assert len({tuple(r) for r in want.tolist()}) > 1  # the images do not all get the same sentence
+    session = ort.InferenceSession(str(cfg.layout.onnx("student")), providers=["CPUExecutionProvider"])
+    got = session.run(["diagnosis_tokens"], {"image": images.numpy()})[0]
+    np.testing.assert_array_equal(got, want)
+    for flavour in ("fp32", "fp16", "int8-cpu", "int8-tensorrt"):
+        _, decoder, cut = split_text_decoder(cfg.layout.onnx("student", flavour), tmp_path / flavour)
+        session = ort.InferenceSession(str(decoder), providers=["CPUExecutionProvider"])
+        [feed] = session.get_inputs()
+        dtype = np.float16 if feed.type == "tensor(float16)" else np.float32
+        got = session.run(None, {feed.name: features.numpy().astype(dtype)})[0]
+        np.testing.assert_array_equal(got, want, err_msg=flavour)

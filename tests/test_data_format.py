@@ -155,6 +155,8 @@ def test_vocabulary_round_trip_and_train_only(tmp_path):
     padded = vocab.encode_padded("eye")
     assert len(padded) == 8 and padded[2:] == [PAD_ID] * 6
     assert len(vocab.encode("cataract " * 20)) == 8  # truncated to max_len including <eos>
+    # max_len is a cap: the longest training sentence (7 tokens) plus <eos> when that is shorter.
+    assert build_vocabulary(spec, rows, max_len=24).max_len == 8
     vocab.save(tmp_path / "vocab.json")
     assert Vocabulary.load(tmp_path / "vocab.json") == vocab
 

@@ -114,7 +114,7 @@ def test_scheduled_sampling_in_training_mode():
 
 ALLOWED_OPS = {"Conv", "Relu", "Clip", "Add", "Sub", "Mul", "Div", "MatMul", "Gemm", "Sigmoid", "Tanh",
                "Gather", "ArgMax", "Softmax", "Concat", "Unsqueeze", "Reshape", "GlobalAveragePool",
-               "Flatten", "Cast", "ReduceMean", "Shape", "Slice", "Split", "Constant", "Identity"}
+               "Flatten", "Cast", "ReduceMean", "Shape", "Slice", "Split", "Transpose", "Constant", "Identity"}
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # dynamo=False (TorchScript exporter) is "legacy"

@@ -95,7 +95,9 @@ def test_splits_are_by_patient_and_unlabelled_rows_have_no_labels(dataset):
 def test_vocabulary_round_trips_training_sentences(dataset):
     ds = load_dataset(dataset)
     vocab = ds.vocabulary
-    assert vocab is not None and vocab.max_len == 24
+    longest = max(len(tokenize(r.labels["diagnosis"])) for r in ds.split("train"))
+    # As long as the longest training sentence plus <eos> (the decoder's fixed step count), at most 24.
+    assert vocab is not None and vocab.max_len == min(24, longest + 1)
     for r in ds.split("train"):
         text = r.labels["diagnosis"]
         assert vocab.decode(vocab.encode(text)) == detokenize(tokenize(text))

@@ -210,7 +210,8 @@ class CompressConfig:
 class BenchConfig:
     """The `bench:` section of the experiment config."""
 
-    duration_s: float = 1.0  # minimum timed seconds at batch 1
+    duration_s: float = 1.0  # minimum timed seconds at batch 1 (all rounds together)
+    rounds: int = 5  # interleaved timing rounds (benchmarks/interleave.py): every ratio's spread is over them
     batch_duration_s: float = 0.3  # minimum timed seconds at each larger batch
     warmup: int = 5
     min_runs: int = 10
@@ -229,6 +230,8 @@ class BenchConfig:
     def __post_init__(self) -> None:
         if self.duration_s <= 0 or self.batch_duration_s <= 0 or self.warmup < 0 or self.min_runs < 1:
             raise ValueError("durations must be > 0, warmup >= 0 and min_runs >= 1")
+        if self.rounds < 1:
+            raise ValueError(f"rounds must be >= 1, got {self.rounds}")
         if 1 not in self.batch_sizes or min(self.batch_sizes) < 1:
             raise ValueError(f"batch_sizes must be positive and include 1 (the headline batch), got {self.batch_sizes}")
         self.batch_sizes = sorted(set(self.batch_sizes))

@@ -36,7 +36,7 @@ def _parser() -> argparse.ArgumentParser:
     shared.add_argument("--resize", type=int, help="write JPEG copies with this longer side into <out>/images")
     shared.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="processes for --resize")
     shared.add_argument("--min-freq", type=int, default=1, help="vocabulary: minimum word count (1)")
-    shared.add_argument("--max-len", type=int, default=24, help="vocabulary: max tokens incl. <eos> (24)")
+    shared.add_argument("--max-len", type=int, default=24, help="vocabulary: at most this many tokens incl. <eos>; fewer when the longest training sentence is shorter (24)")
     shared.add_argument("--force", action="store_true", help="overwrite an existing dataset in --out")
 
     parser = argparse.ArgumentParser(prog="python -m train.data.adapt", description=__doc__.split("\n")[0])

@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--manifest", help="another manifest in the folder (e.g. a label-fraction subset)")
     parser.add_argument("--build-vocab", action="store_true", help="(re)build vocab.json first")
     parser.add_argument("--min-freq", type=int, default=1, help="with --build-vocab: minimum word count")
-    parser.add_argument("--max-len", type=int, default=24, help="with --build-vocab: max tokens incl. <eos>")
+    parser.add_argument("--max-len", type=int, default=24, help="with --build-vocab: at most this many tokens incl. <eos> (fewer when the longest training sentence is shorter)")
     parser.add_argument("--no-images", action="store_true", help="only check the files exist (no decoding)")
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
     args = parser.parse_args(argv)

@@ -9,12 +9,20 @@ per-step cost is one precomputed `W_c f` added to the input gates. Two implement
 cell share the nn.GRU weights:
 
 * the fused `nn.GRU` (fast) for teacher-forced training and validation losses;
-* an explicit step (MatMul/Add/Sigmoid/Tanh/Mul, embedding as Gather, argmax as ArgMax) unrolled in
-  Python over `max_len`, for greedy generation and scheduled sampling. Exported to ONNX it contains
-  only plain ops (no GRU/Loop/If), which TensorRT and INT8 quantizers handle everywhere.
+* an explicit step (Gemm/Split/Add/Sigmoid/Tanh/Mul, argmax as ArgMax) unrolled in Python over
+  `max_len`, for greedy generation and scheduled sampling. Exported to ONNX it contains only plain ops
+  (no GRU/Loop/If), which TensorRT and INT8 quantizers handle everywhere.
+
+Greedy decoding is written so that each unrolled step costs what its arithmetic costs (the deployed
+student runs it `max_len` times per image, and per-node dispatch, not arithmetic, dominated it):
+the token's input gates are one Gather from a `[vocab, 3*hidden]` table (embedding x W_ih + b_ih,
+folded into a constant by the exporter), and one Gemm per step yields both the logits of this step
+and the hidden gates of the next (`[W_hh; W_out]` stacked). The tests hold the
+per-step node budget and the token-for-token parity with ONNX Runtime (tests/test_compress.py).
 
 There is no early exit at <eos>: every row runs `max_len` steps, so the graph is static and exportable;
-consumers cut the ids at the first <eos> (deploy.vocab.Vocabulary.decode).
+consumers cut the ids at the first <eos> (deploy.vocab.Vocabulary.decode). `max_len` is the dataset
+vocabulary's (its longest training sentence plus <eos>, deploy.vocab.Vocabulary.build).
 """
 
 from __future__ import annotations
@@ -75,25 +83,57 @@ class DiagnosisDecoder(nn.Module):
     def cell(self, gates_x: Tensor, h: Tensor) -> Tensor:
         """One GRU step from precomputed input gates, with PyTorch's gate order (r, z, n)."""
         gates_h = nnf.linear(h, self.gru.weight_hh_l0, self.gru.bias_hh_l0)
-        H = self.hidden
-        r = torch.sigmoid(gates_x[:, :H] + gates_h[:, :H])
-        z = torch.sigmoid(gates_x[:, H:2 * H] + gates_h[:, H:2 * H])
-        n = torch.tanh(gates_x[:, 2 * H:] + r * gates_h[:, 2 * H:])
-        return (1.0 - z) * n + z * h
+        return self._gru_update(gates_x, *gates_h.split([2 * self.hidden, self.hidden], dim=1), h)
 
-    def greedy(self, features: Tensor) -> tuple[Tensor, Tensor]:
-        """Greedy decoding for exactly `max_len` steps: (logits `[N, L, V]`, token ids `[N, L]` int64)."""
+    def _gru_update(self, gates_x: Tensor, h_rz: Tensor, h_n: Tensor, h: Tensor) -> Tensor:
+        """h' from the input gates W_ih x + b_ih `[N, 3*hidden]` and the hidden gates W_hh h + b_hh,
+        split into their (r, z) and n parts.
+
+        One Split per operand, one Sigmoid for r and z together, and h' = n + z (h - n) (= (1 - z) n + z h):
+        every op here is a node in each exported step.
+        """
+        H = self.hidden
+        x_rz, x_n = gates_x.split([2 * H, H], dim=1)
+        r, z = torch.sigmoid(x_rz + h_rz).split([H, H], dim=1)
+        n = torch.tanh(x_n + r * h_n)
+        return n + z * (h - n)
+
+    def token_gate_table(self) -> Tensor:
+        """Input gates of every token, `[vocab, 3*hidden]` = embedding x W_ih^T + b_ih (context excluded).
+
+        ExportModel computes it once and exports it as a constant, so each exported step looks its
+        token's gates up with one Gather instead of Gather + Gemm.
+        """
+        w_tok = self.gru.weight_ih_l0[:, : self.embed_dim]
+        return torch.matmul(self.embed.weight, w_tok.t()) + self.gru.bias_ih_l0
+
+    def greedy(self, features: Tensor, table: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Greedy decoding for exactly `max_len` steps: (logits `[N, L, V]`, token ids `[N, L]` int64).
+
+        Same recurrence as `cell`/`input_gates`, arranged for the exported graph: input gates looked up
+        in `table` (`token_gate_table()`, computed here unless given) and one Gemm per step for
+        [this step's logits | the next step's hidden gates].
+        """
         h, ctx = self.start(features)
-        gates_x = self.bos_gates(ctx)
+        table = self.token_gate_table() if table is None else table
+        H, V = self.hidden, self.vocab_size
+        both_w = torch.cat([self.out.weight, self.gru.weight_hh_l0])  # [V + 3H, hidden]
+        both_b = torch.cat([self.out.bias, self.gru.bias_hh_l0])
+        gates_x = table[BOS_ID:BOS_ID + 1]
+        gates_x = gates_x if ctx is None else gates_x + ctx
+        h_rz, h_n = nnf.linear(h, self.gru.weight_hh_l0, self.gru.bias_hh_l0).split([2 * H, H], dim=1)
         all_logits, all_tokens = [], []
-        for _ in range(self.max_len):
-            h = self.cell(gates_x, h)
-            logits = self.out(h)
+        for step in range(self.max_len):
+            h = self._gru_update(gates_x, h_rz, h_n, h)
+            if step + 1 == self.max_len:  # the last step needs no next-step gates
+                logits = self.out(h)
+            else:
+                logits, h_rz, h_n = nnf.linear(h, both_w, both_b).split([V, 2 * H, H], dim=1)
             tokens = logits.argmax(dim=-1)
             all_logits.append(logits)
             all_tokens.append(tokens)
-            gates_x = self.input_gates(tokens, ctx)
-        return torch.stack(all_logits, dim=1), torch.stack(all_tokens, dim=1)
+            gates_x = table[tokens] if ctx is None else table[tokens] + ctx
+        return torch.stack(all_logits, dim=1), _stack_columns(all_tokens)
 
     def stepwise(self, features: Tensor, targets: Tensor, teacher_forcing: float = 1.0) -> Tensor:
         """Explicit-cell decoding fed with `targets` `[N, L]` with probability `teacher_forcing` per row
@@ -136,3 +176,9 @@ class DiagnosisDecoder(nn.Module):
         if self.training and self.teacher_forcing < 1.0:
             return self.stepwise(features, targets, self.teacher_forcing)
         return self.teacher_forced(features, targets)
+
+
+def _stack_columns(columns: list[Tensor]) -> Tensor:
+    """`[N]` tensors -> `[N, L]`. Concat + Reshape + Transpose exports as 3 nodes; torch.stack as one
+    Unsqueeze per column plus a Concat."""
+    return torch.cat(columns).reshape(len(columns), -1).t()

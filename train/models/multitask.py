@@ -133,6 +133,12 @@ class ExportModel(nn.Module):
     def __init__(self, model: MultiTaskNet) -> None:
         super().__init__()
         self.model = model
+        # The decoder's token -> input-gates table, computed once from the (frozen) weights: a constant of
+        # the graph, gathered per step (DiagnosisDecoder.token_gate_table).
+        decoder = model.decoder
+        with torch.no_grad():
+            table = decoder.token_gate_table() if decoder is not None else torch.zeros(0)
+        self.register_buffer("token_gate_table", table, persistent=False)
 
     @property
     def output_names(self) -> list[str]:
@@ -146,5 +152,5 @@ class ExportModel(nn.Module):
             if task.kind == "classification":
                 outputs.append(torch.softmax(head(features), dim=-1))
             else:
-                outputs.append(head.greedy(features)[1])
+                outputs.append(head.greedy(features, self.token_gate_table)[1])
         return tuple(outputs)

@@ -21,7 +21,7 @@ class SynthConfig:
     prevalence: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_PREVALENCE))
     split_fractions: dict[str, float] = field(default_factory=lambda: {"train": 0.7, "val": 0.15, "test": 0.15})
     vocab_min_freq: int = 1
-    vocab_max_len: int = 24
+    vocab_max_len: int = 24  # a cap: the longest training sentence + <eos> when shorter (Vocabulary.build)
     jpeg_quality: int = 92
     contact_sheet_samples: int = 6  # images per coarse class on contact_sheet.png; 0 = no sheet
 
