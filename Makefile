@@ -136,14 +136,15 @@ device-deps: $(STAMP)  ## CI: the device install resolves for JetPack 6 / x86-64
 
 # --- KD recipe sweep (issue 9) --------------------------------------------------------------------
 # Needs trained teachers (`make teachers`). Each grid point trains the student from the cached soft
-# targets for SWEEP_STEPS optimizer steps and is scored on the validation split: runs/<name>/sweep/.
-# The default student takes ~0.75 s a step on 2 cores (README: 382 steps in 4.7 min), so the default
-# grid (6 points + the baseline at 150 steps) is ~15 min; widen it with SWEEP_ARGS="--temperature 1 2 4 ...".
-SWEEP_STEPS ?= 150
-SWEEP_ARGS ?= --alpha 0.5 0.8 0.95 --weighting mean quality_weighted
+# targets for the student's own budget (SWEEP_STEPS=N for a shorter one) and is scored on the
+# validation split: runs/<name>/sweep/. The default grid (8 points + the baseline, 382 steps each) takes
+# about 40 min on 2 cores (README: KD sweep); widen it with
+# SWEEP_ARGS="--temperature 1 2 4 ...".
+SWEEP_STEPS ?=
+SWEEP_ARGS ?= --alpha 0.5 0.9 --weighting mean quality_weighted --labelled-share natural 0.5
 .PHONY: sweep-kd probe
-sweep-kd: $(STAMP)  ## KD sweep (alpha, temperature, schedule, ensemble weighting) on validation: sweep.md
-	$(PYTHON) -m train.sweep $(STAGE_ARGS) --steps $(SWEEP_STEPS) $(SWEEP_ARGS)
+sweep-kd: $(STAMP)  ## KD sweep (alpha, temperature, schedule, weighting, labelled share) on validation: sweep.md
+	$(PYTHON) -m train.sweep $(STAGE_ARGS) $(if $(SWEEP_STEPS),--steps $(SWEEP_STEPS)) $(SWEEP_ARGS)
 
 probe: $(STAMP)  ## linear probe floor: frozen student backbone + logistic regression, test split
 	$(PYTHON) -m train.probe $(STAGE_ARGS)
