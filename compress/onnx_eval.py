@@ -13,12 +13,14 @@ import onnxruntime as ort
 from torch.utils.data import DataLoader
 
 from deploy.contract import Contract, TaskSpec, sidecar_path
+from deploy.runtime import quiet_onnxruntime
 from train.data.torch_data import FundusImages
 from train.evaluate import score_outputs
 
 # Where each artifact of a run lives (compress writes, benchmarks reads).
 ONNX_DIR = "onnx"
 FLAVOURS = ("fp32", "fp16", "int8-cpu", "int8-tensorrt")
+quiet_onnxruntime()  # before quantize/export/bench create sessions (also those inside ORT's quantization tools)
 
 
 def onnx_path(run_dir: Path, model: str, flavour: str = "fp32") -> Path:
@@ -33,6 +35,7 @@ def make_session(path: str | Path, threads: int | None = None,
                  providers: list[str] | None = None) -> ort.InferenceSession:
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = quiet_onnxruntime()
     if threads:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
