@@ -72,6 +72,8 @@ def test_documented_make_commands_exist(command, tmp_path):
     done = subprocess.run(["make", "-n", "-s", *words, f"VENV={tmp_path}/venv", "DEPLOY_PY=python3"], cwd=REPO,
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, (command, done.stderr[-500:])
+    # A name in .PHONY without a rule is "nothing to be done", not a target.
+    assert done.stdout.strip() and "Nothing to be done" not in done.stdout, (command, done.stdout[-300:])
 
 
 class _Parsed(Exception):

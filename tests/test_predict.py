@@ -80,8 +80,9 @@ def test_a_hierarchy_in_the_contract_wins_and_none_flags_nothing(tmp_path, capsy
 
 def test_hierarchy_is_derived_only_where_tasks_nest():
     tasks = tiny_contract().tasks
-    nested = [{"coarse": "c0", "fine": "f1"}] * 2 + [{"coarse": "c1", "fine": "f2"}] * 2
-    assert derive_hierarchy(tasks, nested) == {"fine": {"parent": "coarse", "classes": {"f1": "c0", "f2": "c1"}}}
+    nested = [{"coarse": "c0", "fine": "f1"}] * 2 + [{"coarse": "c1", "fine": "f2"}] * 2 + [{"coarse": "c2", "fine": "f3"}] * 2
+    assert derive_hierarchy(tasks, nested) == {"fine": {"parent": "coarse",
+                                                        "classes": {"f1": "c0", "f2": "c1", "f3": "c2"}}}
     crossed = nested + [{"coarse": "c1", "fine": "f1"}]  # f1 under two coarse classes: not a hierarchy
     assert derive_hierarchy(tasks, crossed) == {}
     explicit = {"fine_to_coarse": {"f1": "c3"}}  # dataset.yaml's extra wins over the rows

@@ -3,8 +3,10 @@ start-of-run summary, ONNX Runtime kept quiet (train/progress.py, train/loop.py,
 
 from __future__ import annotations
 
+import io
 import json
 import re
+import sys
 import threading
 
 import pytest
@@ -142,3 +144,14 @@ def test_loader_workers_are_capped_by_the_cores(monkeypatch):
 
     monkeypatch.setattr(loop, "usable_cores", lambda: 2)
     assert loop.loader_workers(8) == 2 and loop.loader_workers(1) == 1 and loop.loader_workers(0) == 0
+
+
+def test_on_terminal_follows_stderr(monkeypatch):
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setattr(sys, "stderr", io.StringIO())  # a pipe or a file: make's log, tee, train.log
+    assert not progress.on_terminal()
+    monkeypatch.setattr(sys, "stderr", Tty())
+    assert progress.on_terminal()
