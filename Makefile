@@ -95,9 +95,12 @@ engine:  ## TensorRT engines, on the device (DEPLOY_PY=python3 with tensorrt + p
 	$(DEPLOY_PY) -m deploy.build_engine '$(RUN)/onnx/student.fp16.onnx' --precision fp16 $(ENGINE_FLAGS)
 
 MODEL ?= $(RUN)/onnx/student.int8-cpu.onnx
-IMAGES ?= $(wordlist 1,4,$(sort $(wildcard $(DATA)/images/*.jpg $(DATA)/images/*.png)))
-predict:  ## on-device inference with the torch-free runtime (MODEL=..., IMAGES=..., DEPLOY_PY=...)
-	$(DEPLOY_PY) -m deploy.predict '$(MODEL)' $(IMAGES)
+# The demo predicts test-split images of DATA (never training images), taken in turn from each class,
+# with the true labels next to the predictions; IMAGES=... predicts those files instead.
+IMAGES ?=
+PREDICT_LIMIT ?= 8
+predict:  ## torch-free inference on DATA's test images with true labels (MODEL=..., IMAGES=..., DEPLOY_PY=...)
+	$(DEPLOY_PY) -m deploy.predict '$(MODEL)' $(or $(IMAGES),--manifest '$(DATA)/manifest.csv' --limit $(PREDICT_LIMIT))
 
 bench: $(STAMP)  ## accuracy + latency of every artifact: report.md / report.json / plots
 	$(PYTHON) -m benchmarks.bench $(STAGE_ARGS)
@@ -126,7 +129,9 @@ ENGINES ?= $(wildcard $(RUN)/onnx/*.trt.engine)
 .PHONY: bench-device gpu-check device-deps
 
 bench-device:  ## latency, GPU memory and mJ/image per engine/model on the device (ENGINES=..., IMAGES=...)
-	$(DEPLOY_PY) -m benchmarks.device_bench $(or $(ENGINES),$(MODEL)) --images $(IMAGES) --out '$(RUN)/bench-device'
+	$(DEPLOY_PY) -m benchmarks.device_bench $(or $(ENGINES),$(MODEL)) \
+		--images $(or $(IMAGES),$(wordlist 1,4,$(sort $(wildcard $(DATA)/images/*.jpg $(DATA)/images/*.png)))) \
+		--out '$(RUN)/bench-device'
 
 gpu-check: $(STAMP)  ## any NVIDIA GPU: engines, CUDA FP16 + graphs, ORT-CUDA, AMP steps -> JSON + Markdown
 	$(PYTHON) -m benchmarks.gpu_check --run '$(RUN)' --out '$(RUN)/gpu-check'

@@ -4,7 +4,7 @@ The images are the test split's, prepared once per preprocessing spec with deplo
 code the device runs); the numbers come from train.evaluate.score_outputs / train.metrics (the code
 training reports with), so a benchmark accuracy and a training accuracy are the same quantity.
 
-Floors: `ARTIFACT:METRIC=VALUE`, e.g. `student.int8-cpu:coarse/accuracy=0.8`; ARTIFACT may be a glob
+Floors: `ARTIFACT:METRIC=VALUE`, e.g. `student.int8-cpu:coarse/accuracy=80` (percent); ARTIFACT may be a glob
 (`student.*`), METRIC is a headline key (`coarse/accuracy`, `fine/top5`, `diagnosis/bleu`, `coarse/ece`
 is a ceiling: lower is better). An artifact below a floor is "exported but below its accuracy floor";
 a floor that names no measured artifact fails too (nothing was checked).

@@ -5,7 +5,7 @@ each headline ratio comes with its spread across rounds; ONNX artifacts with a t
 encoder vs decoder milliseconds (their encoder-only sub-model timed in the same rounds).
 
     python -m benchmarks.bench --config configs/default.yaml [key=value ...] \\
-        [--min-metric student.int8-cpu:coarse/accuracy=0.8 ...] [--threads 2] [--duration 2.0] [--rounds 5] \\
+        [--min-metric student.int8-cpu:coarse/accuracy=80 ...] [--threads 2] [--duration 2.0] [--rounds 5] \\
         [--batch 1 8] [--only 'student.*'] [--memory deploy|all|off] [--publish benchmarks/results]
 
 Writes runs/<name>/bench/report.{md,json} + PNG plots (atomically) and prints the report. Each artifact
@@ -309,7 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(parser)
     parser.add_argument("--min-metric", action="append", default=[], metavar="ARTIFACT:METRIC=VALUE",
-                        help="accuracy floor (repeatable); ARTIFACT may be a glob, e.g. 'student.*'")
+                        help="floor in the report's units (repeatable): accuracies in percent, BLEU 0-100, ECE 0-1; "
+                             "ARTIFACT may be a glob, e.g. 'student.*:coarse/accuracy=80'")
     parser.add_argument("--threads", type=int, help="intra-op threads for onnxruntime and torch")
     parser.add_argument("--duration", type=float, help="minimum timed seconds at batch 1 (all rounds together)")
     parser.add_argument("--rounds", type=int, help="interleaved timing rounds (each ratio's spread is over them)")

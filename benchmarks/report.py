@@ -296,22 +296,37 @@ def render_markdown(report: dict) -> str:
 
 
 # --- plots ----------------------------------------------------------------------------------------
-def plot_accuracy_latency(records: list[dict], key: str, path: Path) -> Path | None:
-    """`key` (e.g. coarse/accuracy) against batch-1 ms/image (log) for every artifact; Pareto front marked."""
-    pts = [(r["latency"]["1"]["per_image_ms"], to_points(key, r["metrics"][key]), r["name"]) for r in records
-           if r["status"] in RAN and "1" in r.get("latency", {}) and key in r.get("metrics", {})]
+def covers(record: dict, task_names: Sequence[str]) -> bool:
+    """Whether an artifact answers every task (a teacher of a task subset does not, so it cannot stand in
+    for the student on the device)."""
+    return all(any(k.startswith(f"{t}/") for k in record.get("metrics", {})) for t in task_names)
+
+
+def plot_accuracy_latency(records: list[dict], key: str, path: Path, task_names: Sequence[str] = ()) -> Path | None:
+    """`key` (e.g. coarse/accuracy) against batch-1 ms/image (log) for every artifact. Artifacts that do
+    all tasks are filled, the others (teachers of a task subset) hollow and grey; the Pareto front is
+    drawn over the all-task artifacts, the ones that can be deployed."""
+    pts = [(r["latency"]["1"]["per_image_ms"], to_points(key, r["metrics"][key]), r["name"], covers(r, task_names))
+           for r in records if r["status"] in RAN and "1" in r.get("latency", {}) and key in r.get("metrics", {})]
     if not pts:
         return None
     fig, ax = plt.subplots(figsize=(8, 5))
-    front = pareto_front([(x, y) for x, y, _ in pts])
-    for i, (x, y, name) in enumerate(pts):
-        ax.scatter(x, y, s=40, color="tab:red" if i in front else "tab:blue", zorder=3)
-        ax.annotate(name, (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points")
-    ax.plot([pts[i][0] for i in front], [pts[i][1] for i in front], "--", color="tab:red", label="Pareto front")
+    full = [i for i, p in enumerate(pts) if p[3]]
+    front = [full[j] for j in pareto_front([(pts[i][0], pts[i][1]) for i in full])]
+    for i, (x, y, name, complete) in enumerate(pts):
+        colour = "tab:red" if i in front else "tab:blue" if complete else "grey"
+        ax.scatter(x, y, s=40, zorder=3, edgecolors=colour, facecolors=colour if complete else "none")
+        ax.annotate(name, (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points",
+                    color="black" if complete else "grey")
+    ax.plot([pts[i][0] for i in front], [pts[i][1] for i in front], "--", color="tab:red",
+            label="Pareto front (all-task artifacts)")
+    ax.scatter([], [], s=40, color="tab:blue", label="does all tasks")
+    if len(full) < len(pts):
+        ax.scatter([], [], s=40, edgecolors="grey", facecolors="none", label="subset of the tasks (a teacher)")
     ax.set(xscale="log", xlabel="ms per image, batch 1 (log)", ylabel=points_label(key),
            title="accuracy vs latency")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="lower right")
     return save_figure(fig, path)
 
 
@@ -327,7 +342,8 @@ def write_plots(report: dict, out_dir: Path, fractions_png: Path | None) -> list
     tasks = [TaskSpec.from_dict(t) for t in report["tasks"]]
     made = []
     key = next(iter(primary_metrics(tasks)), None)
-    if key and plot_accuracy_latency(report["artifacts"], key, out_dir / "accuracy_vs_latency.png"):
+    if key and plot_accuracy_latency(report["artifacts"], key, out_dir / "accuracy_vs_latency.png",
+                                     [t.name for t in tasks]):
         made.append("accuracy_vs_latency.png")
     for name in (report["reference"], "student.int8-cpu"):
         record = _ran(report["artifacts"], name or "")

@@ -188,7 +188,8 @@ def _contract(cfg, splits: Splits, name: str, tasks, meta: dict, ckpt: Path) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m compress.export", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(parser)
     args = parser.parse_args(argv)
     try:

@@ -83,6 +83,21 @@ def metric_drops(reference: dict, candidate: dict, tasks: list[TaskSpec]) -> dic
             for key, _ in guarded_metrics(tasks)}
 
 
+def format_drop(key: str, drop: float, limit: float | None = None) -> str:
+    """'coarse/accuracy 1.37 worse (limit 2.00)', 'fine/top5 0.51 better', 'diagnosis/bleu same': a
+    drop is positive when the model got worse, so a bare '-0.51' would read as a loss."""
+    if round(drop, 2) == 0:
+        text = f"{key} same"
+    else:
+        text = f"{key} {abs(drop):.2f} {'worse' if drop > 0 else 'better'}"
+    return text + (f" (limit {limit:.2f})" if limit is not None else "")
+
+
+def format_drops(drops: dict[str, float], limits: dict[str, float] | None = None) -> str:
+    """Every guarded metric's change against FP32, in points (BLEU points for BLEU)."""
+    return ", ".join(format_drop(k, v, (limits or {}).get(k)) for k, v in drops.items())
+
+
 def one_image_points(key: str, labels: np.ndarray, num_classes: int) -> float:
     """How many points one validation image can move `key`: 100/N for accuracy-like metrics and kappa;
     100/(classes present x smallest class) for balanced accuracy (an image of the rarest class)."""
@@ -155,8 +170,8 @@ class Guard:
         attempt = Attempt(step, method, n, list(float_layers), drops, agree, within(drops, self.limits),
                           round(time.perf_counter() - t0, 2), metrics)
         self.attempts.append(attempt)
-        print(f"  [{self.flavour}] {step}: {method}, {n} images, {len(float_layers)} float layers -> drops "
-              f"{drops} {'OK' if attempt.passed else 'over threshold'}", flush=True)
+        print(f"  [{self.flavour}] {step}: {method}, {n} images, {len(float_layers)} float layers -> "
+              f"{format_drops(drops)}: {'OK' if attempt.passed else 'over the limit'}", flush=True)
         return attempt
 
     def run(self, out_path: Path, available_images: int,
@@ -192,7 +207,7 @@ class Guard:
                     if a is not None and a.passed:
                         return self._keep(a, candidate, out_path)
         tried = "\n".join(f"  - {a.step}: {a.method}, {a.images} images, float layers {a.float_layers}: "
-                          f"drops {a.drops}" for a in self.attempts)
+                          f"{format_drops(a.drops, self.limits)}" for a in self.attempts)
         raise GuardFailed(f"{self.fp32_path.name} [{self.flavour}]: no attempt stayed within the accuracy "
                           f"guard (limits in points {self.limits}):\n{tried}\nUse more or more representative "
                           f"calibration images, or relax compress.guard.", self.attempts)

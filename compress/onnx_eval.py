@@ -13,9 +13,11 @@ import numpy as np
 from torch.utils.data import DataLoader
 
 from deploy.contract import TaskSpec
-from deploy.runtime import OrtBackend
+from deploy.runtime import OrtBackend, quiet_onnxruntime
 from train.datasets import FundusImages
 from train.evaluate import score_outputs
+
+quiet_onnxruntime()  # before quantize/export/bench create sessions (also those inside ORT's quantization tools)
 
 
 def open_onnx(path: str | Path, threads: int | None = None, providers: list[str] | None = None) -> OrtBackend:

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from compress.guard import Guard, GuardFailed, metric_drops
+from compress.guard import Guard, GuardFailed, format_drops, metric_drops
 from compress.onnx_eval import evaluate_onnx
 from compress.quantize_flavours import convert_fp16, qdq_summary
 from compress.settings import CompressConfig, compress_config
@@ -129,15 +129,15 @@ def _fp16(fp32: Path, out: Path, contract: Contract, val: FundusImages, tasks, f
     write_sidecar(out, c16)
     _, metrics = evaluate_onnx(out, val, tasks, ccfg.threads)
     drops = metric_drops(fp32_metrics, metrics, tasks)
-    print(f"[compress] {fp32.stem} fp16: drops {drops} (CPU run; FP16 is meant for GPUs)", flush=True)
+    print(f"[compress] {fp32.stem} fp16 vs FP32: {format_drops(drops)} (CPU run; FP16 is meant for GPUs)", flush=True)
     return {"path": str(out), "status": "passed", "drops": drops, "size_mb": out.stat().st_size / 1e6}
 
 
 def markdown(reports: dict) -> str:
-    lines = ["# INT8 / FP16 accuracy report (validation split, drop vs FP32 in points)", "",
+    lines = ["# INT8 / FP16 accuracy report (validation split, change vs FP32 in points)", "",
              "Drops are shown as drop / limit. A limit above the configured points is the effect of "
              "`compress.guard.noise_images` validation images: a small validation split cannot measure less.", "",
-             "| model | flavour | status | size MB | drops | calibration | float layers | attempts |",
+             "| model | flavour | status | size MB | vs FP32 | calibration | float layers | attempts |",
              "|---|---|---|---|---|---|---|---|"]
     for name, rep in reports.items():
         if "error" in rep:
@@ -150,8 +150,7 @@ def markdown(reports: dict) -> str:
             crashed = sum(1 for a in e.get("attempts", []) if "error" in a.get("agreement", {}))
             status = e["status"] + (f" ({crashed} attempt(s) crashed, see below)" if crashed else "")
             lines.append(f"| {name} | {flavour} | {status} | {e.get('size_mb', 0):.2f} | "
-                         + ", ".join(f"{k} {v:+.2f}" + (f" / {e['limits'][k]:.2f}" if k in e.get("limits", {}) else "")
-                                     for k, v in drops.items())
+                         + format_drops(drops, e.get("limits"))
                          + f" | {calib} | {len(kept.get('float_layers', []))} | {len(e.get('attempts', []))} |")
     return "\n".join(lines) + "\n" + _failed_attempts(reports)
 
@@ -165,7 +164,7 @@ def _failed_attempts(reports: dict) -> str:
                 if a.get("passed"):
                     continue
                 error = a.get("agreement", {}).get("error")
-                outcome = f"**crashed**: {_cell(error)}" if error else f"over the threshold: drops {a.get('drops')}"
+                outcome = f"**crashed**: {_cell(error)}" if error else f"over the limit: {format_drops(a.get('drops') or {})}"
                 lines.append(f"- {name} {flavour}, {a['step']} ({a['method']}, {a['images']} images, "
                              f"{len(a.get('float_layers', []))} float layers): {outcome}")
             if e.get("error"):
@@ -181,7 +180,8 @@ def _cell(text: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m compress.quantize", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(parser)
     args = parser.parse_args(argv)
     cfg = load_experiment(args.config, config_overrides(args))  # config/data errors: exit 2 (CLI boundary)

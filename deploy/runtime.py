@@ -8,6 +8,7 @@ without TensorRT (or a laptop) runs ONNX models with just numpy, Pillow and onnx
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,30 @@ ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
 # (--providers TensorrtExecutionProvider ...): without an engine cache it rebuilds the engine at every
 # start, which takes minutes on a Jetson; the native backend (deploy.trt_runtime) is the way to use TRT.
 PREFERRED_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
+
+# ONNX Runtime logs warnings (in ANSI colour) that are no use to a user, e.g. "Could not find a CPU
+# kernel and hence can't constant fold Gemm" for FP16 models on a CPU. Severity 3 keeps errors and
+# fatal messages; failures still raise exceptions, which the backends turn into one clear line. Set
+# FUNDUS_ORT_LOG_SEVERITY=0 (verbose) .. 2 (warnings) to see more.
+ORT_LOG_SEVERITY_ENV = "FUNDUS_ORT_LOG_SEVERITY"
+DEFAULT_ORT_LOG_SEVERITY = 3
+
+
+def ort_log_severity() -> int:
+    """ONNX Runtime's minimum log severity: FUNDUS_ORT_LOG_SEVERITY (0-4) or 3 (errors only)."""
+    text = os.environ.get(ORT_LOG_SEVERITY_ENV, "")
+    return int(text) if text in {"0", "1", "2", "3", "4"} else DEFAULT_ORT_LOG_SEVERITY
+
+
+def quiet_onnxruntime() -> int:
+    """Apply `ort_log_severity()` to ONNX Runtime's default logger (every session, including those that
+    the quantization tools create inside); returns the severity."""
+    import onnxruntime as ort
+
+    severity = ort_log_severity()
+    ort.set_default_logger_severity(severity)
+    return severity
+
 
 
 def backend_kind(path: str | Path, backend: str = "auto") -> str:
@@ -71,6 +96,7 @@ class OrtBackend(Backend):
                                  f"{available} (GPU providers need onnxruntime-gpu / NVIDIA's Jetson wheel)")
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = quiet_onnxruntime()
         if threads is not None:
             if threads < 1:
                 raise ModelError(f"threads must be >= 1, got {threads}")

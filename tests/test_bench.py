@@ -179,19 +179,35 @@ def test_onnx_graph_stats_counts_conv_and_gemm(tmp_path: Path):
 
 
 def test_floors_parse_apply_and_report():
-    floor = parse_floor("student.*:coarse/accuracy=0.8")
-    assert floor == Floor("student.*", "coarse/accuracy", 0.8)
+    floor = parse_floor("student.*:coarse/accuracy=80")  # percent, as the reports print it
+    assert floor == Floor("student.*", "coarse/accuracy", 80.0)
     assert floor.applies("student.int8-cpu") and not floor.applies("baseline.fp32")
     assert floor.violation({"coarse/accuracy": 0.85}) is None
-    assert "0.75 < 0.8" in floor.violation({"coarse/accuracy": 0.75})
+    assert "75 % < 80 %" in floor.violation({"coarse/accuracy": 0.75})
+    bleu = parse_floor("student.*:diagnosis/bleu=30")  # BLEU 0-100, computed 0-100
+    assert bleu.violation({"diagnosis/bleu": 31.0}) is None and "29 BLEU < 30 BLEU" in bleu.violation({"diagnosis/bleu": 29.0})
     assert "not measured" in floor.violation({})
     ceiling = parse_floor("student.fp32:coarse/ece=0.1")
     assert ceiling.is_ceiling and ceiling.violation({"coarse/ece": 0.05}) is None
     assert floor_violations([floor, ceiling], "student.fp32", {"coarse/accuracy": 0.9, "coarse/ece": 0.2})
     assert unmatched_floors([floor], ["baseline.fp32"]) == [floor]
-    for bad in ("student.fp32:coarse/accuracy", "coarse/accuracy=0.8", "a:b=x"):
+    for bad in ("student.fp32:coarse/accuracy", "coarse/accuracy=80", "a:b=x"):
         with pytest.raises(ValueError, match="ARTIFACT:METRIC=VALUE"):
             parse_floor(bad)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("s:coarse/accuracy=0.8", "did you mean 80"),  # a fraction where percent is meant
+    ("s:diagnosis/bleu=0.6", "did you mean 60"),
+    ("s:coarse/accuracy=101", "percent (0 to 100)"),
+    ("s:diagnosis/bleu=-1", "BLEU points"),
+    ("s:coarse/ece=5", "fraction (0-1)"),
+    ("s:dr_grade/mae=-0.5", "cannot be negative"),
+])
+def test_floors_are_range_checked_in_the_reports_units(text, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        parse_floor(text)
+    assert parse_floor("s:dr_grade/kappa=-20").value == -20 and parse_floor("s:coarse/ece=0.05").value == 0.05
 
 
 def test_retention_skips_lower_is_better():
@@ -288,15 +304,16 @@ def test_bench_end_to_end_report_and_floor_met(tiny_run: Path, capsys):
 
 def test_floors_fail_the_command(tiny_run: Path):
     code = bench.main(["--config", str(tiny_run), "--out", str(tiny_run.parent / "out_floor"), "--only",
-                       "student.fp32", "--min-metric", "student.fp32:coarse/accuracy=1.01"])
+                       "student.fp32", "--min-metric", "student.fp32:coarse/ece=0"])
     assert code == 1
     record = _report(tiny_run, "out_floor")["artifacts"][0]
-    assert record["status"] == "below floor" and "coarse/accuracy" in record["reason"]
+    assert record["status"] == "below floor" and "coarse/ece" in record["reason"]  # a ceiling of 0 always fails
     # A floor that names no measured artifact cannot pass silently.
     code = bench.main(["--config", str(tiny_run), "--out", str(tiny_run.parent / "out_typo"), "--only",
                        "student.fp32", "--min-metric", "studnet.fp32:coarse/accuracy=0.0"])
     assert code == 1 and _report(tiny_run, "out_typo")["unmatched_floors"] == ["studnet.fp32:coarse/accuracy=0"]
     assert bench.main(["--config", str(tiny_run), "--min-metric", "nonsense"]) == 2
+    assert bench.main(["--config", str(tiny_run), "--min-metric", "student.*:coarse/accuracy=0.9"]) == 2  # percent
     # Nothing measured (all filtered out or missing) is not a success either.
     assert bench.main(["--config", str(tiny_run), "--out", str(tiny_run.parent / "out_none"),
                        "--only", "no-such-artifact"]) == 1

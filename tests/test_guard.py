@@ -161,3 +161,11 @@ def test_a_crashing_calibration_method_is_reported_not_hidden_by_the_fallback(fa
     md = markdown({"student": {"flavours": {"int8-cpu": entry}}})
     assert "1 attempt(s) crashed" in md
     assert "configured (entropy, 4 images, 0 float layers): **crashed**: ValueError: setting an array" in md
+
+
+def test_an_improvement_is_never_printed_as_a_negative_drop():
+    from compress.guard import format_drops
+
+    text = format_drops({"fine/top5": -0.505, "coarse/accuracy": 1.37, "diagnosis/bleu": 0.001}, {"coarse/accuracy": 2.0})
+    assert text == "fine/top5 0.51 better, coarse/accuracy 1.37 worse (limit 2.00), diagnosis/bleu same"
+    assert "-0" not in text

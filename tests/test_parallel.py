@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 
 import pytest
@@ -51,8 +52,9 @@ def test_running_jobs_never_share_a_gpu(four_cores, tmp_path):
     assert {r["gpu"] for r in runs} == {"0", "1"}
 
 
-def test_teachers_train_in_parallel_processes(tiny_data, tmp_path):
-    """`--jobs 2` trains each teacher in its own process, with its log in the teacher's folder."""
+def test_teachers_train_in_parallel_processes(tiny_data, tmp_path, capsys):
+    """`--jobs 2` trains each teacher in its own process, with its log in the teacher's folder; the
+    parent says which teacher of how many starts and ends, and status.json has every teacher."""
     from tiny import write_tiny_config
 
     from deploy.errors import cli
@@ -65,6 +67,12 @@ def test_teachers_train_in_parallel_processes(tiny_data, tmp_path):
     for name in ("t_coarse", "t_fine"):
         folder = tmp_path / "runs" / "tiny" / "teachers" / name
         assert (folder / "final.json").exists() and "test:" in (folder / "train.log").read_text()
+    out = capsys.readouterr().out
+    assert re.search(r"\d\d:\d\d:\d\d \[teachers 2/2\] t_fine started", out), out
+    assert re.search(r"\[teachers 1/2\] t_coarse done in [\d.]+ min: .*; \d/2 finished", out), out
+    assert "[teachers 2/2] t_fine epoch 1/1" in (folder / "train.log").read_text()
+    status = json.loads((tmp_path / "runs" / "tiny" / "status.json").read_text())
+    assert {k: v["state"] for k, v in status["models"].items()} == {"t_coarse": "done", "t_fine": "done"}
     assert cli(main, ["--config", str(cfg), "--jobs", "0"]) == 2
 
 

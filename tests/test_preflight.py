@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from deploy.errors import cli
-from train import check
+from train import check, experiment
 from train.config import ConfigError
 from train.data.manifest import load_dataset
 from train.experiment import load_experiment
@@ -39,18 +39,19 @@ def test_the_default_configs_temperatures_name_tasks_this_dataset_lacks(idrid_da
 @pytest.mark.parametrize("override, message", [
     ("teachers.train.select_metric=coarse/accuracy", "select_metric='coarse/accuracy' is not a metric"),
     ("student.train.select_metric=f2", "use one of"),
-    ("bench.floors=['student.*:dr_grade/top5=0.5']", "names metric 'dr_grade/top5'"),
+    ("bench.floors=['student.*:dr_grade/top5=50']", "names metric 'dr_grade/top5'"),
     ("student.image_size=8", "student.image_size=8 must be between"),
     ("data.stratify_task=diagnosis", "data.stratify_task='diagnosis' is not a classification task"),
     ("teachers.members=[{name: t, tasks: [grade]}]", "must be a non-empty subset"),
     ("student.model.pretrained=efficientnet-lite1", "backbone is 'efficientnet_lite0'"),
     ("compress.quantize=[ensemble]", "compress.quantize: unknown ['ensemble']"),
-    ("bench.floors=['student.*:edema_risk/joint_accuracy=0.5']", "names metric 'edema_risk/joint_accuracy'"),
+    ("bench.floors=['student.*:edema_risk/joint_accuracy=50']", "names metric 'edema_risk/joint_accuracy'"),
     ("student.model.tasks=[grade]", "student.model.tasks names unknown task(s) ['grade']"),
     ("student.model.pretrained=/nope.safetensors", "/nope.safetensors not found"),
     ("compress.models=[stduent]", "compress.models: unknown ['stduent']"),
     ("student.train.select_metric=dr_grade/mae", "is lower-is-better"),
     ("student.train.select_metric=mae", "use one of"),
+    ("teachers.model.pretrained=none", "teachers.model.pretrained: none trains from random weights"),
 ])
 def test_every_stage_section_is_checked_against_the_dataset(idrid_data, override, message):
     cfg = load_experiment("configs/real.yaml", [f"data.root={idrid_data}", override])
@@ -137,7 +138,7 @@ def test_joint_and_ordinal_keys_are_valid_names_for_an_idrid_dataset(idrid_data)
     assert spec.joint == [("dr_grade", "edema_risk")]
     cfg = load_experiment("configs/real.yaml", [f"data.root={idrid_data}",
                                                 "student.train.select_metric=dr_grade+edema_risk/joint_accuracy",
-                                                "bench.floors=['student.*:dr_grade/kappa=0.1']"])
+                                                "bench.floors=['student.*:dr_grade/kappa=10']"])
     load_splits(cfg)  # accepted
 
 
@@ -198,3 +199,26 @@ def test_every_later_stage_refuses_models_of_an_older_dataset_yaml(trained_run, 
     report = json.loads((tmp_path / "runs" / "tiny" / "bench" / "report.json").read_text())
     record = next(r for r in report["artifacts"] if r["name"] == "student.fp32")
     assert record["status"] == "failed" and "task 'coarse'" in record["reason"]
+
+
+def test_random_init_is_refused_unless_asked_and_the_paper_config_says_how_to_get_weights(idrid_data):
+    from train.preflight import experiment_problems
+
+    spec = load_dataset(idrid_data).spec
+    base = [f"data.root={idrid_data}", "student.kd.temperatures={}"]
+    paper = load_experiment("configs/paper.yaml", base)
+    problems = " ".join(experiment_problems(paper, spec))
+    assert "weights/resnet50_imagenet.safetensors not found" in problems  # ImageNet weights, not random
+    assert "random weights" not in problems
+    text = Path("configs/paper.yaml").read_text()
+    assert "timm.create_model('resnet50', pretrained=True" in text and "allow_random_init" in text
+    random = load_experiment("configs/paper.yaml", [*base, "teachers.model.pretrained=none"])
+    assert "teachers.model.pretrained: none trains from random weights" in " ".join(experiment_problems(random, spec))
+    asked = load_experiment("configs/paper.yaml", [*base, "teachers.model.pretrained=none", "allow_random_init=true"])
+    assert not [p for p in experiment_problems(asked, spec) if "pretrained" in p]
+
+
+def test_print_of_an_unknown_key_is_one_line(capsys):
+    assert cli(experiment.main, ["--print", "bogus"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--print bogus: no such config key" in err and "Traceback" not in err

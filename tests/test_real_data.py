@@ -32,7 +32,7 @@ def tiny_overrides(path: Path, runs: Path, **extra) -> Path:
     """A partial config (OVERRIDES_FILE) that shrinks configs/real.yaml to seconds on tiny images."""
     train = {"epochs": 3, "min_steps": 0, "batch_size": 16, "eval_batch_size": 32, "augment": {"enabled": False},
              "optim": {"lr": 0.01}}
-    data = {"runs_root": str(runs), "device": "cpu", "image_size": 32,
+    data = {"runs_root": str(runs), "device": "cpu", "image_size": 32, "allow_random_init": True,
             "teachers": {"model": tiny_model(), "train": train},
             "student": {"model": tiny_model(), "train": train},
             "compress": {"calibration_images": 16},

@@ -69,6 +69,7 @@ def write_tiny_config(path: Path, data_root: Path, runs_root: Path, **extra) -> 
              "optim": {"lr": 0.01, "schedule": "cosine"}, "augment": {"enabled": False}}
     cfg = {
         "name": "tiny", "runs_root": str(runs_root), "seed": 0, "device": "cpu", "image_size": 32,
+        "allow_random_init": True,  # the tiny test backbone has no pretrained weights
         "data": {"root": str(data_root)},
         "teachers": {"model": tiny_model(), "train": train,
                      "members": [{"name": "t_cls", "tasks": ["coarse", "fine"]},

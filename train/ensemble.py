@@ -19,12 +19,12 @@ from pathlib import Path
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from deploy.contract import TaskSpec
 from deploy.errors import MissingInput, UserError
 from deploy.fileio import sha256_file
 from deploy.vocab import PAD_ID
+from train import progress
 from train.checkpoint import load_checkpoint, save_checkpoint
 from train.datasets import FundusImages
 from train.layout import RunLayout
@@ -248,7 +248,8 @@ def compute_soft_targets(ensemble: TeacherEnsemble, data: FundusImages, device: 
     logits: dict[str, list[torch.Tensor]] = {}
     tokens, text_logits = [], []
     loader = DataLoader(data, batch_size=batch_size, shuffle=False)
-    for batch in tqdm(loader, desc="teacher soft targets", leave=False, dynamic_ncols=True):
+    progress.log(f"[teacher soft targets] the ensemble over {len(data)} images, {len(loader)} batches")
+    for batch in progress.bar(loader, desc="teacher soft targets"):
         feats, lg = ensemble.teacher_outputs(batch["image"].to(device))
         for name, values in lg.items():
             logits.setdefault(name, []).append(torch.stack(values).cpu())

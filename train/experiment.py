@@ -252,6 +252,9 @@ class ExperimentConfig:
     # The EfficientNet-Lite ImageNet weights were trained on inputs scaled to [-1, 1] (mean = std = 0.5).
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    # Models with `pretrained: none` train from random weights, which on a few thousand photographs is
+    # far weaker than starting from ImageNet; refused (train.preflight) unless this says it is meant.
+    allow_random_init: bool = False
     data: DataConfig = field(default_factory=DataConfig)
     teachers: TeachersConfig = field(default_factory=TeachersConfig)
     student: StudentConfig = field(default_factory=StudentConfig)

@@ -24,15 +24,16 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Subset
-from tqdm import tqdm
 
 from deploy.errors import RunFailed
 from deploy.fileio import atomic_write_text
+from train import progress
 from train.checkpoint import flatten_state, load_checkpoint, save_checkpoint, unflatten_state
 from train.distributed import DistInfo, all_reduce_mean, barrier, broadcast_object, gather_objects
 from train.experiment import TrainConfig
 from train.layout import CHECKPOINT, LAST_CHECKPOINT
 from train.models.saved import save_model
+from train.parallel import usable_cores
 from train.plots import plot_curves
 
 
@@ -56,6 +57,23 @@ CURVES_EVERY_S = 60.0
 def config_fingerprint(meta: dict) -> str:
     """What must match for a run folder to be resumed or reused: the run's config, canonically."""
     return json.dumps(meta.get("config", {}), sort_keys=True, default=str)
+
+
+def loader_workers(requested: int) -> int:
+    """DataLoader worker processes: as configured, but never more than the usable cores (more only
+    compete for them, and PyTorch warns about it on small machines)."""
+    return max(0, min(requested, usable_cores()))
+
+
+def weights_source(pretrained: str) -> str:
+    """Where a model's starting weights come from, in words (for the start-of-run summary)."""
+    if pretrained == "none":
+        return "random initialisation (no pretrained weights)"
+    if pretrained == "timm":
+        return "timm's pretrained weights (from the model hub)"
+    if pretrained.endswith(".safetensors"):
+        return pretrained
+    return f"{pretrained} ImageNet weights (installed package)"
 
 
 def seed_everything(seed: int) -> None:
@@ -108,7 +126,8 @@ class Trainer:
             cfg = dataclasses.replace(cfg, epochs=epochs)
             self.cfg = cfg
         self.optimizer = build_optimizer(model, cfg)
-        self.total_steps = sum(self._steps(len(plan(e).indices)) for e in range(cfg.epochs))
+        self.epoch_steps = [self._steps(len(plan(e).indices)) for e in range(cfg.epochs)]
+        self.total_steps = sum(self.epoch_steps)
         self.eval_every = max(1, math.ceil(cfg.epochs / cfg.max_evals))
         self.scheduler = build_scheduler(self.optimizer, cfg, self.total_steps)
         self.amp = cfg.amp and device.type == "cuda"
@@ -116,6 +135,7 @@ class Trainer:
         self.history: list[dict] = []
         self.best_score, self.start_epoch = -math.inf, 0
         self._curves_drawn = -math.inf
+        self.progress: progress.TrainingProgress | None = None  # set by fit()
 
     @property
     def last_path(self) -> Path:
@@ -158,8 +178,6 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         self.history, self.best_score = list(meta["history"]), float(meta["best_score"])
         self.start_epoch = int(meta["epoch"]) + 1
-        if self.info.is_main:
-            print(f"[{self.name}] resuming after epoch {self.start_epoch} from {self.last_path}", flush=True)
 
     def _raw_model(self) -> torch.nn.Module:
         return self.model.module if isinstance(self.model, DistributedDataParallel) else self.model
@@ -172,7 +190,7 @@ class Trainer:
         sampler.set_epoch(epoch)
         generator = torch.Generator().manual_seed(self.seed * 1000 + epoch)
         return DataLoader(subset, batch_size=self.cfg.batch_size, sampler=sampler, drop_last=False,
-                          num_workers=self.cfg.num_workers, generator=generator,
+                          num_workers=loader_workers(self.cfg.num_workers), generator=generator,
                           pin_memory=self.device.type == "cuda", persistent_workers=False)
 
     def _train_epoch(self, epoch: int) -> dict[str, float]:
@@ -182,8 +200,8 @@ class Trainer:
         self.model.train()
         totals: dict[str, float] = {}
         counts: dict[str, int] = {}
-        bar = tqdm(loader, total=steps, desc=f"{self.name} epoch {epoch + 1}/{self.cfg.epochs} [{plan.mode}]",
-                   disable=not self.info.is_main, leave=False, dynamic_ncols=True)
+        bar = progress.bar(loader, total=steps, desc=f"{self.name} epoch {epoch + 1}/{self.cfg.epochs} [{plan.mode}]",
+                           disable=not self.info.is_main)
         last_batch = None
         for i, batch in enumerate(bar):
             if i >= steps:
@@ -212,7 +230,10 @@ class Trainer:
             for k, v in {"loss": float(loss.detach()), **parts}.items():
                 totals[k] = totals.get(k, 0.0) + v
                 counts[k] = counts.get(k, 0) + 1
-            bar.set_postfix(loss=f"{totals['loss'] / counts['loss']:.3f}")
+            mean_loss = totals["loss"] / counts["loss"]
+            if hasattr(bar, "set_postfix"):  # a tqdm bar (terminal only)
+                bar.set_postfix(loss=f"{mean_loss:.3f}")
+            self.progress.step(epoch, i + 1, steps, mean_loss)
             last_batch = batch
         if last_batch is not None:
             self._check_last_update(epoch, last_batch, plan.mode)
@@ -252,38 +273,68 @@ class Trainer:
     # --- the run -----------------------------------------------------------------------------------
     def fit(self) -> Path:
         self._resume()
+        self.progress = progress.TrainingProgress(self.name, self.epoch_steps, self.start_epoch, self.info.is_main)
+        for line in self.describe():
+            self.progress.say(line)
         if self.info.enabled and not isinstance(self.model, DistributedDataParallel):
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.model = DistributedDataParallel(self.model, device_ids=ids, find_unused_parameters=True)
         writer = self._tensorboard()
-        for epoch in range(self.start_epoch, self.cfg.epochs):
-            seed_everything(self.seed * 1000 + epoch)
-            t0 = time.perf_counter()
-            logs = self._train_epoch(epoch)
-            if (epoch + 1) % self.eval_every and epoch + 1 < self.cfg.epochs:
-                continue  # not a validation/checkpoint epoch (see TrainConfig.max_evals)
-            self.model.eval()
-            score, val = self.evaluate(self._raw_model())
-            score = float(broadcast_object(score, self.info))
-            if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-                self.scheduler.step(score)
-            record = {"epoch": epoch + 1, **logs, **val, "val/score": score,
-                      "lr": self.optimizer.param_groups[0]["lr"], "seconds": round(time.perf_counter() - t0, 2)}
-            self.history.append(record)
-            improved = score >= self.best_score  # a tie keeps the later (longer-trained) checkpoint
-            if improved:
-                self.best_score = score
-            if self.info.is_main:
-                if improved:
-                    save_model(self.best_path, self._raw_model(), {**self.meta, "epoch": epoch + 1, "val_score": score})
-                self._save_last(epoch)
-                self._write_logs(writer, record)
-                print(f"[{self.name}] epoch {epoch + 1}/{self.cfg.epochs} loss {logs.get('train/loss', 0):.4f} "
-                      f"val score {score:.4f}{' (best)' if improved else ''} {record['seconds']:.0f}s", flush=True)
-            barrier(self.info)
-        if writer is not None:
-            writer.close()
+        try:
+            for epoch in range(self.start_epoch, self.cfg.epochs):
+                self._fit_epoch(epoch, writer)
+        except BaseException as exc:
+            self.progress.failed(exc)
+            raise
+        finally:
+            if writer is not None:
+                writer.close()
+        self.progress.finished(self.best_path)
         return self.best_path
+
+    def _fit_epoch(self, epoch: int, writer) -> None:
+        """Train one epoch; on a validation epoch also evaluate, checkpoint and log."""
+        seed_everything(self.seed * 1000 + epoch)
+        t0 = time.perf_counter()
+        logs = self._train_epoch(epoch)
+        if (epoch + 1) % self.eval_every and epoch + 1 < self.cfg.epochs:
+            # not a validation/checkpoint epoch (see TrainConfig.max_evals)
+            self.progress.epoch_done(epoch, logs.get("train/loss"), None, False, time.perf_counter() - t0)
+            return
+        self.model.eval()
+        score, val = self.evaluate(self._raw_model())
+        score = float(broadcast_object(score, self.info))
+        if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            self.scheduler.step(score)
+        record = {"epoch": epoch + 1, **logs, **val, "val/score": score,
+                  "lr": self.optimizer.param_groups[0]["lr"], "seconds": round(time.perf_counter() - t0, 2)}
+        self.history.append(record)
+        improved = score >= self.best_score  # a tie keeps the later (longer-trained) checkpoint
+        if improved:
+            self.best_score = score
+        if self.info.is_main:
+            if improved:
+                save_model(self.best_path, self._raw_model(), {**self.meta, "epoch": epoch + 1, "val_score": score})
+            self._save_last(epoch)
+            self._write_logs(writer, record)
+        self.progress.epoch_done(epoch, logs.get("train/loss"), score, improved, record["seconds"])
+        barrier(self.info)
+
+    def describe(self) -> list[str]:
+        """The start-of-run summary: device, AMP, backbone and weights, planned steps, output folder."""
+        model_cfg = getattr(self._raw_model(), "cfg", None)
+        o = self.cfg.optim
+        lines = [f"device {self.device}{f' x{self.info.world_size} (DDP)' if self.info.enabled else ''}, "
+                 f"AMP {'on' if self.amp else 'off' + (' (CPU)' if self.device.type != 'cuda' else '')}"]
+        if model_cfg is not None:
+            lines.append(f"backbone {model_cfg.backbone}, weights: {weights_source(model_cfg.pretrained)}")
+        lines.append(f"plan {self.cfg.epochs} epochs, {self.total_steps} optimizer steps (batch "
+                     f"{self.cfg.batch_size}), {o.name} lr {o.lr:g} {o.schedule}, "
+                     f"{loader_workers(self.cfg.num_workers)} loader worker(s)")
+        lines.append(f"output {self.out_dir}")
+        if self.start_epoch:
+            lines.append(f"resuming after epoch {self.start_epoch} from {self.last_path}")
+        return lines
 
     def _tensorboard(self):
         if not self.info.is_main:

@@ -18,12 +18,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from train.progress import format_eta, log
+
 
 @dataclass(frozen=True)
 class Job:
     name: str
     argv: list[str]  # arguments after `python`
     log: Path
+    tag: str = ""  # how the lines name the job, e.g. "teachers 3/7"
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,17 @@ def _run(job: Job, threads: int, gpu: int | None) -> Outcome:
     return Outcome(job.name, code, time.perf_counter() - start, lines[-1] if lines else "")
 
 
+def _label(job: Job) -> str:
+    return f"[{job.tag}] {job.name}" if job.tag else f"[{job.name}]"
+
+
+def _remaining(finished: list[Outcome], total: int, workers: int) -> str:
+    """Rough time left: the mean job time so far for each job not finished, `workers` at a time."""
+    left = total - len(finished)
+    mean = sum(o.seconds for o in finished) / len(finished)
+    return format_eta(mean * left / max(1, min(workers, left))) if left else "all done"
+
+
 def run_parallel(jobs: list[Job], workers: int, gpus: int = 0) -> list[Outcome]:
     """Run `jobs` with `workers` at a time (each on its own GPU when `gpus`); prints a line as each
     starts and ends. Never raises for a failed job: the outcomes say which failed."""
@@ -72,18 +86,20 @@ def run_parallel(jobs: list[Job], workers: int, gpus: int = 0) -> list[Outcome]:
     free_gpus: queue.Queue[int | None] = queue.Queue()
     for slot in range(workers):
         free_gpus.put(slot % gpus if gpus else None)
-    print(f"{len(jobs)} jobs, {workers} at a time, {threads} thread(s) each"
-          + (f", one per GPU of {gpus}" if gpus else ""), flush=True)
+    log(f"{len(jobs)} jobs, {workers} at a time, {threads} thread(s) each" + (f", one per GPU of {gpus}" if gpus else ""))
+    finished: list[Outcome] = []
 
     def one(job: Job) -> Outcome:
         gpu = free_gpus.get()
         try:
-            print(f"[{job.name}] started{'' if gpu is None else f' on GPU {gpu}'}, log: {job.log}", flush=True)
+            log(f"{_label(job)} started{'' if gpu is None else f' on GPU {gpu}'}, log: {job.log}")
             outcome = _run(job, threads, gpu)
         finally:
             free_gpus.put(gpu)
         status = "done" if outcome.returncode == 0 else f"FAILED (exit {outcome.returncode})"
-        print(f"[{job.name}] {status} in {outcome.seconds / 60:.1f} min: {outcome.last_line}", flush=True)
+        finished.append(outcome)
+        log(f"{_label(job)} {status} in {outcome.seconds / 60:.1f} min: {outcome.last_line}; "
+            f"{len(finished)}/{len(jobs)} finished, {_remaining(finished, len(jobs), workers)}")
         return outcome
 
     with ThreadPoolExecutor(max_workers=workers) as pool:

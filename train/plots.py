@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")  # no display on servers, CI or Jetsons
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from deploy.fileio import atomic_write  # noqa: E402
-from train.metrics import fraction_scale  # noqa: E402
+from train.metrics import LOWER_IS_BETTER, to_points  # noqa: E402
 
 
 def save_figure(fig, path: str | Path) -> Path:
@@ -20,24 +23,105 @@ def save_figure(fig, path: str | Path) -> Path:
     return out
 
 
+@dataclass
+class Panel:
+    """One subplot of curves.png: its series by label (values per recorded epoch) and what was left out."""
+
+    title: str
+    ylabel: str
+    series: dict[str, list[float]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+# Preferred first when two series are identical (accuracy == top1 always): the first name is kept.
+_METRIC_ORDER = ("balanced_accuracy", "kappa", "accuracy", "macro_f1", "top1", "top5", "bleu", "exact_match",
+                 "joint_accuracy")
+
+
+def _column(history: list[dict], key: str) -> list[float]:
+    return [float(r[key]) if isinstance(r.get(key), (int, float)) else math.nan for r in history]
+
+
+def _same(a: list[float], b: list[float]) -> bool:
+    """Equal series (a missing value, NaN, matching only a missing value)."""
+    return len(a) == len(b) and all(x == y or (math.isnan(x) and math.isnan(y)) for x, y in zip(a, b))
+
+
+def _loss_panel(history: list[dict], tasks: list[str]) -> Panel:
+    """The optimised loss, and each task's share of it. `total` (the sum of the task losses) is drawn
+    only where it differs from `loss` (the student adds the sequence-KD term outside the task sum)."""
+    panel = Panel("training loss (epoch mean)", "loss")
+    panel.series["loss (optimised)"] = _column(history, "train/loss")
+    total = _column(history, "train/total")
+    if any(not math.isnan(t) for t in total) and not _same(total, panel.series["loss (optimised)"]):
+        panel.series["total of task losses"] = total
+        panel.notes.append("loss = total of task losses + sequence KD")
+    for task in tasks:
+        values = _column(history, f"train/{task}")
+        if any(not math.isnan(v) for v in values):
+            panel.series[f"{task} loss"] = values
+    return panel
+
+
+def _task_panel(history: list[dict], task: str) -> Panel:
+    """A task's validation metrics in report units (percent; BLEU 0-100), without duplicates or
+    constant lines (top-5 at 100 % says nothing), which are named in the notes instead."""
+    keys = {k.split("/", 2)[2] for r in history for k in r if k.startswith(f"val/{task}/")}
+    panel = Panel(f"{task} (validation)", "BLEU (0-100) and %" if "bleu" in keys else "%")
+    order = sorted(keys, key=lambda m: (_METRIC_ORDER.index(m) if m in _METRIC_ORDER else len(_METRIC_ORDER), m))
+    for metric in order:
+        if metric.endswith(LOWER_IS_BETTER):
+            panel.notes.append(f"{metric}: see metrics.csv")
+            continue
+        values = [to_points(metric, v) for v in _column(history, f"val/{task}/{metric}")]
+        same = next((label for label, other in panel.series.items() if _same(other, values)), None)
+        finite = [v for v in values if not math.isnan(v)]
+        if same is not None:
+            panel.notes.append(f"{metric} = {same}")
+        elif len(finite) > 1 and max(finite) == min(finite):
+            panel.notes.append(f"{metric} constant {finite[0]:.1f}")
+        elif finite:
+            panel.series[metric] = values
+    return panel
+
+
+def curve_panels(history: list[dict]) -> list[Panel]:
+    """The panels of curves.png: the training loss, then one per task (in the order the history names them)."""
+    tasks: list[str] = []
+    for record in history:
+        for key in record:
+            parts = key.split("/")
+            if parts[0] == "val" and len(parts) == 3 and parts[1] not in tasks:
+                tasks.append(parts[1])
+    return [_loss_panel(history, tasks), *(_task_panel(history, t) for t in tasks)]
+
+
+def _best_epoch(history: list[dict]) -> int | None:
+    """The epoch whose checkpoint is kept (highest validation score; a tie keeps the later one)."""
+    scored = [(r["val/score"], r["epoch"]) for r in history if isinstance(r.get("val/score"), (int, float))]
+    return max(scored)[1] if scored else None
+
+
 def plot_curves(history: list[dict], path: str | Path, title: str = "") -> Path:
-    """Training loss terms (left) and validation metrics (right) per epoch."""
+    """Training loss and each task's validation metrics per epoch, one panel each; the kept epoch dotted."""
     epochs = [r["epoch"] for r in history]
-    fig, (ax_loss, ax_val) = plt.subplots(1, 2, figsize=(11, 4))
-    for key in sorted({k for r in history for k in r if k.startswith("train/")}):
-        ax_loss.plot(epochs, [r.get(key, float("nan")) for r in history], marker="o", label=key[6:])
-    for key in sorted({k for r in history for k in r if k.startswith("val/")}):
-        values = [r.get(key, float("nan")) for r in history]
-        if all(isinstance(v, (int, float)) for v in values):
-            scale = fraction_scale(key)  # BLEU shares the 0-1 axis of the accuracies
-            ax_val.plot(epochs, [v / scale for v in values], marker="o",
-                        label=key[4:] + (f" /{scale:g}" if scale != 1 else ""))
-    ax_loss.set(title=f"{title} training loss", xlabel="epoch")
-    ax_val.set(title=f"{title} validation", xlabel="epoch", ylim=(0, 1.02))
-    for ax in (ax_loss, ax_val):
+    panels = curve_panels(history)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.2), squeeze=False)
+    best = _best_epoch(history)
+    for ax, panel in zip(axes[0], panels):
+        colours = plt.get_cmap("tab10" if len(panel.series) <= 10 else "tab20").colors
+        for colour, (label, values) in zip(colours, panel.series.items()):
+            ax.plot(epochs, values, marker="o", markersize=3, color=colour, label=label)
+        if best is not None:
+            ax.axvline(best, color="grey", linestyle=":", linewidth=1, label=f"kept (epoch {best})")
+        ax.set(title=panel.title, xlabel="epoch", ylabel=panel.ylabel)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
+        ax.set_title(panel.title + ("\n" + "; ".join(panel.notes) if panel.notes else ""), fontsize=9)
+        # below the axes, so it never covers a curve
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)
+    if title:
+        fig.suptitle(title)
     return save_figure(fig, path)
 
 

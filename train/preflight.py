@@ -117,6 +117,10 @@ def experiment_problems(cfg: ExperimentConfig, spec: DatasetSpec) -> list[str]:
     models += [(f"teachers.members[{m.name}].model", m.model) for m in members if m.model is not None]
     for where, model in models:
         problems += _pretrained_problems(where, model)
+        if model.pretrained == "none" and not cfg.allow_random_init:
+            problems.append(f"{where}.pretrained: none trains from random weights; give ImageNet weights "
+                            f"(efficientnet-lite0/1/2, timm, or a .safetensors path: configs/paper.yaml says how) "
+                            f"or set allow_random_init: true if that is meant")
         if model.tasks is not None:
             problems += _tasks_problems(f"{where}.tasks", model.tasks, spec)
     problems += _size_problems(cfg)

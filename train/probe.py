@@ -144,7 +144,8 @@ def linear_probe(cfg: ExperimentConfig, splits: Splits, device: torch.device) ->
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m train.probe", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(parser)
     args = parser.parse_args(argv)
     cfg = load_experiment(args.config, config_overrides(args))

@@ -15,6 +15,7 @@ import torch
 
 from deploy.contract import Contract, TaskSpec
 from deploy.fileio import atomic_write_text
+from deploy.labelled import derive_hierarchy
 from deploy.preprocess import PreprocessSpec
 from train.config import save_config
 from train.data.manifest import Dataset, DatasetError, load_dataset, write_manifest
@@ -110,9 +111,13 @@ def build_model(model_cfg: ModelConfig, data: Dataset, task_names: list[str]) ->
 
 
 def model_contract(name: str, version: str, data: Dataset, tasks: list[TaskSpec], spec: PreprocessSpec) -> Contract:
+    """The deployment contract; `extra.hierarchy` (fine class -> coarse class, where the dataset's tasks
+    nest) lets a device flag heads that contradict each other (deploy/labelled.py)."""
     needs_vocab = any(t.kind == "text" for t in tasks)
+    hierarchy = derive_hierarchy(tasks, [r.labels for r in data.rows if r.split != "unlabeled"], data.spec.extra)
     return Contract(model_name=name, model_version=version, tasks=tasks, preprocessing=spec,
-                    vocabulary=data.vocabulary if needs_vocab else None)
+                    vocabulary=data.vocabulary if needs_vocab else None,
+                    extra={"hierarchy": hierarchy} if hierarchy else {})
 
 
 def evaluate_model(model: torch.nn.Module, data: FundusImages, tasks: list[TaskSpec], device: torch.device,

@@ -39,6 +39,7 @@ from train.loop import EpochPlan, Trainer, seed_everything
 from train.losses import MultiTaskLoss, ensemble_soft_targets, sequence_ce, soften
 from train.models.saved import load_model
 from train.pool import student_rows
+from train.progress import stage
 from train.stage import (
     Splits,
     build_model,
@@ -144,7 +145,8 @@ def fit_student(cfg: ExperimentConfig, splits: Splits, role: str, device, info: 
                       cfg=tcfg, out_dir=out_dir, seed=cfg.seed, device=device, info=info, meta=meta)
     if info.is_main:
         save_resolved(cfg, out_dir)
-    best = trainer.fit()
+    with stage(role, cfg.run_dir):
+        best = trainer.fit()
     model, _ = load_model(best)
     return model.to(device).eval(), trainer
 
@@ -192,7 +194,8 @@ def run(cfg: ExperimentConfig, info: DistInfo, device) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m train.student", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(parser)
     args = parser.parse_args(argv)
     try:

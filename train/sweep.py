@@ -159,7 +159,8 @@ def _positive(text: str) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m train.sweep", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(parser)
     parser.add_argument("--alpha", type=float, nargs="+", help="KD weights on labelled images (0..1)")
     parser.add_argument("--temperature", nargs="+", help=f"KD temperatures for every task, or '{CONFIGURED}'")

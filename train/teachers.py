@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from deploy.errors import RunFailed, cli
+from train import progress
 from train.budget import teacher_train_config
 from train.config import ConfigError, to_dict
 from train.distributed import DistInfo, init_distributed, shutdown_distributed
@@ -40,6 +41,7 @@ from train.losses import MultiTaskLoss
 from train.metrics import headline
 from train.models.saved import load_model
 from train.parallel import Job, auto_jobs, run_parallel
+from train.progress import stage
 from train.stage import (
     Splits,
     build_model,
@@ -102,7 +104,7 @@ def train_teacher(cfg: ExperimentConfig, spec: TeacherSpec, splits: Splits, devi
     final = out_dir / FINAL
     if final.exists():
         ensure_same_config(out_dir, meta)
-        print(f"[{spec.name}] already trained: {final}", flush=True)
+        progress.log(f"{progress.tag(spec.name)} already trained: {final}")
         return json.loads(final.read_text())["metrics"]
     trainer = Trainer(name=spec.name, model=model, train_set=train_set,
                       plan=lambda epoch: EpochPlan(np.arange(len(train_set)), "labels"),
@@ -118,8 +120,14 @@ def train_teacher(cfg: ExperimentConfig, spec: TeacherSpec, splits: Splits, devi
     if info.is_main:
         write_final(out_dir, spec.name, metrics, tasks, {"tasks": spec.tasks, "checkpoint": str(best)})
         heads = {k: round(v, 4) for k, v in headline(metrics, tasks).items()}
-        print(f"[{spec.name}] test: {heads}", flush=True)
+        progress.log(f"{progress.tag(spec.name)} test: {heads}")
     return metrics
+
+
+def teacher_label(specs: list[TeacherSpec], name: str) -> str:
+    """'teachers 3/7': the teacher's place in the whole ensemble (also when --only picks a few)."""
+    index = [s.name for s in specs].index(name)
+    return f"teachers {index + 1}/{len(specs)}"
 
 
 def job_count(text: str, teachers: int) -> int:
@@ -132,13 +140,14 @@ def job_count(text: str, teachers: int) -> int:
 
 
 def train_in_parallel(cfg: ExperimentConfig, config: str, overrides: list[str], specs: list[TeacherSpec],
-                      jobs: int) -> int:
+                      jobs: int, all_specs: list[TeacherSpec] | None = None) -> int:
     """Each teacher in its own `python -m train.teachers --only` process, `jobs` at a time; `config` and
-    `overrides` are what `cfg` was loaded from."""
+    `overrides` are what `cfg` was loaded from; `all_specs` (default `specs`) number them "teachers 3/7"."""
     base = ["-m", "train.teachers", "--config", config, *overrides]
     # Longest first (more heads, more work): the last teacher does not run alone while cores idle.
     ordered = sorted(specs, key=lambda s: -len(s.tasks))
-    todo = [Job(s.name, [*base, "--only", s.name], cfg.layout.teacher_dir(s.name) / "train.log") for s in ordered]
+    todo = [Job(s.name, [*base, "--only", s.name], cfg.layout.teacher_dir(s.name) / "train.log",
+                teacher_label(all_specs or specs, s.name)) for s in ordered]
     gpus = torch.cuda.device_count() if torch.cuda.is_available() and cfg.device != "cpu" else 0
     failed = [o.name for o in run_parallel(todo, jobs, gpus) if o.returncode != 0]
     if failed:
@@ -148,7 +157,8 @@ def train_in_parallel(cfg: ExperimentConfig, config: str, overrides: list[str], 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m train.teachers", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(parser)
     parser.add_argument("--only", action="append", default=[], help="train only this teacher (repeatable)")
     parser.add_argument("--list", action="store_true", help="print the teacher names and exit")
@@ -173,13 +183,14 @@ def main(argv: list[str] | None = None) -> int:
         chosen = [s for s in specs if not args.only or s.name in args.only]
         jobs = job_count(args.jobs, len(chosen))
         if jobs > 1 and not info.enabled:
-            return train_in_parallel(cfg, args.config, config_overrides(args), chosen, jobs)
+            return train_in_parallel(cfg, args.config, config_overrides(args), chosen, jobs, specs)
         for i, spec in enumerate(specs):
             if args.only and spec.name not in args.only:
                 continue
             if args.gpu == "auto" and torch.cuda.device_count() > 1 and not info.enabled:
                 device = torch.device(f"cuda:{i % torch.cuda.device_count()}")
-            train_teacher(cfg, spec, splits, device, info)
+            with stage(teacher_label(specs, spec.name), cfg.run_dir):
+                train_teacher(cfg, spec, splits, device, info)
     finally:
         shutdown_distributed()
     return 0
