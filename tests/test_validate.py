@@ -10,7 +10,7 @@ from PIL import Image
 
 from deploy.contract import TaskSpec
 from deploy.vocab import VocabularyError
-from train import validate
+from train.data import validate
 from train.data.manifest import DatasetError, DatasetSpec, Row, load_dataset, save_spec, write_manifest
 from train.data.validate import check_dataset, main, validate_dataset
 
