@@ -35,6 +35,7 @@ import numpy as np
 
 from deploy.contract import TaskSpec
 from deploy.errors import cli
+from train.parallel import usable_cores  # one rule; bench.py and architectures.py import it from here
 
 if TYPE_CHECKING:
     from benchmarks.artifacts import Artifact
@@ -55,14 +56,6 @@ def cpu_model() -> str | None:
         if match:
             return match.group(1).strip()
     return platform.processor() or None
-
-
-def usable_cores() -> int:
-    """Cores this process may run on (affinity / container limits), not the host's total."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
 
 
 def pinned_core_list(threads: int | None) -> list[int] | None:

@@ -38,10 +38,11 @@ class Outcome:
 
 
 def usable_cores() -> int:
-    """Cores this process may run on (the affinity mask, which containers and taskset narrow)."""
+    """Cores this process may run on (the affinity mask, which containers and taskset narrow), not the
+    host's total. The one rule for training jobs and benchmark threads."""
     try:
         return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS
+    except (AttributeError, OSError):  # macOS has no affinity call
         return os.cpu_count() or 1
 
 
