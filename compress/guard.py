@@ -15,6 +15,7 @@ what was tried and what each attempt cost (drops, agreement, float layers, secon
 
 from __future__ import annotations
 
+import functools
 import re
 import shutil
 import tempfile
@@ -37,6 +38,16 @@ from train.datasets import FundusImages
 from train.metrics import agreement, headline, present_ks, primary_metric, to_points
 
 QUANTIZERS = {"int8-cpu": quantize_cpu, "int8-tensorrt": quantize_tensorrt}
+
+
+def quantizer(flavour: str, ccfg: CompressConfig) -> Callable[..., Path]:
+    """The function that makes `flavour`: ours, or ModelOpt's for int8-tensorrt when configured."""
+    if flavour == "int8-tensorrt" and ccfg.tensorrt_quantizer == "modelopt":
+        from compress.modelopt_quantizer import modelopt_quantize_fn, quantize_modelopt
+
+        modelopt_quantize_fn()  # the install line now, not one crash per guard attempt
+        return functools.partial(quantize_modelopt, high_precision_dtype=ccfg.modelopt_high_precision)
+    return QUANTIZERS[flavour]
 
 
 class GuardFailed(RunFailed):
@@ -145,6 +156,7 @@ class Guard:
         targets = getattr(val, "targets", None)  # class ids of the validation images (noise allowance)
         self.limits = metric_limits(ccfg.guard, tasks, targets)
         self.attempts: list[Attempt] = []
+        self.quantize = quantizer(flavour, ccfg)
 
     def _ranges(self, method: str, n: int):
         key = (method, n)
@@ -156,7 +168,7 @@ class Guard:
     def _try(self, step: str, method: str, n: int, float_layers: list[str], out: Path) -> Attempt:
         t0 = time.perf_counter()
         try:
-            QUANTIZERS[self.flavour](self.fp32_path, out, self._ranges(method, n), nodes_to_exclude=float_layers,
+            self.quantize(self.fp32_path, out, self._ranges(method, n), nodes_to_exclude=float_layers,
                                      exclude_patterns=self.patterns)
         except Exception as exc:  # noqa: BLE001 - e.g. a calibrator that fails on this graph: try the next
             attempt = Attempt(step, method, n, list(float_layers), {}, {"error": f"{type(exc).__name__}: {exc}"},

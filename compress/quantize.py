@@ -23,6 +23,7 @@ import numpy as np
 import onnx
 
 from compress.guard import Guard, GuardFailed, format_drops, metric_drops
+from compress.modelopt_quantizer import modelopt_quantize_fn
 from compress.onnx_eval import evaluate_onnx
 from compress.quantize_flavours import convert_fp16, qdq_summary
 from compress.settings import CompressConfig, compress_config
@@ -183,9 +184,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m compress.quantize", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(parser)
+    parser.add_argument("--quantizer", choices=["ort", "modelopt"], default=None,
+                        help="who places Q/DQ in the int8-tensorrt flavour (compress.tensorrt_quantizer)")
     args = parser.parse_args(argv)
-    cfg = load_experiment(args.config, config_overrides(args))  # config/data errors: exit 2 (CLI boundary)
+    overrides = config_overrides(args)
+    if args.quantizer:
+        overrides.append(f"compress.tensorrt_quantizer={args.quantizer}")
+    cfg = load_experiment(args.config, overrides)  # config/data errors: exit 2 (CLI boundary)
     ccfg = compress_config(cfg)
+    if ccfg.tensorrt_quantizer == "modelopt":
+        modelopt_quantize_fn()  # not installed: one line and exit 2 before any work
     splits = load_splits(cfg)
     reports, failed, user_error = {}, False, False
     for name in ccfg.quantize:

@@ -5,7 +5,8 @@
                         CPU at batch 1, e.g. efficientnet_lite0 1.06 vs 2.06 ms; no faster without it).
 * ``quantize_tensorrt`` INT8 explicit-quantization QDQ that TensorRT 10 accepts: S8 activations and
                         weights, every zero point 0, per-channel weights on the output-channel axis,
-                        Q/DQ only on the inputs of weighted layers, bias/Softmax/decoder left float.
+                        Q/DQ on the inputs of weighted layers, of residual Adds (skip input only) and
+                        pools (ModelOpt's placement); bias/Softmax/decoder left float.
                         (Slower than FP32 on the CPU; it is meant for Jetson.)
 * ``convert_fp16``      FP16 weights/activations with FP32 I/O for GPUs.
 
@@ -32,6 +33,13 @@ from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.calibrate import TensorsData
 
 from compress.calibration import prepare_for_quantization, save_ranges
+from compress.trt_placement import (
+    POOL_OP_TYPES,
+    non_residual_adds,
+    quantize_pool_inputs,
+    residual_adds,
+    unquantize_inputs,
+)
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +48,8 @@ FLAVOURS: tuple[str, ...] = ("cpu", "tensorrt")
 
 # TensorRT quantizes weighted layers; everything else runs in the precision it is fed.
 TRT_OP_TYPES: tuple[str, ...] = ("Conv", "ConvTranspose", "MatMul", "Gemm")
+# ...plus, following ModelOpt's placement, residual Adds and pools (compress/trt_placement.py).
+TRT_PLACED_OP_TYPES: tuple[str, ...] = (*TRT_OP_TYPES, "Add", *POOL_OP_TYPES)
 # Ops kept in float by default: probabilities feed temperatures/KD and top-5; cheap anyway.
 FLOAT_OP_TYPES: tuple[str, ...] = ("Softmax", "LogSoftmax")
 
@@ -47,7 +57,7 @@ TRT_EXTRA_OPTIONS: dict[str, object] = {
     "ActivationSymmetric": True,  # zero point 0 on activations (TensorRT rejects others)
     "WeightSymmetric": True,
     "QuantizeBias": False,  # TensorRT has no INT32 DequantizeLinear; it fuses float bias itself
-    "OpTypesToExcludeOutputQuantization": list(TRT_OP_TYPES),  # Q/DQ on inputs only
+    "OpTypesToExcludeOutputQuantization": list(TRT_PLACED_OP_TYPES),  # Q/DQ on inputs only
     "MatMulConstBOnly": True,  # activation x activation MatMuls stay float
     "DedicatedQDQPair": True,  # one pair per consumer: TensorRT fuses each into its own layer
     "QDQKeepRemovableActivations": True,  # keep Clip/Relu: symmetric Q does not clip at 0/6
@@ -105,6 +115,7 @@ def _quantize(
     nodes_to_exclude: Iterable[str],
     exclude_patterns: Iterable[str],
     float_op_types: Iterable[str],
+    residual_rules: bool = False,
 ) -> Path:
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -113,6 +124,11 @@ def _quantize(
         model = onnx.load(str(prepared))
         _check_coverage(model, tensors_range)
         excluded = resolve_exclusions(model, nodes_to_exclude, exclude_patterns, float_op_types)
+        # ModelOpt's placement (compress/trt_placement.py): only residual Adds are quantized, and
+        # only on their skip input, which is fixed up after ORT has placed its pairs.
+        skip_free = residual_adds(model) if residual_rules else {}
+        if residual_rules:
+            excluded = sorted(set(excluded) | set(non_residual_adds(model)))
         # quantize_static's calibration cache is its public door for precomputed ranges: with the
         # file present it skips calibration and quantizes with these numbers.
         cache = save_ranges(tensors_range, Path(tmp) / "ranges.json")
@@ -131,19 +147,30 @@ def _quantize(
             nodes_to_exclude=excluded,
             extra_options=copy.deepcopy(extra_options),
         )
-    _drop_unused_opsets(out_path)
+    _finish(out_path, {n: t for n, t in skip_free.items() if n not in excluded},
+            tensors_range if residual_rules else None, excluded)
     log.info("wrote %s (%d nodes kept float)", out_path, len(excluded))
     return out_path
 
 
-def _drop_unused_opsets(path: Path) -> None:
-    """ORT's optimiser declares a dozen contrib domains; keep only those nodes use (parsers care)."""
+def _finish(path: Path, non_residual_inputs: dict[str, str], pool_ranges: TensorsData | None,
+            excluded: list[str]) -> None:
+    """TensorRT placement fix-ups (conv-branch input of residual Adds float, every pool's input
+    quantized); keep only the opsets nodes use."""
     model = onnx.load(str(path))
+    unquantize_inputs(model, non_residual_inputs)
+    if pool_ranges is not None:
+        quantize_pool_inputs(model, pool_ranges, skip=set(excluded))
+    _drop_unused_opsets(model)
+    onnx.save(model, str(path))
+
+
+def _drop_unused_opsets(model: onnx.ModelProto) -> None:
+    """ORT's optimiser declares a dozen contrib domains; keep only those nodes use (parsers care)."""
     used = {n.domain for n in model.graph.node} | {""}
     keep = [o for o in model.opset_import if o.domain in used or o.domain == "ai.onnx"]
     del model.opset_import[:]
     model.opset_import.extend(keep)
-    onnx.save(model, str(path))
 
 
 def quantize_cpu(
@@ -177,7 +204,8 @@ def quantize_tensorrt(
 ) -> Path:
     """TensorRT explicit-quantization flavour (feed it to a STRONGLY_TYPED network).
 
-    Weighted layers only (Conv, ConvTranspose, MatMul with a constant B, Gemm); weights per channel
+    Weighted layers (Conv, ConvTranspose, MatMul with a constant B, Gemm), residual Adds on their skip
+    input and pools, as NVIDIA's Model Optimizer places them (compress/trt_placement.py); weights per channel
     on the output-channel axis as ORT picks it: Conv 0, ConvTranspose 1, Gemm 0 with transB=1
     (1 otherwise), MatMul B [K,N] axis 1 (N) -- the axes TensorRT requires (checked by
     ``compress.trt_check.check_qdq_for_tensorrt``). Pass the decoder's node-name prefix in
@@ -185,8 +213,9 @@ def quantize_tensorrt(
     """
     return _quantize(
         fp32_path, out_path, tensors_range,
-        activation_type=QuantType.QInt8, op_types=TRT_OP_TYPES, extra_options=TRT_EXTRA_OPTIONS,
+        activation_type=QuantType.QInt8, op_types=TRT_PLACED_OP_TYPES, extra_options=TRT_EXTRA_OPTIONS,
         nodes_to_exclude=nodes_to_exclude, exclude_patterns=exclude_patterns, float_op_types=float_op_types,
+        residual_rules=True,
     )  # fmt: skip
 
 

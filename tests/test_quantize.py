@@ -241,3 +241,100 @@ def test_histogram_methods_take_an_image_count_that_is_not_a_multiple_of_the_bat
     assert set(ranges.data) == set(minmax.data)
     hi = ranges.data["image"].range_value[1]
     assert (hi == pytest.approx(7.0, rel=0.02)) if method == "percentile" else hi > 0
+
+
+class _Residual(nn.Module):
+    """Stem conv -> [conv-BN-ReLU6 -> conv-BN] + skip -> MaxPool -> GAP -> Linear (an EfficientNet-style block)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU6())
+        self.block = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU6(),
+                                   nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8))
+        self.pool = nn.MaxPool2d(2)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        y = self.stem(x)
+        y = self.pool(y + self.block(y))
+        return self.head(nn.functional.adaptive_avg_pool2d(y, 1).flatten(1))
+
+
+def test_tensorrt_flavour_places_qdq_like_modelopt(tmp_path):
+    """Residual Add quantized on its skip input only (the conv branch stays fusible), pools quantized,
+    bias Adds float; the result still passes the TensorRT Q/DQ check and stays close to FP32."""
+    from compress.trt_placement import residual_adds
+
+    torch.manual_seed(0)
+    net = _Residual().eval()
+    fp32 = tmp_path / "res.onnx"
+    torch.onnx.export(net, torch.randn(1, 3, SIZE, SIZE), str(fp32), dynamo=False, opset_version=17,
+                      input_names=["image"], output_names=["logits"], dynamic_axes={"image": {0: "n"}})
+    ranges = calibrate(fp32, _images(16, 1), method="minmax")
+    out = quantize_tensorrt(fp32, tmp_path / "trt.onnx", ranges)
+    model = onnx.load(str(out))
+    producer = {o: n for n in model.graph.node for o in n.output}
+    adds = [n for n in model.graph.node if n.op_type == "Add"]
+    assert len(adds) == 1
+    fed = [producer[t].op_type for t in adds[0].input]
+    assert sorted(fed) == ["Conv", "DequantizeLinear"]  # skip input quantized, conv branch fused
+
+    pools = [n for n in model.graph.node if n.op_type in ("MaxPool", "GlobalAveragePool", "AveragePool")]
+    assert pools and all(producer[n.input[0]].op_type == "DequantizeLinear" for n in pools)
+    assert [v for v in check_qdq_for_tensorrt(out) if v.severity == "error"] == []
+    assert len(residual_adds(onnx.load(str(fp32)))) == 1
+    x = _images(8, 2)
+    ref, got = _run(fp32, x)[0], _run(out, x)[0]
+    assert (ref.argmax(1) == got.argmax(1)).mean() >= 0.75
+
+
+def test_calibration_cache_is_tensorrt_format_with_symmetric_scales(models, tmp_path):
+    import struct
+
+    from compress.modelopt_quantizer import tensorrt_calibration_cache
+
+    _, ranges = models
+    lines = tensorrt_calibration_cache(ranges, tmp_path / "c.cache").read_text().splitlines()
+    assert lines[0].startswith("TRT-") and len(lines) == len(list(ranges.keys())) + 1
+    name, hexed = lines[1].split(": ")
+    low, high = (float(np.asarray(v).reshape(-1)[0]) for v in ranges[name].range_value)
+    assert struct.unpack("!f", bytes.fromhex(hexed))[0] == pytest.approx(max(abs(low), abs(high)) / 127, rel=1e-6)
+
+
+def test_modelopt_quantizer_gets_our_ranges_and_exclusions(models, tmp_path, monkeypatch):
+    """A stand-in for modelopt.onnx.quantization.quantize records its documented keyword arguments."""
+    import sys
+    import types
+
+    from compress.modelopt_quantizer import quantize_modelopt
+
+    calls = {}
+
+    def fake_quantize(onnx_path, **kwargs):
+        calls.update(kwargs, onnx_path=onnx_path, cache=open(kwargs["calibration_cache_path"]).read())
+        onnx.save(onnx.load(onnx_path), kwargs["output_path"])
+
+    module = types.ModuleType("modelopt.onnx.quantization")
+    module.quantize = fake_quantize
+    for name in ("modelopt", "modelopt.onnx"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, "modelopt.onnx.quantization", module)
+    paths, ranges = models
+    out = quantize_modelopt(paths["fp32"], tmp_path / "mo.onnx", ranges, exclude_patterns=["decoder"],
+                            high_precision_dtype="fp32")
+    assert out.exists() and calls["quantize_mode"] == "int8" and calls["high_precision_dtype"] == "fp32"
+    assert calls["calibration_shapes"] == f"image:1x3x{SIZE}x{SIZE}"
+    assert any("decoder" in n for n in calls["nodes_to_exclude"])
+    assert any("Softmax" in n for n in calls["nodes_to_exclude"])  # float op types stay float there too
+    assert calls["cache"].count("\n") == len(list(ranges.keys())) + 1
+
+
+def test_modelopt_missing_is_one_line_and_exit_2(monkeypatch, capsys):
+    import sys
+
+    from compress import quantize
+
+    monkeypatch.setitem(sys.modules, "modelopt", None)  # import fails as if not installed
+    code = quantize.cli(quantize.main, ["--quantizer", "modelopt"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "nvidia-modelopt is not installed" in err[0]

@@ -204,6 +204,11 @@ class CompressConfig:
     calibration_batch: int = 16
     guard: GuardConfig = field(default_factory=GuardConfig)
     threads: int = 2
+    # Who places Q/DQ in the int8-tensorrt flavour: ort = our ModelOpt-style rules on ONNX Runtime's
+    # quantizer (compress/trt_placement.py); modelopt = NVIDIA Model Optimizer itself (optional install,
+    # compress/modelopt_quantizer.py), with its float remainder in modelopt_high_precision.
+    tensorrt_quantizer: Literal["ort", "modelopt"] = "ort"
+    modelopt_high_precision: Literal["fp16", "fp32"] = "fp16"
 
 
 @dataclass
