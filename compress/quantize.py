@@ -16,6 +16,7 @@ import argparse
 import json
 import random
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -25,7 +26,7 @@ import onnx
 from compress.guard import Guard, GuardFailed, format_drops, metric_drops
 from compress.modelopt_quantizer import modelopt_quantize_fn
 from compress.onnx_eval import evaluate_onnx
-from compress.quantize_flavours import convert_fp16, qdq_summary
+from compress.quantize_flavours import convert_fp16, qdq_summary, quantize_tensorrt
 from compress.settings import CompressConfig, compress_config
 from compress.trt_check import check_model, check_qdq_for_tensorrt
 from deploy.contract import Contract, read_sidecar, sidecar_path, write_metadata, write_sidecar
@@ -94,6 +95,8 @@ def quantize_model(name: str, cfg, ccfg: CompressConfig, splits: Splits) -> dict
             kept = guard.run(out, available, finalize)
             write_sidecar(out, stamped["contract"])
             entry.update(status="passed", kept=kept.to_dict(), summary=qdq_summary(out))
+            if flavour == "int8-tensorrt" and ccfg.tensorrt_quantizer == "modelopt":
+                entry["ours"] = placement_comparison(guard, kept)
             if flavour == "int8-tensorrt":
                 violations = check_model(out) + check_qdq_for_tensorrt(out)
                 entry["tensorrt_check"] = [f"{v.severity}: {v.node} {v.op}: {v.message}" for v in violations]
@@ -116,6 +119,17 @@ def quantize_model(name: str, cfg, ccfg: CompressConfig, splits: Splits) -> dict
     report["flavours"]["fp16"] = _fp16(fp32, cfg.layout.onnx(name, "fp16"), contract, val, tasks,
                                        reference[1], ccfg)
     return report
+
+
+def placement_comparison(guard: Guard, kept) -> dict:
+    """Our placement with the same calibration and float layers as ModelOpt's kept attempt: its Q/DQ
+    counts and drops, so the report shows what ModelOpt's own placement changed."""
+    with tempfile.TemporaryDirectory(prefix="ours.") as tmp:
+        ours = quantize_tensorrt(guard.fp32_path, Path(tmp) / "ours.onnx", guard._ranges(kept.method, kept.images),
+                                 nodes_to_exclude=kept.float_layers, exclude_patterns=guard.patterns)
+        _, metrics = evaluate_onnx(ours, guard.val, guard.tasks, guard.cfg.threads)
+        summary = qdq_summary(ours)
+    return {"drops": metric_drops(guard.fp32_metrics, metrics, guard.tasks), "summary": summary}
 
 
 def _fp16(fp32: Path, out: Path, contract: Contract, val: FundusImages, tasks, fp32_metrics: dict,
@@ -153,7 +167,22 @@ def markdown(reports: dict) -> str:
             lines.append(f"| {name} | {flavour} | {status} | {e.get('size_mb', 0):.2f} | "
                          + format_drops(drops, e.get("limits"))
                          + f" | {calib} | {len(kept.get('float_layers', []))} | {len(e.get('attempts', []))} |")
-    return "\n".join(lines) + "\n" + _failed_attempts(reports)
+    return "\n".join(lines) + "\n" + _placements(reports) + _failed_attempts(reports)
+
+
+def _placements(reports: dict) -> str:
+    """ModelOpt's int8-tensorrt placement next to ours (only when compress.tensorrt_quantizer=modelopt)."""
+    lines = []
+    for name, rep in reports.items():
+        e = rep.get("flavours", {}).get("int8-tensorrt", {})
+        if "ours" in e:
+            theirs, ours = e["summary"], e["ours"]["summary"]
+            lines.append(f"- {name}: ModelOpt {theirs['quantize_linear']} Q / {theirs['dequantize_linear']} DQ, "
+                         f"{format_drops(e['kept']['drops'])}; ours {ours['quantize_linear']} Q / "
+                         f"{ours['dequantize_linear']} DQ, {format_drops(e['ours']['drops'])}")
+    if not lines:
+        return ""
+    return "\n## int8-tensorrt: ModelOpt's placement vs ours (same calibration)\n\n" + "\n".join(lines) + "\n"
 
 
 def _failed_attempts(reports: dict) -> str:

@@ -338,3 +338,21 @@ def test_modelopt_missing_is_one_line_and_exit_2(monkeypatch, capsys):
     code = quantize.cli(quantize.main, ["--quantizer", "modelopt"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "nvidia-modelopt is not installed" in err[0]
+
+
+def test_compress_report_compares_modelopt_placement_with_ours():
+    from compress.quantize import markdown
+
+    def entry(q, drop):
+        return {"quantize_linear": q, "dequantize_linear": q + 3}, {"coarse/balanced_accuracy": drop}
+
+    theirs, t_drops = entry(40, 0.5)
+    ours, o_drops = entry(31, 0.8)
+    flav = {"status": "passed", "path": "x", "summary": theirs,
+            "kept": {"drops": t_drops, "method": "minmax", "images": 500, "float_layers": []}}
+    report = {"student": {"flavours": {"int8-tensorrt": {**flav, "ours": {"summary": ours, "drops": o_drops}}}}}
+    md = markdown(report)
+    assert "ModelOpt's placement vs ours" in md
+    line = next(ln for ln in md.splitlines() if ln.startswith("- student: ModelOpt"))
+    assert "40 Q / 43 DQ" in line and "ours 31 Q / 34 DQ" in line
+    assert "placement vs ours" not in markdown({"student": {"flavours": {"int8-tensorrt": flav}}})
