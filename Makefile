@@ -42,7 +42,7 @@ RUN ?= $(eval RUN := $(shell test -x $(PYTHON) && $(PYTHON) -m train.experiment 
 	--print run_dir 2>/dev/null || echo runs/$(NAME)))$(RUN)
 
 .PHONY: all venv data check validate teachers student experiment-fractions export compress engine bench \
-	bench-architectures \
+	bench-architectures readme-results \
 	predict test lint clean help
 
 all: data check teachers student export compress bench  ## the whole pipeline (DATA=<dataset folder> for yours)
@@ -104,6 +104,9 @@ predict:  ## torch-free inference on DATA's test images with true labels (MODEL=
 
 bench: $(STAMP)  ## accuracy + latency of every artifact: report.md / report.json / plots
 	$(PYTHON) -m benchmarks.bench $(STAGE_ARGS)
+
+readme-results: $(STAMP)  ## rewrite README.md's results blocks from the run files (CHECK=1: only list drifted blocks)
+	$(PYTHON) -m benchmarks.readme_results $(STAGE_ARGS) $(if $(CHECK),--check)
 
 # Random weights, so it needs no training: e.g. CONFIG=configs/paper.yaml (7 ResNet-50 teachers at 224 px).
 bench-architectures: $(STAMP)  ## latency only, random weights: the config's teachers vs its student FP32/INT8

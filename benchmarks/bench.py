@@ -275,7 +275,7 @@ def run_bench(cfg: ExperimentConfig, bench: BenchConfig, out_dir: Path | None = 
                 "images": len(test),
                 "test_split_images": len(splits.test), "sample_seed": cfg.seed, "device": device}
     report = build_report(cfg.name, records, test.tasks, machine, settings, ref_name, unmatched)
-    fractions = cfg.layout.fractions_dir / "fractions.png"
+    fractions = cfg.layout.fractions_report("png")
     md = write_report(report, out_dir or cfg.layout.bench_dir, fractions)
     return report, md
 

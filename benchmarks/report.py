@@ -243,7 +243,8 @@ def _spread(h: dict, key: str, spec: str = ".2f") -> str:
     return f"{value['median']:{spec}}x (min {value['min']:{spec}}x, max {value['max']:{spec}}x over {value['rounds']} rounds)"
 
 
-def _headline_lines(report: dict) -> list[str]:
+def headline_lines(report: dict) -> list[str]:
+    """The headline ratios as Markdown bullets (report.md and the README's bench block)."""
     h = report["headline"]
     names = {k: v or "—" for k, v in h["compared"].items()}
     lines = [f"- ensemble / student latency (batch 1): {_spread(h, 'latency_ensemble_over_student', '.1f')} "
@@ -275,7 +276,7 @@ def render_markdown(report: dict) -> str:
            f"compare artifacts on it. Encoder / decoder ms: the ONNX artifact's encoder-only sub-model "
            f"(image -> classification outputs and pooled features), timed in the same rounds; decoder = "
            f"whole - encoder-only.", "",
-           "## Headline (one run, one machine, same runtime, threads and images)", "", *_headline_lines(report),
+           "## Headline (one run, one machine, same runtime, threads and images)", "", *headline_lines(report),
            "", "## Targets", ""]
     for t in report["targets"]:
         margin = "" if t["margin"] is None else f", margin {t['margin']:+.2f} {t['unit']}"

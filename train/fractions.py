@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from deploy.contract import TaskSpec
 from deploy.errors import cli
 from deploy.fileio import atomic_write_text
 from train.data.splits import PAPER_LABEL_FRACTIONS
@@ -63,6 +64,11 @@ def run_fraction(path: str, overrides: list[str], jobs: str) -> dict:
     return json.loads((cfg.layout.summary("json")).read_text())
 
 
+def fraction_columns(tasks: list[TaskSpec]) -> list[tuple[str, str]]:
+    """The summary columns the fractions table keeps: accuracies, top-5 and BLEU."""
+    return [(k, t) for k, t in summary_columns(tasks) if k.endswith(("accuracy", "top5", "bleu"))]
+
+
 def table(rows: list[dict], keys: list[tuple[str, str]]) -> str:
     lines = ["| labels | model | " + " | ".join(t for _, t in keys) + " |", "|---" * (len(keys) + 2) + "|"]
     for r in rows:
@@ -88,17 +94,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"=== label fraction {fraction:.0%}: {cfg.run_dir} ===", flush=True)
             summary = run_fraction(args.config, overrides, args.jobs)
             tasks = load_splits(cfg).data.spec.tasks
-            keys = keys or [(k, t) for k, t in summary_columns(tasks) if k.endswith(("accuracy", "top5", "bleu"))]
+            keys = keys or fraction_columns(tasks)
             for model in MODELS:
                 if model in summary["rows"]:
                     values = {k: summary["rows"][model].get(k) for k, _ in keys}
                     rows.append({"fraction": fraction, "model": model,
                                  **{k: v for k, v in values.items() if v is not None}})
-        out = base.layout.fractions_dir
-        atomic_write_text(out / "fractions.json", json.dumps(rows, indent=1))
+        out = base.layout
+        atomic_write_text(out.fractions_report("json"), json.dumps(rows, indent=1))
         md = f"# Label-fraction experiment ({base.name}), test split\n\n{table(rows, keys)}\n"
-        atomic_write_text(out / "fractions.md", md)
-        plot_fractions(rows, [(k, t) for k, t in keys], out / "fractions.png")
+        atomic_write_text(out.fractions_report("md"), md)
+        plot_fractions(rows, [(k, t) for k, t in keys], out.fractions_report("png"))
         print(md)
     finally:
         shutdown_distributed()

@@ -93,10 +93,22 @@ class RunLayout:
     def fractions_dir(self) -> Path:
         return self.root / "fractions"
 
+    def fractions_report(self, ext: str = "json") -> Path:
+        """The label-fraction table and plot (train.fractions: json, md, png)."""
+        return self.fractions_dir / f"fractions.{ext}"
+
     @property
     def sweep_dir(self) -> Path:
         return self.root / "sweep"
 
+    def sweep_report(self, ext: str = "json") -> Path:
+        """The KD sweep's table, best first (train.sweep: json, md)."""
+        return self.sweep_dir / f"sweep.{ext}"
+
     @property
     def bench_dir(self) -> Path:
         return self.root / "bench"
+
+    def bench_report(self, ext: str = "json") -> Path:
+        """The benchmark report of the default bench folder (benchmarks.bench without --out)."""
+        return self.bench_dir / f"report.{ext}"

@@ -92,29 +92,39 @@ def write_summary(cfg: ExperimentConfig, splits: Splits, results: dict[str, dict
     below = below_floors(rows, tasks, joint)
     teachers = [spec.name for spec in teacher_specs(cfg, splits.data.spec.task_names) if spec.name in rows]
     behind = ensemble_behind_teachers(rows, teachers, tasks, joint)
+    # tasks and joint groups make the file self-describing: benchmarks/readme_results rebuilds the table from it
     summary = {"experiment": cfg.name, "label_fraction": cfg.data.label_fraction or 1.0,
-               "test_images": len(splits.test), "rows": rows, "deltas_points": deltas, "below_floor": below,
+               "test_images": len(splits.test), "tasks": [t.to_dict() for t in tasks],
+               "joint": [list(g) for g in joint], "rows": rows, "deltas_points": deltas, "below_floor": below,
                "ensemble_behind_teacher": behind,
                "written": time.strftime("%Y-%m-%dT%H:%M:%S")}
     atomic_write_text(cfg.layout.summary("json"), json.dumps(summary, indent=1))
     md = [f"# {cfg.name}: test split ({len(splits.test)} images), label fraction "
           f"{summary['label_fraction']:.0%}", "", "Accuracies in %, BLEU 0-100.", "",
-          markdown_table(rows, tasks, joint), "", "Student minus ensemble / minus baseline (points):", ""]
-    for key, d in deltas.items():
-        md.append(f"- {key}: {_pts(d['student_minus_ensemble'])} / {_pts(d['student_minus_baseline'])}")
-    md += ["", "Floors (models that need no teacher: the labels-only baseline and the linear probe):", ""]
-    md += [f"- BELOW FLOOR {key}: KD student {_pts(gap)} points vs the {floor}"
-           for key, floors in below.items() for floor, gap in floors.items()] or \
-          ["- the KD student is at or above every floor on every column"]
-    md += ["", "Ensemble against its best single teacher (a combination worth distilling beats each member):", ""]
-    md += [f"- ENSEMBLE BEHIND {teacher} on {key}: {_pts(gap)} points" for key, (teacher, gap) in behind.items()] or \
-          ["- the ensemble is at or above its best teacher on every column"]
+          markdown_table(rows, tasks, joint), "", *comparison_lines(summary)]
     deployed = "student" if "student" in results else next(iter(results), None)
     if deployed:
         md += ["", *per_class_section(deployed, results[deployed], tasks, cfg.run_dir)]
     atomic_write_text(cfg.layout.summary("md"), "\n".join(md) + "\n")
     print("\n".join(md), flush=True)
     return summary
+
+
+def comparison_lines(summary: dict) -> list[str]:
+    """Markdown lines of summary.json's comparisons: student minus ensemble / baseline per column, the
+    floors the KD student is below, the columns where a single teacher beats the ensemble."""
+    md = ["Student minus ensemble / minus baseline (points):", ""]
+    for key, d in summary["deltas_points"].items():
+        md.append(f"- {key}: {_pts(d['student_minus_ensemble'])} / {_pts(d['student_minus_baseline'])}")
+    md += ["", "Floors (models that need no teacher: the labels-only baseline and the linear probe):", ""]
+    md += [f"- BELOW FLOOR {key}: KD student {_pts(gap)} points vs the {floor}"
+           for key, floors in summary["below_floor"].items() for floor, gap in floors.items()] or \
+          ["- the KD student is at or above every floor on every column"]
+    md += ["", "Ensemble against its best single teacher (a combination worth distilling beats each member):", ""]
+    md += [f"- ENSEMBLE BEHIND {teacher} on {key}: {_pts(gap)} points"
+           for key, (teacher, gap) in summary["ensemble_behind_teacher"].items()] or \
+          ["- the ensemble is at or above its best teacher on every column"]
+    return md
 
 
 def below_floors(rows: dict[str, dict], tasks: list[TaskSpec],

@@ -186,9 +186,8 @@ def main(argv: list[str] | None = None) -> int:
         title = (f"# KD sweep ({base.name}): validation split, {len(points)} points, best first\n\n"
                  f"Selection score = the checkpoint-selection metric on validation; accuracies in %, BLEU 0-100.")
         md = markdown(records, summary_columns(tasks), title)
-        out = base.layout.sweep_dir
-        atomic_write_text(out / "sweep.json", json.dumps(records, indent=1))
-        atomic_write_text(out / "sweep.md", md)
+        atomic_write_text(base.layout.sweep_report("json"), json.dumps(records, indent=1))
+        atomic_write_text(base.layout.sweep_report("md"), md)
         print(md, flush=True)
     finally:
         shutdown_distributed()
