@@ -41,11 +41,16 @@ RUN ?= $(eval RUN := $(shell test -x $(PYTHON) && $(PYTHON) -m train.experiment 
 	$(if $(OVERRIDES_FILE),--overrides-file '$(OVERRIDES_FILE)') \
 	--print run_dir 2>/dev/null || echo runs/$(NAME)))$(RUN)
 
-.PHONY: all venv data check validate teachers student experiment-fractions export compress engine bench \
+.PHONY: all pipeline verdict venv data check validate teachers student experiment-fractions export compress engine bench \
 	bench-architectures readme-results \
 	predict test lint clean help
 
-all: data check teachers student export compress bench  ## the whole pipeline (DATA=<dataset folder> for yours)
+# The verdict runs even when a stage failed (a missed floor, a failed guard): it says what is wrong or
+# which stage to run; `make all` still exits with the failed stage's code.
+all:  ## the whole pipeline, then the verdict (DATA=<dataset folder> for yours)
+	@$(MAKE) --no-print-directory pipeline; code=$$?; $(MAKE) --no-print-directory verdict || exit $$?; exit $$code
+
+pipeline: data check teachers student export compress bench  ## the pipeline without the verdict
 
 help:
 	@grep -E '^[a-z%-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -107,6 +112,9 @@ bench: $(STAMP)  ## accuracy + latency of every artifact: report.md / report.jso
 
 readme-results: $(STAMP)  ## rewrite README.md's results blocks from the run files (CHECK=1: only list drifted blocks)
 	$(PYTHON) -m benchmarks.readme_results $(STAGE_ARGS) $(if $(CHECK),--check)
+
+verdict: $(STAMP)  ## READY TO DEPLOY or not, the file for the device, stage times: runs/<name>/README.md
+	$(PYTHON) -m benchmarks.verdict $(STAGE_ARGS)
 
 # Random weights, so it needs no training: e.g. CONFIG=configs/paper.yaml (7 ResNet-50 teachers at 224 px).
 bench-architectures: $(STAMP)  ## latency only, random weights: the config's teachers vs its student FP32/INT8

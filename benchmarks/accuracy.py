@@ -21,7 +21,7 @@ from deploy.preprocess import PreprocessSpec
 from deploy.vocab import Vocabulary
 from train.datasets import FundusImages
 from train.evaluate import score_outputs
-from train.floors import Floor, parse_floor  # noqa: F401 (re-exported)
+from train.floors import Floor, floor_violations, parse_floor, unmatched_floors  # noqa: F401 (re-exported)
 from train.metrics import LOWER_IS_BETTER, agreement, headline  # noqa: F401 (re-exported)
 from train.stage import Splits, image_set
 
@@ -129,13 +129,3 @@ def retention(metrics: dict[str, float], reference: dict[str, float]) -> dict[st
         if ref and not key.endswith(LOWER_IS_BETTER):
             out[key] = value / ref
     return out
-
-
-def floor_violations(floors: Sequence[Floor], name: str, metrics: dict[str, float]) -> list[str]:
-    """The floors that apply to artifact `name` and are missed by its metrics."""
-    return [f"{v} (floor {f})" for f in floors if f.applies(name) and (v := f.violation(metrics))]
-
-
-def unmatched_floors(floors: Sequence[Floor], measured: Sequence[str]) -> list[Floor]:
-    """Floors that no measured artifact matched (a typo, or the artifact failed or was skipped)."""
-    return [f for f in floors if not any(f.applies(n) for n in measured)]

@@ -45,7 +45,6 @@ from benchmarks.machine import (
     usable_cores,
 )
 from benchmarks.report import RAN, build_report, write_report
-from deploy.errors import cli
 from deploy.fileio import atomic_write_text
 from train.config import ConfigError, from_dict
 from train.data.manifest import DatasetError
@@ -59,6 +58,7 @@ from train.experiment import (
 )
 from train.fit_check import check_tasks, vocabulary_sha256
 from train.stage import load_splits
+from train.stage_times import run_stage
 
 REFERENCES = ("ensemble.pytorch", "ensemble.fp32")  # agreement/retention are measured against the first that runs
 
@@ -348,4 +348,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(cli(main))
+    raise SystemExit(run_stage(main, "bench"))

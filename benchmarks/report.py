@@ -17,9 +17,10 @@ from pathlib import Path
 from benchmarks.interleave import ratio_over_rounds
 from deploy.contract import TaskSpec
 from deploy.fileio import atomic_write, atomic_write_text
+from train.layout import BENCH_REPORT
 from train.metrics import points_label, primary_metric, to_points
 from train.plots import plot_confusion_matrix, plt, save_figure
-from train.summary import summary_columns
+from train.summary_rules import summary_columns
 
 RAN = ("passed", "below floor")  # statuses whose numbers exist
 LATENCY_PREF = ("fp32", "pytorch")  # the format of the ensemble/student pair in ratios, by preference
@@ -368,7 +369,7 @@ def write_report(report: dict, out_dir: Path, fractions_png: Path | None = None)
     """Plots, report.json and report.md (each written atomically); returns the Markdown."""
     out_dir.mkdir(parents=True, exist_ok=True)
     report["plots"] = write_plots(report, out_dir, fractions_png)
-    atomic_write_text(out_dir / "report.json", json.dumps(report, indent=1, default=str))
+    atomic_write_text(out_dir / f"{BENCH_REPORT}.json", json.dumps(report, indent=1, default=str))
     md = render_markdown(report)
-    atomic_write_text(out_dir / "report.md", md)
+    atomic_write_text(out_dir / f"{BENCH_REPORT}.md", md)
     return md

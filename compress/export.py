@@ -26,7 +26,7 @@ from compress.graph_split import text_only_nodes
 from compress.onnx_eval import open_onnx, run_onnx
 from compress.settings import CompressConfig, compress_config
 from deploy.contract import Contract, sidecar_path, write_metadata, write_sidecar
-from deploy.errors import MissingInput, RunFailed, cli
+from deploy.errors import MissingInput, RunFailed
 from deploy.fileio import atomic_write, atomic_write_text, sha256_file
 from train.datasets import FundusImages
 from train.ensemble import TeacherEnsemble, attach_stored_combination
@@ -36,6 +36,7 @@ from train.fit_check import check_checkpoint
 from train.models.multitask import ExportModel
 from train.models.saved import load_model
 from train.stage import Splits, image_set, load_splits, model_contract, preprocess_spec
+from train.stage_times import run_stage
 
 
 class ExportMismatch(RunFailed):
@@ -200,4 +201,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(cli(main))
+    raise SystemExit(run_stage(main, "export"))

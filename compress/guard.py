@@ -28,6 +28,7 @@ import numpy as np
 import onnx
 
 from compress.calibration import calibrate, prepare_for_quantization
+from compress.drops import format_drop, format_drops, within  # noqa: F401 (re-exported)
 from compress.onnx_eval import evaluate_onnx
 from compress.quantize_flavours import layer_sensitivity, quantize_cpu, quantize_tensorrt
 from compress.settings import CALIBRATION_METHODS, CompressConfig, GuardConfig
@@ -94,21 +95,6 @@ def metric_drops(reference: dict, candidate: dict, tasks: list[TaskSpec]) -> dic
             for key, _ in guarded_metrics(tasks)}
 
 
-def format_drop(key: str, drop: float, limit: float | None = None) -> str:
-    """'coarse/accuracy 1.37 worse (limit 2.00)', 'fine/top5 0.51 better', 'diagnosis/bleu same': a
-    drop is positive when the model got worse, so a bare '-0.51' would read as a loss."""
-    if round(drop, 2) == 0:
-        text = f"{key} same"
-    else:
-        text = f"{key} {abs(drop):.2f} {'worse' if drop > 0 else 'better'}"
-    return text + (f" (limit {limit:.2f})" if limit is not None else "")
-
-
-def format_drops(drops: dict[str, float], limits: dict[str, float] | None = None) -> str:
-    """Every guarded metric's change against FP32, in points (BLEU points for BLEU)."""
-    return ", ".join(format_drop(k, v, (limits or {}).get(k)) for k, v in drops.items())
-
-
 def one_image_points(key: str, labels: np.ndarray, num_classes: int) -> float:
     """How many points one validation image can move `key`: 100/N for accuracy-like metrics and kappa;
     100/(classes present x smallest class) for balanced accuracy (an image of the rarest class)."""
@@ -136,10 +122,6 @@ def metric_limits(guard: GuardConfig, tasks: list[TaskSpec], targets: dict | Non
             noise = guard.noise_images * one_image_points(key, targets[task.name], task.num_classes)
         limits[key] = round(max(points[kind], noise), 3)
     return limits
-
-
-def within(drops: dict[str, float], limits: dict[str, float]) -> bool:
-    return all(drops[k] <= limit for k, limit in limits.items() if k in drops)
 
 
 class Guard:

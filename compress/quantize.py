@@ -30,13 +30,14 @@ from compress.quantize_flavours import convert_fp16, qdq_summary, quantize_tenso
 from compress.settings import CompressConfig, compress_config
 from compress.trt_check import check_model, check_qdq_for_tensorrt
 from deploy.contract import Contract, read_sidecar, sidecar_path, write_metadata, write_sidecar
-from deploy.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, MissingInput, UserError, cli
+from deploy.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, MissingInput, UserError
 from deploy.fileio import atomic_write, atomic_write_text, sha256_file
 from train.datasets import FundusImages
 from train.experiment import add_config_args, config_overrides, load_experiment
 from train.fit_check import check_tasks, vocabulary_sha256
 from train.layout import INT8_FLAVOURS
 from train.stage import Splits, image_set, load_splits
+from train.stage_times import run_stage
 
 
 def calibration_source(splits: Splits, contract: Contract, seed: int):
@@ -241,4 +242,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(cli(main))
+    raise SystemExit(run_stage(main, "compress"))

@@ -13,8 +13,14 @@ import hashlib
 import os
 import socket
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+try:  # POSIX (Linux, Jetson, macOS); without it `locked` does not serialise, writes stay atomic
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
@@ -100,3 +106,15 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
         while block := fh.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+@contextmanager
+def locked(path: str | Path) -> Iterator[None]:
+    """Hold an exclusive lock on `path`'s hidden lock file (`.NAME.lock` next to it): serialises a
+    read-modify-write of a file that several processes update (parallel teachers)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / f".{path.name}.lock", "w") as lock:
+        if fcntl is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        yield

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import argparse
 
-from deploy.errors import cli
 from train.data.manifest import load_spec
 from train.experiment import add_config_args, config_overrides, load_experiment
 from train.preflight import check_experiment
+from train.stage_times import run_stage
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,4 +34,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(cli(main))
+    raise SystemExit(run_stage(main, "check"))

@@ -22,6 +22,7 @@ from train.config import ConfigError, load_config, read_overrides_file, split_ov
 from train.floors import parse_floor
 from train.layout import RunLayout
 from train.models.config import ModelConfig
+from train.stage_times import note_run
 
 
 @dataclass
@@ -294,7 +295,9 @@ def teacher_specs(cfg: ExperimentConfig, task_names: list[str]) -> list[TeacherS
 
 
 def load_experiment(path: str | Path | None, overrides: list[str] | None = None) -> ExperimentConfig:
-    return load_config(ExperimentConfig, path, overrides)
+    cfg = load_config(ExperimentConfig, path, overrides)
+    note_run(cfg.layout)  # a timed stage (train.stage_times.run_stage) records into this run folder
+    return cfg
 
 
 def add_config_args(parser: argparse.ArgumentParser) -> None:

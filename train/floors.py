@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from train.metrics import LOWER_IS_BETTER, to_points
@@ -98,3 +99,13 @@ def parse_floor(text: str) -> Floor:
     if problem:
         raise ValueError(f"floor {text!r}: {problem}")
     return Floor(match["pattern"], match["metric"], value)
+
+
+def floor_violations(floors: Sequence[Floor], name: str, metrics: dict[str, float]) -> list[str]:
+    """The floors that apply to artifact `name` and are missed by its metrics."""
+    return [f"{v} (floor {f})" for f in floors if f.applies(name) and (v := f.violation(metrics))]
+
+
+def unmatched_floors(floors: Sequence[Floor], measured: Sequence[str]) -> list[Floor]:
+    """Floors that no measured artifact matched (a typo, or the artifact failed or was skipped)."""
+    return [f for f in floors if not any(f.applies(n) for n in measured)]

@@ -6,7 +6,8 @@
                                              student/teacher_outputs.safetensors)
       onnx/<model>.onnx, <model>.<flavour>.onnx (+ contract sidecars), export_report.json,
            compress_report.json/.md, TensorRT engines (*.engine, also in engines/)
-      summary.json/.md, fractions/, sweep/, bench/
+      summary.json/.md, fractions/, sweep/, bench/report.json/.md
+      status.json (while training), stage_times.json (every stage's wall time), README.md (the verdict)
 
 Training writes, compress and the benchmarks read: they all ask `RunLayout`, nobody rebuilds a path.
 """
@@ -22,6 +23,30 @@ INT8_FLAVOURS: tuple[str, ...] = ("int8-cpu", "int8-tensorrt")
 CHECKPOINT = "best.safetensors"  # the selected weights of a trained model
 LAST_CHECKPOINT = "last.safetensors"  # the resume point
 FINAL = "final.json"  # a finished model's test metrics (its presence means "trained")
+BENCH_REPORT = "report"  # bench/report.json and report.md (in --out when the benchmark was sent elsewhere)
+
+# What each top-level entry of a run folder is: the index of the verdict (runs/<name>/README.md).
+RUN_FOLDER_INDEX: dict[str, str] = {
+    "README.md": "this verdict (python -m benchmarks.verdict)",
+    "config.yaml": "the resolved experiment config",
+    "teachers/": "one folder per teacher: best/last checkpoints, final.json (test metrics), train.log",
+    "student/": "the KD student: checkpoints, final.json, cached teacher soft targets",
+    "baseline/": "the labels-only baseline (same architecture as the student, no KD)",
+    "ensemble/": "the teacher ensemble: final.json and its fitted combination",
+    "probe/": "the linear-probe floor (frozen student backbone + logistic regression)",
+    "onnx/": "ONNX exports and INT8/FP16 flavours with their contract sidecars, export and compress reports",
+    "engines/": "TensorRT engines built on the device",
+    "bench/": "benchmark report (report.md/.json) and plots",
+    "bench-device/": "on-device latency/memory/energy report",
+    "gpu-check/": "GPU path check report",
+    "summary.json": "test-split headline metrics of every model (summary.md: the same as a table)",
+    "summary.md": "the summary as Markdown, with per-class recall",
+    "confusion_*.png": "confusion matrices of the KD student on test (linked from summary.md)",
+    "status.json": "training progress while a stage runs (stage, step, ETA)",
+    "stage_times.json": "wall time, start/end and exit status of every pipeline stage",
+    "fractions/": "the label-fraction experiment",
+    "sweep/": "the KD recipe sweep",
+}
 
 
 @dataclass(frozen=True)
@@ -110,5 +135,14 @@ class RunLayout:
         return self.root / "bench"
 
     def bench_report(self, ext: str = "json") -> Path:
-        """The benchmark report of the default bench folder (benchmarks.bench without --out)."""
-        return self.bench_dir / f"report.{ext}"
+        """The benchmark report of the default bench folder (benchmarks.bench without --out), written by
+        benchmarks.report.write_report."""
+        return self.bench_dir / f"{BENCH_REPORT}.{ext}"
+
+    def stage_times(self) -> Path:
+        """Each pipeline stage's last wall time and exit status (train.stage_times)."""
+        return self.root / "stage_times.json"
+
+    def verdict(self) -> Path:
+        """The run folder's README: the verdict of benchmarks.verdict."""
+        return self.root / "README.md"

@@ -23,12 +23,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from deploy.fileio import atomic_write_text
-
-try:  # POSIX (Linux, Jetson, macOS); without it the status file is still written, just unlocked
-    import fcntl
-except ImportError:  # pragma: no cover - Windows
-    fcntl = None
+from deploy.fileio import atomic_write_text, locked
 
 LINE_EVERY_S = 30.0  # the longest gap between two progress lines in a log
 STATUS_FILE = "status.json"
@@ -106,21 +101,11 @@ def read_status(run_dir: str | Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-@contextmanager
-def _locked(run_dir: Path) -> Iterator[None]:
-    """Serialise read-modify-write of status.json between processes (parallel teachers)."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / f".{STATUS_FILE}.lock", "w") as lock:
-        if fcntl is not None:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
-
-
 def update_status(run_dir: str | Path, model: str, **fields) -> dict:
     """Merge `fields` into the entry of `model` in run_dir/status.json (atomic, locked); returns the file."""
     run_dir = Path(run_dir)
     now = time.strftime("%Y-%m-%dT%H:%M:%S")
-    with _locked(run_dir):
+    with locked(run_dir / STATUS_FILE):  # parallel teachers update it too
         status = read_status(run_dir)
         models = status.get("models") if isinstance(status.get("models"), dict) else {}
         entry = {**models.get(model, {}), "model": model, **fields, "updated": now}

@@ -21,7 +21,6 @@ import math
 import numpy as np
 import torch
 
-from deploy.errors import cli
 from deploy.fileio import sha256_file
 from train.budget import student_plan, student_train_config
 from train.calibrate import teacher_ensemble, teacher_paths
@@ -52,6 +51,7 @@ from train.stage import (
     save_resolved,
     write_final,
 )
+from train.stage_times import run_stage
 from train.summary import write_summary
 from train.teachers import supervised_step
 
@@ -208,4 +208,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(cli(main))
+    raise SystemExit(run_stage(main, "student"))

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from deploy.errors import RunFailed, cli
+from deploy.errors import RunFailed
 from train import progress
 from train.budget import teacher_train_config
 from train.config import ConfigError, to_dict
@@ -54,6 +54,7 @@ from train.stage import (
     save_resolved,
     write_final,
 )
+from train.stage_times import run_stage
 
 
 def supervised_step(loss_fn: MultiTaskLoss, text_task: str | None):
@@ -197,4 +198,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(cli(main))
+    raise SystemExit(run_stage(main, "teachers", skip_flags=("--list",)))

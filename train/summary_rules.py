@@ -1,0 +1,61 @@
+"""The summary's comparisons, torch-free so that readers of summary.json (benchmarks.verdict) need no
+torch: its columns (the headline metrics that can fail on each task), its row names, and the rules
+that flag the KD student below a floor and the ensemble behind a teacher. train/summary.py applies them.
+"""
+
+from __future__ import annotations
+
+from deploy.contract import TaskSpec
+from train.metrics import joint_key, present_ks, primary_metric, to_points
+
+PROBE_ROW = "linear probe"
+FLOOR_ROWS = ("baseline", PROBE_ROW)  # rows that need no teacher: the KD student must not fall below them
+
+
+def summary_columns(tasks: list[TaskSpec], joint: list[tuple[str, ...]] | tuple = ()) -> list[tuple[str, str]]:
+    """(headline key, column title) per task, only metrics that can fail on it: accuracy and the primary
+    metric (balanced accuracy, or kappa for ordinal tasks) of every classification task, top-5 where it
+    has more than 5 classes, macro-F1 of the first; BLEU of a text task; joint accuracy of task groups."""
+    cols: list[tuple[str, str]] = []
+    first = True
+    for t in tasks:
+        if t.kind == "text":
+            cols.append((f"{t.name}/bleu", f"{t.name} BLEU"))
+            continue
+        cols.append((f"{t.name}/accuracy", f"{t.name} acc"))
+        cols.append((primary_metric(t), f"{t.name} {'kappa' if t.ordinal else 'bal. acc'}"))
+        if first:
+            cols.append((f"{t.name}/macro_f1", f"{t.name} macro-F1"))
+        if 5 in present_ks(t.num_classes):
+            cols.append((f"{t.name}/top5", f"{t.name} top-5"))
+        first = False
+    cols += [(f"{joint_key(g)}/joint_accuracy", f"{' + '.join(g)} joint acc") for g in joint]
+    return cols
+
+
+def below_floors(rows: dict[str, dict], tasks: list[TaskSpec],
+                 joint: list[tuple[str, ...]] | tuple = ()) -> dict[str, dict[str, float]]:
+    """Column -> {floor row: student minus floor (points)} where the KD student is below a floor row
+    (baseline, linear probe) that has the column. Empty when the student is at or above every floor."""
+    below: dict[str, dict[str, float]] = {}
+    student = rows.get("student", {})
+    for key, _ in summary_columns(tasks, joint):
+        for floor in FLOOR_ROWS:
+            s, f = student.get(key), rows.get(floor, {}).get(key)
+            if s is not None and f is not None and s < f:
+                below.setdefault(key, {})[floor] = to_points(key, s - f)
+    return below
+
+
+def ensemble_behind_teachers(rows: dict[str, dict], teachers: list[str], tasks: list[TaskSpec],
+                             joint: list[tuple[str, ...]] | tuple = ()) -> dict[str, tuple[str, float]]:
+    """Column -> (best teacher, ensemble minus it in points) where a single teacher beats the ensemble."""
+    behind: dict[str, tuple[str, float]] = {}
+    ensemble = rows.get("ensemble", {})
+    for key, _ in summary_columns(tasks, joint):
+        scored = [(rows[t][key], t) for t in teachers if rows[t].get(key) is not None]
+        e = ensemble.get(key)
+        if scored and e is not None and max(scored)[0] > e:
+            best, name = max(scored)
+            behind[key] = (name, to_points(key, e - best))
+    return behind
