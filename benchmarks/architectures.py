@@ -32,6 +32,7 @@ from benchmarks.interleave import interleaved_times, ratio_over_rounds, round_me
 from benchmarks.machine import describe_machine, pinned_cores, usable_cores
 from deploy.errors import cli
 from deploy.fileio import atomic_write_text
+from deploy.preprocess import PreprocessSpec
 from train.config import ConfigError
 from train.data.manifest import DatasetError, load_dataset
 from train.experiment import (
@@ -39,6 +40,7 @@ from train.experiment import (
     add_config_args,
     config_overrides,
     load_experiment,
+    role_preprocessing,
     teacher_specs,
 )
 
@@ -48,13 +50,18 @@ LABEL = "random weights: latency only, accuracy not measured"
 
 @dataclass
 class Arch:
-    """One model to time: its name, role (teacher/student), backbone and input size, and ONNX file."""
+    """One model to time: its name, role (teacher/student), backbone, input (size and normalisation:
+    train.experiment.role_preprocessing) and ONNX file."""
 
     name: str
     role: str
     backbone: str
-    size: int
+    spec: PreprocessSpec
     onnx: Path | None = None
+
+    @property
+    def size(self) -> int:
+        return self.spec.size
 
 
 def build_models(cfg: ExperimentConfig) -> list[tuple[Arch, object]]:
@@ -71,11 +78,11 @@ def build_models(cfg: ExperimentConfig) -> list[tuple[Arch, object]]:
     for spec in teacher_specs(cfg, names):
         mcfg = dataclasses.replace(spec.model or cfg.teachers.model, tasks=list(spec.tasks), pretrained="none")
         model = build_model(mcfg, data, spec.tasks).eval()
-        out.append((Arch(spec.name, "teacher", mcfg.backbone, cfg.teachers.image_size or cfg.image_size),
+        out.append((Arch(spec.name, "teacher", mcfg.backbone, role_preprocessing(cfg, "teachers")),
                     ExportModel(model)))
     scfg = dataclasses.replace(cfg.student.model, tasks=None, pretrained="none")
     student = build_model(scfg, data, names).eval()
-    out.append((Arch("student", "student", scfg.backbone, cfg.student.image_size or cfg.image_size),
+    out.append((Arch("student", "student", scfg.backbone, role_preprocessing(cfg, "student")),
                 ExportModel(student)))
     return out
 
@@ -84,7 +91,6 @@ def export_models(models: list[tuple[Arch, object]], cfg: ExperimentConfig, out_
     """ONNX FP32 of every model (compress.export.export_onnx) and the student's INT8 CPU flavour."""
     from compress.export import export_onnx
     from deploy.contract import Contract
-    from train.stage import preprocess_spec
 
     data = load_dataset(cfg.data.root, manifest=cfg.data.manifest)
     archs = []
@@ -92,7 +98,7 @@ def export_models(models: list[tuple[Arch, object]], cfg: ExperimentConfig, out_
         tasks = module.model.tasks
         vocab = data.vocabulary if any(t.kind == "text" for t in tasks) else None
         contract = Contract(model_name=arch.name, model_version="random-weights", tasks=tasks,
-                            preprocessing=preprocess_spec(cfg, arch.size), vocabulary=vocab)
+                            preprocessing=arch.spec, vocabulary=vocab)
         arch.onnx = export_onnx(module, contract, out_dir / f"{arch.name}.onnx")
         print(f"[architectures] {arch.name}: {arch.backbone} at {arch.size} px -> {arch.onnx}", flush=True)
         archs.append(arch)
@@ -114,7 +120,7 @@ def quantize_student(student: Arch, data, out_dir: Path) -> Arch:
     out = quantize_cpu(student.onnx, out_dir / "student.int8-cpu.onnx", ranges,
                        exclude_patterns=[f"/heads/{t}/" for t in text])
     print(f"[architectures] student INT8 (cpu flavour, random calibration) -> {out}", flush=True)
-    return Arch("student.int8-cpu", "student", student.backbone, student.size, Path(out))
+    return Arch("student.int8-cpu", "student", student.backbone, student.spec, Path(out))
 
 
 def time_models(archs: list[Arch], threads: int, rounds: int, duration_s: float, warmup: int = 3) -> dict:

@@ -31,11 +31,17 @@ from deploy.fileio import atomic_write, atomic_write_text, sha256_file
 from train.datasets import FundusImages
 from train.ensemble import TeacherEnsemble, attach_stored_combination
 from train.evaluate import collect_outputs
-from train.experiment import add_config_args, config_overrides, load_experiment, teacher_specs
-from train.fit_check import check_checkpoint
+from train.experiment import (
+    add_config_args,
+    config_overrides,
+    load_experiment,
+    role_preprocessing,
+    teacher_specs,
+)
+from train.fit_check import check_checkpoint, check_preprocessing
 from train.models.multitask import ExportModel
 from train.models.saved import load_model
-from train.stage import Splits, image_set, load_splits, model_contract, preprocess_spec
+from train.stage import Splits, image_set, load_splits, model_contract
 from train.stage_times import run_stage
 
 
@@ -147,18 +153,20 @@ def export_all(cfg_path: str | None, overrides: list[str]) -> dict:
             model, meta = load_model(ckpt)
             jobs.append((role, ExportModel(model.eval()), _contract(cfg, splits, role, model.tasks, meta, ckpt)))
     teachers = []
+    teacher_pixels = role_preprocessing(cfg, "teachers")  # the ensemble's input: every teacher's own
     if "teachers" in ccfg.models or "ensemble" in ccfg.models:
         for spec, ckpt in zip(specs, teacher_paths):
             if not ckpt.exists():
                 raise MissingInput(f"{ckpt}: missing; run `make teachers` first")
             check_checkpoint(ckpt, splits.data)
+            check_preprocessing(ckpt, teacher_pixels)
             model, meta = load_model(ckpt)
             teachers.append(model.eval())
             if "teachers" in ccfg.models:
                 jobs.append((spec.name, ExportModel(model), _contract(cfg, splits, spec.name, model.tasks, meta, ckpt)))
     if "ensemble" in ccfg.models:
         ens = attach_stored_combination(TeacherEnsemble(teachers, tasks), cfg.run_dir, teacher_paths).eval()
-        contract = model_contract("ensemble", cfg.name, splits.data, ens.tasks, preprocess_spec(cfg, cfg.teachers.image_size))
+        contract = model_contract("ensemble", cfg.name, splits.data, ens.tasks, teacher_pixels)
         contract.hashes = {p.parent.name: sha256_file(p) for p in teacher_paths}
         jobs.append(("ensemble", EnsembleExport(ens), contract))
     reports = {}
@@ -180,6 +188,7 @@ def export_all(cfg_path: str | None, overrides: list[str]) -> dict:
 
 
 def _contract(cfg, splits: Splits, name: str, tasks, meta: dict, ckpt: Path) -> Contract:
+    """A trained model's contract: the preprocessing it was trained with (its checkpoint says which)."""
     from deploy.preprocess import PreprocessSpec
 
     spec = PreprocessSpec.from_dict(meta["preprocessing"])

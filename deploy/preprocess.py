@@ -17,6 +17,9 @@ from PIL import Image, UnidentifiedImageError
 from deploy.errors import UserError
 
 RESIZE_MODES = ("letterbox", "center_crop", "stretch")
+# ImageNet statistics: what torchvision/timm ResNets were trained with (PreprocessSpec's default).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class ImageError(UserError):
@@ -34,8 +37,8 @@ class PreprocessSpec:
 
     size: int = 128
     resize: str = "letterbox"
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
     channel_order: str = "RGB"
     layout: str = "NCHW"
     interpolation: str = "bilinear"
@@ -49,6 +52,7 @@ class PreprocessSpec:
             raise ValueError("supported: channel_order RGB or BGR, layout NCHW")
         if self.interpolation not in ("bilinear", "bicubic"):
             raise ValueError(f"interpolation must be bilinear or bicubic, got {self.interpolation!r}")
+        check_normalisation(self.mean, self.std)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -63,6 +67,23 @@ class PreprocessSpec:
             if key in data:
                 data[key] = tuple(float(v) for v in data[key])
         return cls(**data)
+
+
+def check_normalisation(mean, std) -> None:
+    """ValueError unless mean and std are 3 finite values (one per RGB channel) and every std is > 0:
+    a zero std divides by zero, a negative one silently inverts the image. None = not given (a config
+    section that takes the run's value)."""
+    for name, values in (("mean", mean), ("std", std)):
+        if values is None:
+            continue
+        try:
+            ok = len(values) == 3 and all(np.isfinite(float(v)) for v in values)
+        except (TypeError, ValueError):  # not a sequence, or not numbers
+            ok = False
+        if not ok:
+            raise ValueError(f"{name} must be 3 finite numbers (R, G, B), got {values!r}")
+    if std is not None and min(float(v) for v in std) <= 0:
+        raise ValueError(f"std must be > 0 for every channel, got {tuple(std)!r}")
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

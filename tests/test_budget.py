@@ -12,9 +12,9 @@ from tiny import make_tiny_dataset, write_tiny_config
 
 from train.budget import schedule_steps, student_plan, student_steps, teacher_train_config
 from train.distributed import DistInfo
-from train.experiment import load_experiment
+from train.experiment import load_experiment, role_preprocessing
 from train.loop import Trainer
-from train.stage import build_model, image_set, load_splits, preprocess_spec
+from train.stage import build_model, image_set, load_splits
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +25,7 @@ def tiny_data(tmp_path_factory) -> Path:
 def _trainer_steps(cfg, splits, world_size: int) -> int:
     """What train.loop.Trainer itself counts for the student's schedule (nothing is trained)."""
     rows = splits.train + splits.unlabeled
-    data = image_set(splits, rows, splits.data.spec.tasks, preprocess_spec(cfg))
+    data = image_set(splits, rows, splits.data.spec.tasks, role_preprocessing(cfg, "student"))
     model = build_model(cfg.student.model, splits.data, splits.data.spec.task_names)
     staged = cfg.student.kd.schedule == "staged"  # the paper's schedule runs the sum of its stages' epochs
     tcfg = dataclasses.replace(cfg.student.train, epochs=sum(cfg.student.kd.stage_epochs)) if staged else cfg.student.train

@@ -192,14 +192,15 @@ def test_soft_target_cache_is_invalidated_when_the_weighting_changes(tiny_run: P
 def test_exported_ensemble_carries_the_fitted_combination(tiny_run: Path):
     from compress.export import export_all
     from compress.onnx_eval import open_onnx, run_onnx
-    from train.stage import image_set, preprocess_spec
+    from train.experiment import role_preprocessing
+    from train.stage import image_set
 
     cfg = load_experiment(tiny_run)
     splits = load_splits(cfg)
     ensemble, comb = teacher_ensemble(cfg, splits, torch.device("cpu"))  # writes combination.json
     assert comb.weighting == "quality_weighted" and any(t != 1.0 for t in comb.temperatures["coarse"])
     export_all(str(tiny_run), ["compress.models=[ensemble]"])
-    data = image_set(splits, splits.val, splits.data.spec.tasks, preprocess_spec(cfg))
+    data = image_set(splits, splits.val, splits.data.spec.tasks, role_preprocessing(cfg, "teachers"))
     onnx_out = run_onnx(open_onnx(cfg.layout.onnx("ensemble")), data)
     images = torch.stack([data[i]["image"] for i in range(len(data))])
     with torch.no_grad():

@@ -15,10 +15,10 @@ from collections.abc import Callable
 
 import numpy as np
 
-from train.experiment import ExperimentConfig, TrainConfig
+from train.experiment import ExperimentConfig, TrainConfig, role_preprocessing
 from train.loop import EpochPlan
 from train.pool import student_rows
-from train.stage import Splits, image_set, preprocess_spec
+from train.stage import Splits, image_set
 
 
 def mixed_epoch(lab_idx: np.ndarray, unl_idx: np.ndarray, share: float, seed: int, epoch: int) -> np.ndarray:
@@ -79,7 +79,7 @@ def student_train_config(cfg: ExperimentConfig) -> TrainConfig:
 def student_steps(cfg: ExperimentConfig, splits: Splits, world_size: int = 1) -> int:
     """Optimizer steps `make student` will spend on the KD student (no image is read)."""
     rows = student_rows(cfg, splits)
-    data = image_set(splits, rows, splits.data.spec.tasks, preprocess_spec(cfg, cfg.student.image_size))
+    data = image_set(splits, rows, splits.data.spec.tasks, role_preprocessing(cfg, "student"))
     return schedule_steps(student_plan(cfg, data.labelled), student_train_config(cfg), world_size)
 
 

@@ -37,9 +37,9 @@ from train.ensemble import (
     load_ensemble,
     teacher_hashes,
 )
-from train.experiment import ExperimentConfig, teacher_specs
-from train.fit_check import check_checkpoint
-from train.stage import Splits, image_set, preprocess_spec
+from train.experiment import ExperimentConfig, role_preprocessing, teacher_specs
+from train.fit_check import check_checkpoint, check_preprocessing
+from train.stage import Splits, image_set
 
 # Bounds on a fitted temperature. On a small validation set that a teacher gets entirely right the NLL
 # keeps falling as T -> 0 (and as T -> inf for one it gets entirely wrong), and a few dozen images can
@@ -202,9 +202,11 @@ def teacher_ensemble(cfg: ExperimentConfig, splits: Splits, device: torch.device
                      info: DistInfo | None = None) -> tuple[TeacherEnsemble, Combination]:
     """The experiment's ensemble, combined as `teachers.ensemble_weighting` says: the one place the
     student's soft targets and the summary's ensemble row get it from (export/bench read the JSON)."""
-    val = image_set(splits, splits.val, splits.data.spec.tasks, preprocess_spec(cfg, cfg.teachers.image_size))
+    pixels = role_preprocessing(cfg, "teachers")  # soft targets and the ensemble row see the teachers' input
+    val = image_set(splits, splits.val, splits.data.spec.tasks, pixels)
     for path in teacher_paths(cfg, splits):
         if path.exists():  # a missing one is named by load_ensemble
             check_checkpoint(path, splits.data)  # trained for this dataset's tasks, classes, vocabulary
+            check_preprocessing(path, pixels)  # ... and on these pixels (teachers.mean/std unchanged since)
     return load_calibrated_ensemble(teacher_paths(cfg, splits), val, cfg.run_dir, cfg.teachers.ensemble_weighting,
                                     device, cfg.teachers.train.eval_batch_size, write=info is None or info.is_main)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Literal
 
 from deploy.errors import cli
+from deploy.preprocess import PreprocessSpec, check_normalisation
 from train.config import ConfigError, load_config, read_overrides_file, split_overrides, to_dict
 from train.floors import parse_floor
 from train.layout import RunLayout
@@ -98,6 +99,17 @@ class TrainConfig:
             raise ValueError("epochs, batch_size and max_evals must be >= 1 and min_steps >= 0")
 
 
+Stats = tuple[float, float, float]
+
+
+def check_section_normalisation(section: str, mean: Stats | None, std: Stats | None) -> None:
+    """A role's own mean/std (None = the run's): 3 finite values each, std > 0 (ValueError naming the key)."""
+    try:
+        check_normalisation(mean, std)
+    except ValueError as exc:
+        raise ValueError(f"{section}: {exc}") from exc
+
+
 @dataclass
 class TeacherSpec:
     name: str
@@ -110,7 +122,11 @@ class TeachersConfig:
     model: ModelConfig = field(default_factory=lambda: ModelConfig(backbone="efficientnet_lite1"))
     train: TrainConfig = field(default_factory=TrainConfig)
     members: list[TeacherSpec] | None = None  # None: one teacher per non-empty subset of the tasks
+    # The teachers' input (null = the run's image_size / mean / std): every teacher, its soft targets and
+    # the exported teacher and ensemble contracts use it (role_preprocessing below).
     image_size: int | None = None
+    mean: Stats | None = None
+    std: Stats | None = None
     # How the ensemble combines its teachers per classification task (train/calibrate.py): mean (equal
     # vote), calibrated_mean (each teacher temperature-scaled on the validation split) or
     # quality_weighted (calibrated + weights from validation NLL). Soft targets and export use the same.
@@ -122,6 +138,7 @@ class TeachersConfig:
     def __post_init__(self) -> None:
         if self.budget_multiple is not None and self.budget_multiple <= 0:
             raise ValueError(f"teachers.budget_multiple must be > 0 (or null), got {self.budget_multiple}")
+        check_section_normalisation("teachers", self.mean, self.std)
 
 
 @dataclass
@@ -161,7 +178,13 @@ class StudentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     kd: KDConfig = field(default_factory=KDConfig)
     baseline: bool = True  # also train the same student on labels only, with the same step budget
+    # The student's input, also the baseline's and the linear probe's (null = the run's values).
     image_size: int | None = None
+    mean: Stats | None = None
+    std: Stats | None = None
+
+    def __post_init__(self) -> None:
+        check_section_normalisation("student", self.mean, self.std)
 
 
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
@@ -255,9 +278,11 @@ class ExperimentConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     image_size: int = 96
     resize: Literal["letterbox", "center_crop", "stretch"] = "letterbox"
-    # The EfficientNet-Lite ImageNet weights were trained on inputs scaled to [-1, 1] (mean = std = 0.5).
-    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
-    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    # The run's normalisation, for every model whose section (teachers, student) sets none of its own.
+    # The EfficientNet-Lite ImageNet weights were trained on inputs scaled to [-1, 1] (mean = std = 0.5);
+    # torchvision/timm ResNets on ImageNet statistics (deploy.preprocess.IMAGENET_MEAN/STD).
+    mean: Stats = (0.5, 0.5, 0.5)
+    std: Stats = (0.5, 0.5, 0.5)
     # Models with `pretrained: none` train from random weights, which on a few thousand photographs is
     # far weaker than starting from ImageNet; refused (train.preflight) unless this says it is meant.
     allow_random_init: bool = False
@@ -266,6 +291,9 @@ class ExperimentConfig:
     student: StudentConfig = field(default_factory=StudentConfig)
     compress: CompressConfig = field(default_factory=CompressConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
+
+    def __post_init__(self) -> None:
+        check_section_normalisation("config", self.mean, self.std)
 
     @property
     def run_dir(self) -> Path:
@@ -292,6 +320,24 @@ def teacher_specs(cfg: ExperimentConfig, task_names: list[str]) -> list[TeacherS
         if unknown or not s.tasks:
             raise ConfigError(f"teacher {s.name!r}: tasks {s.tasks} must be a non-empty subset of {task_names}")
     return specs
+
+
+ROLES = ("teachers", "student")  # the config sections that carry their own input settings
+
+
+def role_preprocessing(cfg: ExperimentConfig, role: str) -> PreprocessSpec:
+    """How `role`'s models see pixels: "teachers" (every teacher and the ensemble) or "student" (also the
+    baseline and the linear probe). The section's image_size, mean and std where set, else the run's.
+
+    The one place these resolve: training, soft targets, evaluation and export all ask here, so a
+    model's contract carries the normalisation it was trained with (ImageNet ResNet teachers and a
+    [-1, 1] EfficientNet-Lite student each keep their own)."""
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+    section = getattr(cfg, role)
+    return PreprocessSpec(size=section.image_size or cfg.image_size, resize=cfg.resize,
+                          mean=tuple(section.mean if section.mean is not None else cfg.mean),
+                          std=tuple(section.std if section.std is not None else cfg.std))
 
 
 def load_experiment(path: str | Path | None, overrides: list[str] | None = None) -> ExperimentConfig:

@@ -1,9 +1,11 @@
-"""Refuse models trained for another version of the dataset (stale inputs).
+"""Refuse models trained for another version of the dataset, or on other pixels (stale inputs).
 
 A model's class i is output i: if dataset.yaml's class order, task list or vocabulary changed after a
 teacher was trained, distilling, exporting or benchmarking it would silently mislabel every prediction.
 Training records `dataset_fingerprint` in every checkpoint's config (so a changed dataset also changes the
 run fingerprint); the later stages call `check_checkpoint` / `check_tasks` before using a model.
+Likewise a model fed another size or normalisation than it was trained with (teachers.mean changed after
+the teachers trained) degrades silently: `check_preprocessing` refuses it.
 """
 
 from __future__ import annotations
@@ -13,8 +15,10 @@ import json
 from pathlib import Path
 
 from deploy.contract import TaskSpec
+from deploy.preprocess import PreprocessSpec
 from deploy.vocab import Vocabulary
 from train.checkpoint import load_checkpoint
+from train.config import ConfigError
 from train.data.manifest import Dataset, DatasetError
 
 
@@ -56,3 +60,19 @@ def check_checkpoint(path: Path, data: Dataset) -> None:
     tasks = [TaskSpec.from_dict(t) for t in meta.get("model", {}).get("tasks", [])]
     recorded = meta.get("config", {}).get("dataset", {}).get("vocabulary_sha256")
     check_tasks(path, tasks, data, recorded)
+
+
+def check_preprocessing(path: Path, spec: PreprocessSpec) -> None:
+    """ConfigError unless the checkpoint at `path` (if there is one) was trained on `spec`'s pixels."""
+    if not Path(path).exists():
+        return
+    _, meta = load_checkpoint(path)
+    if "preprocessing" not in meta:  # written before checkpoints recorded it
+        return
+    trained = PreprocessSpec.from_dict(meta["preprocessing"])
+    if trained != spec:
+        changed = {k: (v, getattr(spec, k)) for k, v in trained.to_dict().items() if v != getattr(spec, k)}
+        raise ConfigError(f"{path}: trained with other preprocessing than the config now gives "
+                           f"({', '.join(f'{k}: {a} -> {b}' for k, (a, b) in changed.items())}); retrain it "
+                           f"(delete {Path(path).parent} or use another name=...), or restore the config's "
+                           f"image_size/mean/std")

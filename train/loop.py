@@ -328,6 +328,10 @@ class Trainer:
                  f"AMP {'on' if self.amp else 'off' + (' (CPU)' if self.device.type != 'cuda' else '')}"]
         if model_cfg is not None:
             lines.append(f"backbone {model_cfg.backbone}, weights: {weights_source(model_cfg.pretrained)}")
+        pre = self.meta.get("preprocessing")
+        if pre:  # the normalisation is per role (teachers/student): say which one this model sees
+            stats = lambda v: "/".join(f"{x:g}" for x in v)  # noqa: E731
+            lines.append(f"input {pre['size']} px ({pre['resize']}), mean {stats(pre['mean'])}, std {stats(pre['std'])}")
         lines.append(f"plan {self.cfg.epochs} epochs, {self.total_steps} optimizer steps (batch "
                      f"{self.cfg.batch_size}), {o.name} lr {o.lr:g} {o.schedule}, "
                      f"{loader_workers(self.cfg.num_workers)} loader worker(s)")

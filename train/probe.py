@@ -28,10 +28,16 @@ from train.config import to_dict
 from train.datasets import FundusImages
 from train.distributed import resolve_device
 from train.evaluate import score_outputs, selection_score
-from train.experiment import ExperimentConfig, add_config_args, config_overrides, load_experiment
+from train.experiment import (
+    ExperimentConfig,
+    add_config_args,
+    config_overrides,
+    load_experiment,
+    role_preprocessing,
+)
 from train.layout import FINAL
 from train.metrics import headline
-from train.stage import Splits, build_model, image_set, load_splits, preprocess_spec, write_final
+from train.stage import Splits, build_model, image_set, load_splits, write_final
 
 # Inverse L2 strengths tried (sklearn's C: the penalty is ||W||^2 / (2 C n)), a decade apart.
 C_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0)
@@ -123,7 +129,7 @@ def _key(cfg: ExperimentConfig, sets: dict[str, FundusImages]) -> dict:
 def linear_probe(cfg: ExperimentConfig, splits: Splits, device: torch.device) -> dict:
     """Test metrics of the linear probe on every classification task (cached in runs/<name>/probe/)."""
     tasks = [t for t in splits.data.spec.tasks if t.kind == "classification"]
-    pre = preprocess_spec(cfg, cfg.student.image_size)
+    pre = role_preprocessing(cfg, "student")
     sets = {name: image_set(splits, getattr(splits, name), tasks, pre) for name in ("train", "val", "test")}
     key, final = _key(cfg, sets), cfg.layout.model_dir("probe") / FINAL
     if final.exists():

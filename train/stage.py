@@ -87,11 +87,6 @@ def load_splits(cfg: ExperimentConfig, info: DistInfo | None = None) -> Splits:
     return splits
 
 
-def preprocess_spec(cfg: ExperimentConfig, image_size: int | None = None) -> PreprocessSpec:
-    return PreprocessSpec(size=image_size or cfg.image_size, resize=cfg.resize, mean=tuple(cfg.mean),
-                          std=tuple(cfg.std))
-
-
 def image_set(splits: Splits, rows: list, tasks: list[TaskSpec], spec: PreprocessSpec,
               augment: AugmentConfig | None = None) -> FundusImages:
     return FundusImages(splits.data, rows, tasks, spec, augment)

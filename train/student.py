@@ -32,8 +32,15 @@ from train.ensemble import (
     load_soft_targets,
     save_soft_targets,
 )
-from train.experiment import ExperimentConfig, TrainConfig, add_config_args, config_overrides, load_experiment
-from train.fit_check import dataset_fingerprint
+from train.experiment import (
+    ExperimentConfig,
+    TrainConfig,
+    add_config_args,
+    config_overrides,
+    load_experiment,
+    role_preprocessing,
+)
+from train.fit_check import check_preprocessing, dataset_fingerprint
 from train.loop import EpochPlan, Trainer, seed_everything
 from train.losses import MultiTaskLoss, ensemble_soft_targets, sequence_ce, soften
 from train.models.saved import load_model
@@ -47,7 +54,6 @@ from train.stage import (
     flat_headline,
     image_set,
     load_splits,
-    preprocess_spec,
     save_resolved,
     write_final,
 )
@@ -107,7 +113,7 @@ def fit_student(cfg: ExperimentConfig, splits: Splits, role: str, device, info: 
     """Train the student (role "student", with KD) or the baseline (role "baseline", labels only)."""
     scfg = cfg.student
     tasks = splits.data.spec.tasks
-    pre = preprocess_spec(cfg, scfg.image_size)
+    pre = role_preprocessing(cfg, "student")
     rows = student_rows(cfg, splits) if role == "student" else splits.train
     train_set = image_set(splits, rows, tasks, pre, scfg.train.augment)
     val_set = image_set(splits, splits.val, tasks, pre)
@@ -141,6 +147,7 @@ def fit_student(cfg: ExperimentConfig, splits: Splits, role: str, device, info: 
         # fingerprints of runs made before weighting existed).
         meta["config"]["ensemble"] = {k: v for k, v in soft.combination.to_dict().items() if k != "hashes"}
     out_dir = cfg.layout.model_dir(role)
+    check_preprocessing(cfg.layout.checkpoint(role), pre)  # not resumed on other pixels
     trainer = Trainer(name=role, model=model, train_set=train_set, plan=plan, step=step, evaluate=evaluate,
                       cfg=tcfg, out_dir=out_dir, seed=cfg.seed, device=device, info=info, meta=meta)
     if info.is_main:
@@ -157,7 +164,7 @@ def teacher_soft_targets(cfg: ExperimentConfig, splits: Splits, device, info: Di
     ensemble, combination = teacher_ensemble(cfg, splits, device, info)
     paths = teacher_paths(cfg, splits)
     rows = student_rows(cfg, splits)
-    spec = preprocess_spec(cfg, cfg.teachers.image_size)
+    spec = role_preprocessing(cfg, "teachers")
     key = {"rows": [r.path for r in rows], "preprocessing": spec.to_dict(),
            "teachers": {p.parent.name: sha256_file(p) for p in paths},
            "combination": {k: v for k, v in combination.to_dict().items() if k != "hashes"}}
@@ -180,7 +187,7 @@ def run(cfg: ExperimentConfig, info: DistInfo, device) -> dict:
         budget = trainer.total_steps
         baseline, _ = fit_student(cfg, splits, "baseline", device, info, None, steps_budget=budget)
     tasks = splits.data.spec.tasks
-    test = image_set(splits, splits.test, tasks, preprocess_spec(cfg, cfg.student.image_size))
+    test = image_set(splits, splits.test, tasks, role_preprocessing(cfg, "student"))
     results = {}
     for role, model in (("student", student), ("baseline", baseline)):
         if model is not None:

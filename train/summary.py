@@ -15,12 +15,12 @@ from deploy.contract import TaskSpec
 from deploy.fileio import atomic_write_text
 from train.calibrate import teacher_ensemble
 from train.evaluate import collect_outputs, score_outputs
-from train.experiment import ExperimentConfig, teacher_specs
+from train.experiment import ExperimentConfig, role_preprocessing, teacher_specs
 from train.layout import FINAL
 from train.metrics import headline, to_points
 from train.plots import plot_confusion_matrix
 from train.probe import linear_probe
-from train.stage import Splits, image_set, preprocess_spec, write_final
+from train.stage import Splits, image_set, write_final
 from train.summary_rules import (  # noqa: F401 (re-exported)
     FLOOR_ROWS,
     PROBE_ROW,
@@ -46,7 +46,7 @@ def markdown_table(rows: dict[str, dict], tasks: list[TaskSpec], joint: list[tup
 def evaluate_ensemble(cfg: ExperimentConfig, splits: Splits, device) -> dict:
     tasks = splits.data.spec.tasks
     ensemble, _ = teacher_ensemble(cfg, splits, device)  # the combination the student learned from
-    data = image_set(splits, splits.test, tasks, preprocess_spec(cfg, cfg.teachers.image_size))
+    data = image_set(splits, splits.test, tasks, role_preprocessing(cfg, "teachers"))
     outputs = collect_outputs(ensemble, data, device, cfg.teachers.train.eval_batch_size)
     return score_outputs(outputs, data, tasks, splits.data.vocabulary)
 

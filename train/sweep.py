@@ -31,9 +31,15 @@ from train.budget import student_train_config
 from train.calibrate import load_calibrated_ensemble, teacher_paths
 from train.distributed import DistInfo, init_distributed, shutdown_distributed
 from train.ensemble import WEIGHTINGS, Combination, SoftTargets, teacher_hashes
-from train.experiment import ExperimentConfig, add_config_args, config_overrides, load_experiment
+from train.experiment import (
+    ExperimentConfig,
+    add_config_args,
+    config_overrides,
+    load_experiment,
+    role_preprocessing,
+)
 from train.metrics import to_points
-from train.stage import Splits, image_set, load_splits, preprocess_spec
+from train.stage import Splits, image_set, load_splits
 from train.student import fit_student, teacher_soft_targets
 from train.summary import summary_columns
 
@@ -101,7 +107,7 @@ def run_point(cfg: ExperimentConfig, splits: Splits, soft: SoftTargets, role: st
 
 def combination_for(cfg: ExperimentConfig, splits: Splits, device) -> Combination:
     """The weighting's combination fitted on validation, without touching the run's combination.json."""
-    val = image_set(splits, splits.val, splits.data.spec.tasks, preprocess_spec(cfg, cfg.teachers.image_size))
+    val = image_set(splits, splits.val, splits.data.spec.tasks, role_preprocessing(cfg, "teachers"))
     return load_calibrated_ensemble(teacher_paths(cfg, splits), val, cfg.run_dir, cfg.teachers.ensemble_weighting,
                                     device, cfg.teachers.train.eval_batch_size, write=False)[1]
 

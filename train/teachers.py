@@ -32,9 +32,10 @@ from train.experiment import (
     add_config_args,
     config_overrides,
     load_experiment,
+    role_preprocessing,
     teacher_specs,
 )
-from train.fit_check import dataset_fingerprint
+from train.fit_check import check_preprocessing, dataset_fingerprint
 from train.layout import FINAL
 from train.loop import EpochPlan, Trainer, config_fingerprint, seed_everything
 from train.losses import MultiTaskLoss
@@ -50,7 +51,6 @@ from train.stage import (
     flat_headline,
     image_set,
     load_splits,
-    preprocess_spec,
     save_resolved,
     write_final,
 )
@@ -86,7 +86,7 @@ def train_teacher(cfg: ExperimentConfig, spec: TeacherSpec, splits: Splits, devi
     seed_everything(cfg.seed)
     model = build_model(model_cfg, splits.data, spec.tasks).to(device)
     tasks = [splits.data.spec.task(n) for n in spec.tasks]
-    pre = preprocess_spec(cfg, cfg.teachers.image_size)
+    pre = role_preprocessing(cfg, "teachers")
     train_rows = [r for r in splits.train if any(r.labels.get(t) for t in spec.tasks)]
     train_set = image_set(splits, train_rows, tasks, pre, cfg.teachers.train.augment)
     val_set = image_set(splits, splits.val, tasks, pre)
@@ -102,6 +102,7 @@ def train_teacher(cfg: ExperimentConfig, spec: TeacherSpec, splits: Splits, devi
             "config": {"model": to_dict(model_cfg), "train": to_dict(tcfg), "seed": cfg.seed,
                        "data": to_dict(cfg.data), "image_size": pre.size,
                        "dataset": dataset_fingerprint(splits.data)}}
+    check_preprocessing(cfg.layout.teacher_checkpoint(spec.name), pre)  # not reused/resumed on other pixels
     final = out_dir / FINAL
     if final.exists():
         ensure_same_config(out_dir, meta)
