@@ -46,8 +46,10 @@ from benchmarks.machine import (
 )
 from benchmarks.report import RAN, build_report, write_report
 from deploy.fileio import atomic_write_text
+from train.bootstrap import DEFAULT_RESAMPLES
 from train.config import ConfigError, from_dict
 from train.data.manifest import DatasetError
+from train.evaluate import headline_intervals
 from train.experiment import (
     BenchConfig,
     ExperimentConfig,
@@ -59,6 +61,7 @@ from train.experiment import (
 from train.fit_check import check_tasks, vocabulary_sha256
 from train.stage import load_splits
 from train.stage_times import run_stage
+from train.summary import summary_columns
 
 REFERENCES = ("ensemble.pytorch", "ensemble.fp32")  # agreement/retention are measured against the first that runs
 
@@ -77,6 +80,8 @@ class Context:
     threads: int
     device: str
     power: PowerMeter
+    resamples: int = DEFAULT_RESAMPLES  # patient bootstrap behind each accuracy's 95 % interval
+    seed: int = 0
     preprocess_ms: dict = field(default_factory=dict)  # PreprocessSpec -> ms per image
     graph_stats: dict = field(default_factory=dict)  # ONNX path -> onnx_graph_stats
 
@@ -99,6 +104,9 @@ def _measure(ctx: Context, art: Artifact, record: dict) -> tuple[dict[str, np.nd
         outputs = acc.predict_all(runner.run, ctx.test.batches(runner.spec, b.eval_batch_size))
         full = acc.score(outputs, ctx.test, runner.spec, runner.tasks)
         record["metrics"] = acc.summarize(full, runner.tasks)
+        data = ctx.test.data(runner.spec)
+        columns = [k for k, _ in summary_columns(runner.tasks, data.dataset.spec.joint)]
+        record["ci95"] = headline_intervals(outputs, data, runner.tasks, columns, ctx.resamples, ctx.seed)
         first = next((t for t in runner.tasks if t.kind == "classification"), None)
         if first and first.name in full:
             record["confusion"] = {"task": first.name, "classes": list(first.classes),
@@ -248,7 +256,7 @@ def run_bench(cfg: ExperimentConfig, bench: BenchConfig, out_dir: Path | None = 
     device = ("cuda" if cuda else "cpu") if cfg.device == "auto" else cfg.device
     records, outputs, timed = [], {}, []
     with PowerMeter() as power:
-        ctx = Context(bench, test, floors, threads, device, power)
+        ctx = Context(bench, test, floors, threads, device, power, cfg.clinical.bootstrap_resamples, cfg.seed)
         try:
             for art in chosen:
                 record, out, runner = bench_artifact(ctx, art)

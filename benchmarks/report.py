@@ -234,6 +234,25 @@ def markdown_table(records: list[dict], columns: list[tuple[str, str]]) -> str:
     return "\n".join(lines)
 
 
+def interval_table(records: list[dict], tasks: Sequence[TaskSpec]) -> list[str]:
+    """Markdown lines: each measured artifact's accuracy columns with their 95 % patient-bootstrap
+    interval (report units), e.g. `91.6 (87.4–95.3)`."""
+    ran = [r for r in records if r["status"] in RAN and r.get("ci95")]
+    if not ran:
+        return []
+    cols = summary_columns(list(tasks))
+    lines = ["Accuracy with its 95 % interval (patient bootstrap over the test images: patients drawn with "
+             "replacement, all their images with them; %, BLEU 0-100):", "",
+             "| Artifact | " + " | ".join(t for _, t in cols) + " |", "|" + "---|" * (len(cols) + 1)]
+    for r in ran:
+        cells = []
+        for key, _ in cols:
+            ci, value = r["ci95"].get(key), r["metrics"].get(key)
+            cells.append(metric_cell(key, value) + (f" ({ci[0]:.1f}–{ci[1]:.1f})" if ci else ""))
+        lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
 def _spread(h: dict, key: str, spec: str = ".2f") -> str:
     """"3.10x (min 2.95x, max 3.21x over 5 rounds)" for a headline latency ratio."""
     value = h["latency_spread"].get(key)
@@ -287,7 +306,8 @@ def render_markdown(report: dict) -> str:
             markdown_table(records, main_columns(tasks, s["batch_sizes"])), "",
             f"Agreement and retention against `{report['reference']}` (KL(reference || artifact)); "
             "model mem = peak RSS of a fresh process per artifact while loading it and running the largest "
-            "batch, minus the RSS of the imported runtime.", "", markdown_table(records, detail_columns(tasks)), ""]
+            "batch, minus the RSS of the imported runtime.", "", markdown_table(records, detail_columns(tasks)), "",
+            *interval_table(records, tasks)]
     notes = [f"- `{r['name']}`: {r['reason']}" for r in records if r.get("reason")]
     notes += [f"- floor `{f}` matched no measured artifact" for f in report.get("unmatched_floors", [])]
     if notes:

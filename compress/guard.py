@@ -2,7 +2,9 @@
 
 Silent INT8 accuracy collapse (too few or unrepresentative calibration images) is the top complaint
 of people deploying to Jetsons. Every INT8 model is therefore scored against its FP32 model with the
-training metric code; when a drop passes the threshold, the documented fallbacks are tried in order:
+training metric code. A drop over its limit still passes when it is "within noise" (its paired
+patient-bootstrap 95 % interval includes 0) and at most `guard.noise_cap_points`; otherwise the
+documented fallbacks are tried in order:
 
 1. `method`: the other calibration methods (minmax / entropy / percentile);
 2. `more_images`: twice the calibration images (all the training images there are, at most);
@@ -35,7 +37,9 @@ from compress.settings import CALIBRATION_METHODS, CompressConfig, GuardConfig
 from deploy.contract import TaskSpec
 from deploy.errors import RunFailed
 from deploy.fileio import atomic_write
+from train.bootstrap import DEFAULT_RESAMPLES
 from train.datasets import FundusImages
+from train.evaluate import drop_intervals
 from train.metrics import agreement, headline, present_ks, primary_metric, to_points
 
 QUANTIZERS = {"int8-cpu": quantize_cpu, "int8-tensorrt": quantize_tensorrt}
@@ -70,6 +74,7 @@ class Attempt:
     passed: bool
     seconds: float
     metrics: dict = field(default_factory=dict, repr=False)
+    intervals: dict = field(default_factory=dict)  # paired 95 % interval of a drop over its limit, points
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -95,33 +100,11 @@ def metric_drops(reference: dict, candidate: dict, tasks: list[TaskSpec]) -> dic
             for key, _ in guarded_metrics(tasks)}
 
 
-def one_image_points(key: str, labels: np.ndarray, num_classes: int) -> float:
-    """How many points one validation image can move `key`: 100/N for accuracy-like metrics and kappa;
-    100/(classes present x smallest class) for balanced accuracy (an image of the rarest class)."""
-    labels = np.asarray(labels)
-    counts = np.bincount(labels[labels >= 0], minlength=num_classes)
-    present = counts[counts > 0]
-    if not present.size:
-        return 0.0
-    if key.endswith("/balanced_accuracy"):
-        return 100.0 / (len(present) * present.min())
-    return 100.0 / present.sum()
-
-
-def metric_limits(guard: GuardConfig, tasks: list[TaskSpec], targets: dict | None = None) -> dict[str, float]:
-    """The allowed drop of each guarded metric: its configured points, widened to `guard.noise_images`
-    images' worth on this validation split (`targets`: task -> class ids, -1 = no label). BLEU: as set."""
+def metric_limits(guard: GuardConfig, tasks: list[TaskSpec]) -> dict[str, float]:
+    """The allowed drop of each guarded metric, in points as configured."""
     points = {"accuracy": guard.max_drop_accuracy_points, "top5": guard.max_drop_top5_points,
               "bleu": guard.max_drop_bleu}
-    by_name = {t.name: t for t in tasks}
-    limits = {}
-    for key, kind in guarded_metrics(tasks):
-        task = by_name[key.split("/")[0]]
-        noise = 0.0
-        if kind != "bleu" and targets is not None and task.name in targets:
-            noise = guard.noise_images * one_image_points(key, targets[task.name], task.num_classes)
-        limits[key] = round(max(points[kind], noise), 3)
-    return limits
+    return {key: points[kind] for key, kind in guarded_metrics(tasks)}
 
 
 class Guard:
@@ -129,14 +112,15 @@ class Guard:
 
     def __init__(self, fp32_path: Path, flavour: str, val: FundusImages, tasks: list[TaskSpec],
                  calibration_images: Callable[[int], np.ndarray], ccfg: CompressConfig, float_patterns: list[str],
-                 range_cache: dict, reference: tuple[dict, dict]):
-        """`reference` = (outputs, metrics) of the FP32 model on `val`; `range_cache` is shared by flavours."""
+                 range_cache: dict, reference: tuple[dict, dict], resamples: int = DEFAULT_RESAMPLES, seed: int = 0):
+        """`reference` = (outputs, metrics) of the FP32 model on `val`; `range_cache` is shared by flavours;
+        `resamples`/`seed`: the paired patient bootstrap behind each drop's interval."""
         self.fp32_path, self.flavour, self.val, self.tasks = fp32_path, flavour, val, tasks
         self.images, self.cfg, self.patterns = calibration_images, ccfg, float_patterns
         self.ranges = range_cache  # (method, n_images) -> TensorsData, shared by the flavours
         self.fp32_outputs, self.fp32_metrics = reference
-        targets = getattr(val, "targets", None)  # class ids of the validation images (noise allowance)
-        self.limits = metric_limits(ccfg.guard, tasks, targets)
+        self.limits = metric_limits(ccfg.guard, tasks)
+        self.resamples, self.seed = resamples, seed
         self.attempts: list[Attempt] = []
         self.quantize = quantizer(flavour, ccfg)
 
@@ -161,11 +145,13 @@ class Guard:
         outputs, metrics = evaluate_onnx(out, self.val, self.tasks, self.cfg.threads)
         drops = metric_drops(self.fp32_metrics, metrics, self.tasks)
         agree = agreement(outputs, self.fp32_outputs, self.tasks, self.val.dataset.vocabulary)
-        attempt = Attempt(step, method, n, list(float_layers), drops, agree, within(drops, self.limits),
-                          round(time.perf_counter() - t0, 2), metrics)
+        intervals = self._intervals(outputs, drops)
+        passed = within(drops, self.limits, intervals, self.cfg.guard.noise_cap_points)
+        attempt = Attempt(step, method, n, list(float_layers), drops, agree, passed,
+                          round(time.perf_counter() - t0, 2), metrics, intervals)
         self.attempts.append(attempt)
         print(f"  [{self.flavour}] {step}: {method}, {n} images, {len(float_layers)} float layers -> "
-              f"{format_drops(drops)}: {'OK' if attempt.passed else 'over the limit'}", flush=True)
+              f"{format_drops(drops, self.limits, intervals)}: {'OK' if passed else 'over the limit'}", flush=True)
         return attempt
 
     def run(self, out_path: Path, available_images: int,
@@ -201,10 +187,18 @@ class Guard:
                     if a is not None and a.passed:
                         return self._keep(a, candidate, out_path)
         tried = "\n".join(f"  - {a.step}: {a.method}, {a.images} images, float layers {a.float_layers}: "
-                          f"{format_drops(a.drops, self.limits)}" for a in self.attempts)
+                          f"{format_drops(a.drops, self.limits, a.intervals)}" for a in self.attempts)
         raise GuardFailed(f"{self.fp32_path.name} [{self.flavour}]: no attempt stayed within the accuracy "
                           f"guard (limits in points {self.limits}):\n{tried}\nUse more or more representative "
                           f"calibration images, or relax compress.guard.", self.attempts)
+
+    def _intervals(self, outputs: dict, drops: dict[str, float]) -> dict[str, list[float] | None]:
+        """Paired patient-bootstrap 95 % interval of each drop over its limit (FP32 minus INT8 on the same
+        resampled validation patients), in points; {} when the outputs are not at hand."""
+        over = [k for k, d in drops.items() if d > self.limits.get(k, 0.0)]
+        if not over or not outputs or not self.fp32_outputs or not hasattr(self.val, "rows"):
+            return {}
+        return drop_intervals(self.fp32_outputs, outputs, self.val, self.tasks, over, self.resamples, self.seed)
 
     def _sensitive(self, method: str, n: int, candidate: Path) -> Attempt | None:
         """Rank weighted layers by how much keeping each in float helps, then add them one by one."""

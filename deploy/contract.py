@@ -49,6 +49,7 @@ class TaskSpec:
     classes: tuple[str, ...] = ()
     description: str = ""
     ordinal: bool = False
+    normal: str | None = None
 
     def __post_init__(self) -> None:
         if not self.name.isidentifier():
@@ -60,8 +61,12 @@ class TaskSpec:
                 raise ContractError(f"task {self.name!r}: a classification task needs >= 2 classes")
             if len(set(self.classes)) != len(self.classes):
                 raise ContractError(f"task {self.name!r}: duplicate class names")
-        elif self.classes or self.ordinal:
-            raise ContractError(f"task {self.name!r}: a text task has no class list and is not ordinal")
+            if self.normal is not None and self.normal not in self.classes:
+                raise ContractError(f"task {self.name!r}: normal class {self.normal!r} is not one of its classes "
+                                    f"{list(self.classes)}; name one of them or remove `normal:`")
+        elif self.classes or self.ordinal or self.normal is not None:
+            raise ContractError(f"task {self.name!r}: a text task has no class list, is not ordinal and has no "
+                                "normal class")
 
     @property
     def num_classes(self) -> int:
@@ -78,12 +83,14 @@ class TaskSpec:
             data["classes"] = list(self.classes)
         if self.ordinal:  # written only when set, so contracts of nominal tasks stay byte-identical
             data["ordinal"] = True
+        if self.normal is not None:  # likewise
+            data["normal"] = self.normal
         return data
 
     @classmethod
     def from_dict(cls, data: dict) -> TaskSpec:
         data = _mapping(data, "a task")
-        unknown = set(data) - {"name", "kind", "classes", "description", "ordinal"}
+        unknown = set(data) - {"name", "kind", "classes", "description", "ordinal", "normal"}
         if unknown:
             raise ContractError(f"task {data.get('name')!r}: unknown keys {sorted(unknown)}")
         return cls(
@@ -92,6 +99,7 @@ class TaskSpec:
             classes=tuple(str(c) for c in data.get("classes", ())),
             description=str(data.get("description", "")),
             ordinal=_flag(data.get("ordinal", False), f"task {data.get('name')!r}: ordinal"),
+            normal=None if data.get("normal") is None else str(data["normal"]),
         )
 
 

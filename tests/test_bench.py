@@ -300,6 +300,21 @@ def test_bench_end_to_end_report_and_floor_met(tiny_run: Path, capsys):
         assert float(row["Size (MB)"]) == pytest.approx(rec["size_mb"], abs=0.06)
     details = _table(md, "| Artifact | Params")
     assert float(details["student.fp32"]["GMACs"]) == pytest.approx(records["student.fp32"]["macs"] / 1e9, abs=6e-4)
+    # Each measured accuracy comes with its 95 % patient-bootstrap interval, in the report's units.
+    for name in ("ensemble.fp32", "student.fp32"):
+        ci95, metrics = records[name]["ci95"], records[name]["metrics"]
+        assert {"coarse/accuracy", "fine/top5", "diagnosis/bleu"} <= set(ci95)
+        for key, (lo, hi) in ci95.items():  # a mean lies inside its percentile interval (BLEU need not)
+            assert key.endswith("/bleu") or lo - 0.006 <= 100 * metrics[key] <= hi + 0.006, (name, key)  # 2 decimals
+    # The same patients, resamples and outputs as summary.md: the same intervals for the same model.
+    from train.experiment import load_experiment
+
+    summary = json.loads(load_experiment(tiny_run).layout.summary("json").read_text())
+    for key, ci in summary["ci95"]["student"].items():
+        assert records["student.pytorch"]["ci95"][key] == pytest.approx(ci, abs=0.011), key
+    intervals = _table(md, "| Artifact | coarse acc")
+    lo, hi = records["student.fp32"]["ci95"]["coarse/accuracy"]
+    assert intervals["student.fp32"]["coarse acc"].endswith(f"({lo:.1f}–{hi:.1f})")
 
 
 def test_floors_fail_the_command(tiny_run: Path):

@@ -102,7 +102,7 @@ def test_guard_fires_on_blank_calibration_and_more_images_recover(run):
         return np.zeros((n, 3, 32, 32), np.float32) - 1.0 if n <= 2 else real(n)
 
     ccfg = CompressConfig(calibration_images=2, guard=GuardConfig(
-        max_drop_accuracy_points=0.0, max_drop_top5_points=0.0, max_drop_bleu=0.0, noise_images=0,
+        max_drop_accuracy_points=0.0, max_drop_top5_points=0.0, max_drop_bleu=0.0, noise_cap_points=0.0,
         fallbacks=["more_images"]))
     reference = evaluate_onnx(fp32, val, contract.tasks)
     out = cfg.run_dir / "guard" / "student.int8-cpu.onnx"

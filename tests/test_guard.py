@@ -13,7 +13,7 @@ import pytest
 from onnx import TensorProto, helper
 
 import compress.guard as guard_mod
-from compress.guard import Guard, GuardFailed, metric_drops, metric_limits, one_image_points, within
+from compress.guard import Guard, GuardFailed, metric_drops, metric_limits, within
 from compress.quantize import markdown
 from compress.settings import CompressConfig, GuardConfig
 from deploy.contract import TaskSpec
@@ -50,19 +50,62 @@ def test_drops_are_in_points_and_the_limit_is_one_point(coarse, fine, bleu, ok):
     assert within(drops, metric_limits(GuardConfig(), TASKS)) is ok
 
 
-def test_limits_widen_to_the_noise_of_a_few_validation_images():
-    """198 images, smallest class 20: one image moves 3-class balanced accuracy by 100/60 points and
-    accuracy by 100/198; a drop of two images' worth is noise, not damage."""
-    coarse = np.repeat(np.arange(3), [100, 78, 20])
-    fine = np.arange(198) % 7
-    targets = {"coarse": coarse, "fine": fine}
-    assert one_image_points("coarse/balanced_accuracy", coarse, 3) == pytest.approx(100 / 60)
-    assert one_image_points("fine/top5", fine, 7) == pytest.approx(100 / 198)
-    limits = metric_limits(GuardConfig(noise_images=2), TASKS, targets)
-    assert limits[primary_metric(TASKS[0])] == pytest.approx(3.333)
-    assert limits["fine/top5"] == pytest.approx(1.01)  # max(1.0 configured, 2 x 0.505)
-    assert limits["diagnosis/bleu"] == 1.0  # BLEU: as configured
-    assert metric_limits(GuardConfig(noise_images=0), TASKS, targets)[primary_metric(TASKS[0])] == 1.0
+@pytest.mark.parametrize("drop, interval, ok", [
+    (0.9, None, True),  # within the 1-point limit: no interval needed
+    (2.0, [-0.5, 4.0], True),  # over the limit, but the paired interval includes 0 and 2 <= the 3-point cap
+    (2.0, [0.4, 4.0], False),  # over the limit and beyond noise
+    (3.5, [-0.5, 7.0], False),  # within noise but over the cap: a tiny validation split cannot pass anything
+    (2.0, None, False),  # no interval measured: the limit alone
+])
+def test_a_drop_over_its_limit_passes_only_within_noise_and_under_the_cap(drop, interval, ok):
+    key = primary_metric(TASKS[0])
+    limits = metric_limits(GuardConfig(), TASKS)
+    assert limits == {key: 1.0, primary_metric(TASKS[1]): 1.0, "fine/top5": 1.0, "diagnosis/bleu": 1.0}
+    intervals = {key: interval} if interval else {}
+    assert within({key: drop}, limits, intervals, GuardConfig().noise_cap_points) is ok
+    assert within({key: drop}, limits, intervals, 0.0) is (drop <= 1.0)  # cap 0: the limits alone
+
+
+def _val_split(counts: list[int]) -> SimpleNamespace:
+    """A validation split (two images per patient) with the attributes the guard's bootstrap reads."""
+    labels = np.repeat(np.arange(len(counts)), counts)
+    rows = [SimpleNamespace(patient_id=f"P{i // 2}") for i in range(len(labels))]
+    return SimpleNamespace(rows=rows, targets={"coarse": labels},
+                           dataset=SimpleNamespace(vocabulary=None, spec=SimpleNamespace(joint=[])))
+
+
+@pytest.mark.parametrize("flipped, passes", [(2, True), (8, False)])
+def test_the_guard_reports_whether_a_drop_is_within_noise(monkeypatch, tmp_path, flipped, passes):
+    """FP32 right on all 198 images. INT8 wrong on 2 images of the 40-image class (1.67 points of balanced
+    accuracy; two patients: within noise) passes at the first attempt; wrong on 8 images of the 100-image
+    class (2.67 points, eight patients: beyond noise) fails, although both are under the 3-point cap."""
+    from train.metrics import evaluate as score
+
+    task = TaskSpec("coarse", "classification", ("a", "b", "c"))
+    val = _val_split([100, 58, 40])
+    labels = val.targets["coarse"]
+    fp32 = {"coarse": np.eye(3)[labels]}
+    wrong = np.flatnonzero(labels == (2 if passes else 0))[::2][:flipped]  # one image per patient
+    int8 = {"coarse": np.eye(3)[np.where(np.isin(np.arange(len(labels)), wrong), (labels + 1) % 3, labels)]}
+    monkeypatch.setattr(guard_mod, "calibrate", lambda *a, **k: {})
+    monkeypatch.setitem(guard_mod.QUANTIZERS, "int8-cpu", lambda fp32, out, *a, **k: Path(out).write_text("q"))
+    monkeypatch.setattr(guard_mod, "evaluate_onnx", lambda *a: (int8, score(int8, val.targets, [task], None)))
+    monkeypatch.setattr(guard_mod, "agreement", lambda *args: {})
+    ccfg = CompressConfig(calibration_images=4, guard=GuardConfig(fallbacks=[]))
+    guard = Guard(tmp_path / "m.onnx", "int8-cpu", val, [task], lambda n: np.zeros((n, 3, 4, 4), np.float32),
+                  ccfg, [], {}, (fp32, score(fp32, val.targets, [task], None)), resamples=500)
+    key = primary_metric(task)
+    if passes:
+        kept = guard.run(tmp_path / "m.int8-cpu.onnx", 10)
+        assert kept.drops[key] == pytest.approx(2 * 100 / 120, abs=1e-3) and kept.intervals[key][0] <= 0
+        entry = {"status": "passed", "kept": kept.to_dict(), "limits": guard.limits, "attempts": []}
+        assert "1.67 worse (limit 1.00; 95 % CI 0.00 to" in markdown({"m": {"flavours": {"int8-cpu": entry}}})
+        assert "within noise" in markdown({"m": {"flavours": {"int8-cpu": entry}}})
+    else:
+        with pytest.raises(GuardFailed, match="beyond noise"):
+            guard.run(tmp_path / "m.int8-cpu.onnx", 10)
+        assert guard.attempts[0].drops[key] == pytest.approx(8 * 100 / 300, abs=1e-3)
+        assert guard.attempts[0].intervals[key][0] > 0
 
 
 @pytest.fixture()
@@ -169,3 +212,6 @@ def test_an_improvement_is_never_printed_as_a_negative_drop():
     text = format_drops({"fine/top5": -0.505, "coarse/accuracy": 1.37, "diagnosis/bleu": 0.001}, {"coarse/accuracy": 2.0})
     assert text == "fine/top5 0.51 better, coarse/accuracy 1.37 worse (limit 2.00), diagnosis/bleu same"
     assert "-0" not in text
+    noisy = format_drops({"coarse/accuracy": 1.37}, {"coarse/accuracy": 1.0}, {"coarse/accuracy": [-0.5, 3.0]})
+    assert noisy == "coarse/accuracy 1.37 worse (limit 1.00; 95 % CI -0.50 to 3.00, within noise)"
+    assert "beyond noise" in format_drops({"coarse/accuracy": 1.37}, None, {"coarse/accuracy": [0.5, 3.0]})

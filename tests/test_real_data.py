@@ -279,10 +279,12 @@ def test_summary_columns_and_per_class_recall(tmp_path):
     keys = [k for k, _ in summary_columns([five, seven], [("g", "f")])]
     assert "g/top5" not in keys and "f/top5" in keys and "g/kappa" in keys and "f/balanced_accuracy" in keys
     assert keys[-1] == "g+f/joint_accuracy"
-    metrics = {"g": {"n": 4, "per_class_recall": {"a": 0.5, "b": 1.0, "c": None, "d": 0.0, "e": 1.0},
-                     "support": {"a": 2, "b": 1, "c": 0, "d": 1, "e": 0}, "confusion_matrix": np.eye(5, dtype=int).tolist()}}
-    lines = per_class_section("student", metrics, [five], tmp_path)
-    assert "a 50% (2)" in lines[-1] and "c — (0)" in lines[-1] and (tmp_path / "confusion_student_g.png").is_file()
+    cm = [[1, 1, 0, 0, 0], [0, 1, 0, 0, 0], [0] * 5, [0, 0, 0, 0, 1], [0] * 5]  # rows = true class
+    metrics = {"g": {"n": 4, "per_class_recall": {"a": 0.5, "b": 1.0, "c": None, "d": 0.0, "e": None},
+                     "support": {"a": 2, "b": 1, "c": 0, "d": 1, "e": 0}, "confusion_matrix": cm}}
+    lines = per_class_section("student", metrics, [five], tmp_path)  # sensitivity / specificity (support)
+    assert "a 50% / 100% (2)" in lines[-1] and "b 100% / 67% (1)" in lines[-1] and "c — / 100% (0)" in lines[-1]
+    assert (tmp_path / "confusion_student_g.png").is_file()
     stub = type("S", (), {"targets": {"g": np.array([0, 0, 0, 1, -1])}})()
     assert class_weights(stub, [five], "inverse")["g"] is not None and class_weights(stub, [five], "none")["g"] is None
 

@@ -49,7 +49,7 @@ def make_tiny_dataset(root: Path, patients: int = 30, unlabeled_patients: int = 
             rows.append(Row(path=name, patient_id=f"p{p:03d}", eye=eye,
                             split="train" if labelled else "unlabeled", labels=labels))
     rows = assign_splits(rows, "coarse", {"train": 0.6, "val": 0.2, "test": 0.2}, seed=seed)
-    spec = DatasetSpec(name="tiny", tasks=[TaskSpec("coarse", "classification", COARSE),
+    spec = DatasetSpec(name="tiny", tasks=[TaskSpec("coarse", "classification", COARSE, normal="red"),
                                            TaskSpec("fine", "classification", FINE),
                                            TaskSpec("diagnosis", "text")])
     save_spec(spec, root)

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Subset
 
 from deploy.contract import TaskSpec
 from deploy.vocab import Vocabulary
-from train import metrics
+from train import bootstrap, metrics
 from train.datasets import FundusImages, reference_texts
 from train.distributed import DistInfo, gather_objects
 
@@ -84,6 +84,40 @@ def score_outputs(outputs: dict[str, np.ndarray], data: FundusImages, tasks: lis
     group = next((t.name for t in present if t.kind == "classification"), None)
     joint = [g for g in data.dataset.spec.joint if all(n in outputs for n in g)]
     return metrics.evaluate(outputs, targets_of(data, present), present, vocab, group_task=group, joint=joint)
+
+
+def patient_ids(data: FundusImages) -> list[str]:
+    """The patient of each item of `data`, in order: the unit the bootstrap resamples."""
+    return [r.patient_id for r in data.rows]
+
+
+def _weighted(outputs: dict[str, np.ndarray], data: FundusImages, tasks: list[TaskSpec]) -> dict:
+    present = [t for t in tasks if t.name in outputs]
+    joint = [g for g in data.dataset.spec.joint if all(n in outputs for n in g)]
+    return bootstrap.headline_metrics(outputs, targets_of(data, present), present, data.dataset.vocabulary, joint)
+
+
+def headline_intervals(outputs: dict[str, np.ndarray], data: FundusImages, tasks: list[TaskSpec],
+                       keys: list[str] | None = None, n_resamples: int = bootstrap.DEFAULT_RESAMPLES,
+                       seed: int = 0) -> dict[str, list[float] | None]:
+    """95 % patient-bootstrap interval of each headline key (`keys`, default all), in report units
+    (points; BLEU 0-100): {key: [lo, hi]}."""
+    weighted = _weighted(outputs, data, tasks)
+    chosen = {k: m for k, m in weighted.items() if keys is None or k in keys}
+    cis = bootstrap.bootstrap_cis(chosen, patient_ids(data), n_resamples, seed)
+    return {k: bootstrap.in_points(k, ci) for k, ci in cis.items()}
+
+
+def drop_intervals(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray], data: FundusImages,
+                   tasks: list[TaskSpec], keys: list[str], n_resamples: int = bootstrap.DEFAULT_RESAMPLES,
+                   seed: int = 0) -> dict[str, list[float] | None]:
+    """95 % paired patient-bootstrap interval of reference - candidate (two models' outputs on the same
+    images) for each key, in points: {key: [lo, hi]}; a key either model lacks is left out."""
+    ref, cand = _weighted(reference, data, tasks), _weighted(candidate, data, tasks)
+    shared = [k for k in keys if k in ref and k in cand]
+    cis = bootstrap.bootstrap_cis({k: (lambda w, a=ref[k], b=cand[k]: a(w) - b(w)) for k in shared},
+                                  patient_ids(data), n_resamples, seed)
+    return {k: bootstrap.in_points(k, ci) for k, ci in cis.items()}
 
 
 def selection_score(task_metrics: dict, tasks: list[TaskSpec], select: str = "auto") -> float:

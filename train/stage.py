@@ -118,9 +118,16 @@ def model_contract(name: str, version: str, data: Dataset, tasks: list[TaskSpec]
 def evaluate_model(model: torch.nn.Module, data: FundusImages, tasks: list[TaskSpec], device: torch.device,
                    batch_size: int, info: DistInfo | None = None, select: str = "auto") -> tuple[float, dict]:
     """(selection score, full metrics per task) of a model on a split."""
-    outputs = collect_outputs(model_predict(model), data, device, batch_size, info)
-    metrics = score_outputs(outputs, data, tasks, data.dataset.vocabulary)
+    _, metrics = evaluate_outputs(model, data, tasks, device, batch_size, info)
     return selection_score(metrics, data.tasks, select), metrics
+
+
+def evaluate_outputs(model: torch.nn.Module, data: FundusImages, tasks: list[TaskSpec], device: torch.device,
+                     batch_size: int, info: DistInfo | None = None) -> tuple[dict[str, np.ndarray], dict]:
+    """(per-image outputs, full metrics per task) of a model on a split; the outputs serve the summary's
+    intervals and clinical numbers without a second pass."""
+    outputs = collect_outputs(model_predict(model), data, device, batch_size, info)
+    return outputs, score_outputs(outputs, data, tasks, data.dataset.vocabulary)
 
 
 def flat_headline(metrics: dict, tasks: list[TaskSpec]) -> dict[str, float]:

@@ -51,6 +51,7 @@ from train.stage import (
     build_model,
     class_weights,
     evaluate_model,
+    evaluate_outputs,
     flat_headline,
     image_set,
     load_splits,
@@ -58,7 +59,7 @@ from train.stage import (
     write_final,
 )
 from train.stage_times import run_stage
-from train.summary import write_summary
+from train.summary import SplitOutputs, declares_normal, write_summary
 from train.teachers import supervised_step
 
 
@@ -187,16 +188,20 @@ def run(cfg: ExperimentConfig, info: DistInfo, device) -> dict:
         budget = trainer.total_steps
         baseline, _ = fit_student(cfg, splits, "baseline", device, info, None, steps_budget=budget)
     tasks = splits.data.spec.tasks
-    test = image_set(splits, splits.test, tasks, role_preprocessing(cfg, "student"))
-    results = {}
+    spec = role_preprocessing(cfg, "student")
+    test = image_set(splits, splits.test, tasks, spec)
+    # Operating points of a declared normal class are chosen on validation (train/clinical.py).
+    val = image_set(splits, splits.val, tasks, spec) if declares_normal(tasks) else None
+    results, outputs = {}, {}
     for role, model in (("student", student), ("baseline", baseline)):
         if model is not None:
-            _, metrics = evaluate_model(model, test, tasks, device, 64, info)
-            results[role] = metrics
+            test_out, metrics = evaluate_outputs(model, test, tasks, device, 64, info)
+            val_out = evaluate_outputs(model, val, tasks, device, 64, info)[0] if val is not None else None
+            results[role], outputs[role] = metrics, SplitOutputs(test_out, val_out)
             if info.is_main:
                 write_final(cfg.layout.model_dir(role), role, metrics, tasks)
     if info.is_main:
-        write_summary(cfg, splits, results, device)
+        write_summary(cfg, splits, results, device, outputs)
     return results
 
 

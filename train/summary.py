@@ -2,19 +2,27 @@
 linear probe (train.probe), with a flag per column where the KD student is below a floor.
 
 Writes runs/<name>/summary.json and summary.md; the ensemble is evaluated here with the same metric code.
+From the kept per-image outputs it adds 95 % patient-bootstrap intervals of the headline columns
+(`ci95`, points) for the ensemble, student and baseline, and a `clinical` section: per-class
+sensitivity / specificity of the student, and any-disease-vs-normal numbers where dataset.yaml declares
+a task's `normal` class (train/clinical.py).
 """
 
 from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from deploy.contract import TaskSpec
 from deploy.fileio import atomic_write_text
 from train.calibrate import teacher_ensemble
-from train.evaluate import collect_outputs, score_outputs
+from train.clinical import ClinicalError, any_disease, one_vs_rest
+from train.datasets import FundusImages
+from train.evaluate import collect_outputs, headline_intervals, patient_ids, score_outputs
 from train.experiment import ExperimentConfig, role_preprocessing, teacher_specs
 from train.layout import FINAL
 from train.metrics import headline, to_points
@@ -42,24 +50,46 @@ def markdown_table(rows: dict[str, dict], tasks: list[TaskSpec], joint: list[tup
     return "\n".join(lines)
 
 
+CI_ROWS = ("ensemble", "student", "baseline")  # rows whose per-image outputs the summary keeps
+
+
+@dataclass
+class SplitOutputs:
+    """A model's per-image outputs on test (and on validation, where an operating point is chosen)."""
+
+    test: dict[str, np.ndarray]
+    val: dict[str, np.ndarray] | None = None
+
+
+def declares_normal(tasks: list[TaskSpec]) -> bool:
+    """Some classification task names its normal class, so validation outputs are needed too."""
+    return any(t.normal is not None for t in tasks)
+
+
 @torch.no_grad()
-def evaluate_ensemble(cfg: ExperimentConfig, splits: Splits, device) -> dict:
+def evaluate_ensemble(cfg: ExperimentConfig, splits: Splits, device) -> tuple[dict, SplitOutputs]:
     tasks = splits.data.spec.tasks
     ensemble, _ = teacher_ensemble(cfg, splits, device)  # the combination the student learned from
-    data = image_set(splits, splits.test, tasks, role_preprocessing(cfg, "teachers"))
-    outputs = collect_outputs(ensemble, data, device, cfg.teachers.train.eval_batch_size)
-    return score_outputs(outputs, data, tasks, splits.data.vocabulary)
+    spec, batch = role_preprocessing(cfg, "teachers"), cfg.teachers.train.eval_batch_size
+    data = image_set(splits, splits.test, tasks, spec)
+    outputs = collect_outputs(ensemble, data, device, batch)
+    val = (collect_outputs(ensemble, image_set(splits, splits.val, tasks, spec), device, batch)
+           if declares_normal(tasks) else None)
+    return score_outputs(outputs, data, tasks, splits.data.vocabulary), SplitOutputs(outputs, val)
 
 
-def write_summary(cfg: ExperimentConfig, splits: Splits, results: dict[str, dict], device) -> dict:
-    """Collect every model's headline test numbers into summary.json / summary.md."""
+def write_summary(cfg: ExperimentConfig, splits: Splits, results: dict[str, dict], device,
+                  outputs: dict[str, SplitOutputs] | None = None) -> dict:
+    """Collect every model's headline test numbers into summary.json / summary.md; `outputs` (per role)
+    add the 95 % intervals and the clinical numbers."""
     tasks = splits.data.spec.tasks
+    outputs = dict(outputs or {})
     rows: dict[str, dict] = {}
     for spec in teacher_specs(cfg, splits.data.spec.task_names):
         final = cfg.layout.teacher_dir(spec.name) / FINAL
         if final.exists():
             rows[spec.name] = json.loads(final.read_text())["headline"]
-    ensemble_metrics = evaluate_ensemble(cfg, splits, device)
+    ensemble_metrics, outputs["ensemble"] = evaluate_ensemble(cfg, splits, device)
     write_final(cfg.layout.model_dir("ensemble"), "ensemble", ensemble_metrics, tasks)
     rows["ensemble"] = headline(ensemble_metrics, tasks)
     for role, metrics in results.items():
@@ -75,19 +105,27 @@ def write_summary(cfg: ExperimentConfig, splits: Splits, results: dict[str, dict
     below = below_floors(rows, tasks, joint)
     teachers = [spec.name for spec in teacher_specs(cfg, splits.data.spec.task_names) if spec.name in rows]
     behind = ensemble_behind_teachers(rows, teachers, tasks, joint)
+    keys = [k for k, _ in summary_columns(tasks, joint)]
+    spec = role_preprocessing(cfg, "student")  # only the labels and patients are read, never the pixels
+    test, val = image_set(splits, splits.test, tasks, spec), image_set(splits, splits.val, tasks, spec)
+    ci95 = {row: headline_intervals(outputs[row].test, test, tasks, keys, cfg.clinical.bootstrap_resamples, cfg.seed)
+            for row in CI_ROWS if row in outputs}
+    deployed = "student" if "student" in results else next(iter(results), None)
+    clinical = clinical_numbers(cfg, tasks, deployed, results, outputs, test, val)
     # tasks and joint groups make the file self-describing: benchmarks/readme_results rebuilds the table from it
     summary = {"experiment": cfg.name, "label_fraction": cfg.data.label_fraction or 1.0,
                "test_images": len(splits.test), "tasks": [t.to_dict() for t in tasks],
                "joint": [list(g) for g in joint], "rows": rows, "deltas_points": deltas, "below_floor": below,
-               "ensemble_behind_teacher": behind,
+               "ensemble_behind_teacher": behind, "ci95": ci95, "clinical": clinical,
                "written": time.strftime("%Y-%m-%dT%H:%M:%S")}
     atomic_write_text(cfg.layout.summary("json"), json.dumps(summary, indent=1))
     md = [f"# {cfg.name}: test split ({len(splits.test)} images), label fraction "
           f"{summary['label_fraction']:.0%}", "", "Accuracies in %, BLEU 0-100.", "",
           markdown_table(rows, tasks, joint), "", *comparison_lines(summary)]
-    deployed = "student" if "student" in results else next(iter(results), None)
+    md += ["", *interval_lines(ci95, tasks, joint, cfg.clinical.bootstrap_resamples)]
     if deployed:
         md += ["", *per_class_section(deployed, results[deployed], tasks, cfg.run_dir)]
+    md += any_disease_lines(clinical.get("any_disease", {}))
     atomic_write_text(cfg.layout.summary("md"), "\n".join(md) + "\n")
     print("\n".join(md), flush=True)
     return summary
@@ -114,20 +152,94 @@ def _pts(v) -> str:
     return "—" if v is None else f"{v:+.1f}"
 
 
+def interval_lines(ci95: dict[str, dict], tasks: list[TaskSpec], joint, resamples: int) -> list[str]:
+    """Markdown: each row's 95 % interval per column."""
+    if not ci95:
+        return []
+    cols = summary_columns(tasks, joint)
+    lines = [f"95 % confidence intervals on test (patient bootstrap, {resamples} resamples: patients drawn with "
+             "replacement, all their images with them):", "",
+             "| model | " + " | ".join(c for _, c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for row, cis in ci95.items():
+        lines.append(f"| {row} | " + " | ".join(_interval(cis.get(k)) for k, _ in cols) + " |")
+    return lines
+
+
+def _interval(ci) -> str:
+    return "—" if ci is None else f"{ci[0]:.1f}–{ci[1]:.1f}"
+
+
+def clinical_numbers(cfg: ExperimentConfig, tasks: list[TaskSpec], deployed: str | None, results: dict[str, dict],
+                     outputs: dict[str, SplitOutputs], test: FundusImages, val: FundusImages) -> dict:
+    """summary.json's `clinical`: per-class sensitivity / specificity of the deployed model (points) and,
+    per task with a declared normal class, any-disease-vs-normal numbers of each kept row."""
+    out: dict = {"model": deployed, "per_class": {}, "any_disease": {}}
+    for t in tasks:
+        m = results.get(deployed, {}).get(t.name) if deployed else None
+        if t.kind == "classification" and m and m.get("n"):
+            out["per_class"][t.name] = one_vs_rest(m["confusion_matrix"], t.classes)
+    cc = cfg.clinical
+    for t in (t for t in tasks if t.normal is not None):
+        entry: dict = {"normal": t.normal, "operating_point": cc.operating_point,
+                       "target_sensitivity": 100.0 * cc.target_sensitivity if cc.operating_point == "sensitivity"
+                       else None, "rows": {}}
+        for row in CI_ROWS:
+            kept = outputs.get(row)
+            if kept is None or kept.val is None or t.name not in kept.test:
+                continue
+            try:
+                entry["rows"][row] = any_disease(kept.val[t.name], val.targets[t.name], kept.test[t.name],
+                                                 test.targets[t.name], patient_ids(test), t.classes.index(t.normal),
+                                                 cc.operating_point, cc.target_sensitivity, cc.bootstrap_resamples,
+                                                 cfg.seed)
+            except ClinicalError as exc:  # e.g. no normal image in validation: say so, keep the summary
+                entry["rows"][row] = {"error": str(exc)}
+        out["any_disease"][t.name] = entry
+    return out
+
+
+def any_disease_lines(any_disease_by_task: dict) -> list[str]:
+    """Markdown: any-disease-vs-normal per task, one row per model, 95 % intervals in brackets."""
+    lines: list[str] = []
+    for task, entry in any_disease_by_task.items():
+        rule = (f"the most specific threshold with validation sensitivity >= {entry['target_sensitivity']:g} %"
+                if entry["operating_point"] == "sensitivity" else "Youden's J on validation")
+        lines += ["", f"Any disease vs `{entry['normal']}` ({task}; score 1 - p({entry['normal']}); refer at score >= "
+                      f"threshold, chosen as {rule}, then applied to test; %, 95 % interval in brackets):", "",
+                  "| model | threshold | sensitivity | specificity | AUROC | val. sens. / spec. |",
+                  "|---|---|---|---|---|---|"]
+        for row, r in entry["rows"].items():
+            if "error" in r:
+                lines.append(f"| {row} | {r['error']} | | | | |")
+                continue
+            cells = [f"{_num(r[k])} [{_interval(r['ci95'].get(k))}]" for k in ("sensitivity", "specificity", "auroc")]
+            lines.append(f"| {row} | {r['threshold']:.3f} | " + " | ".join(cells)
+                         + f" | {_num(r['validation']['sensitivity'])} / {_num(r['validation']['specificity'])} |")
+    return lines
+
+
+def _num(value) -> str:
+    return "—" if value is None else f"{value:.1f}"
+
+
 def per_class_section(model: str, metrics: dict, tasks: list[TaskSpec], run_dir) -> list[str]:
-    """Markdown lines: per-class recall (with support) of every classification task of `model`, and a
-    confusion-matrix PNG per task next to summary.md (a skewed set hides its rare classes in accuracy)."""
-    lines = [f"Per-class recall of the {model} on test (support in brackets):", ""]
+    """Markdown lines: per-class sensitivity / specificity (one class vs the rest, with support) of every
+    classification task of `model`, and a confusion-matrix PNG per task next to summary.md (a skewed set
+    hides its rare classes in accuracy)."""
+    lines = [f"Per-class sensitivity / specificity of the {model} on test (one class vs the rest, support in "
+             "brackets):", ""]
     for t in tasks:
         m = metrics.get(t.name)
         if t.kind != "classification" or not m or not m.get("n"):
             continue
-        cells = [f"{c} {_recall(m['per_class_recall'][c])} ({m['support'][c]})" for c in t.classes]
+        rates = one_vs_rest(m["confusion_matrix"], t.classes)
+        cells = [f"{c} {_pct(rates[c]['sensitivity'])} / {_pct(rates[c]['specificity'])} ({rates[c]['support']})"
+                 for c in t.classes]
         png = f"confusion_{model}_{t.name}.png"
         plot_confusion_matrix(m["confusion_matrix"], list(t.classes), f"{model}: {t.name} (test)", run_dir / png)
         lines.append(f"- {t.name}: " + ", ".join(cells) + f" — [{png}]({png})")
     return lines
 
 
-def _recall(value) -> str:
-    return "—" if value is None else f"{100 * value:.0f}%"
+def _pct(value) -> str:
+    return "—" if value is None else f"{value:.0f}%"

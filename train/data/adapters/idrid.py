@@ -114,9 +114,10 @@ def read_idrid(train_labels: Path, train_images: Path, test_labels: Path | None 
         fractions = {"train": 1.0 - 2 * val_frac, "val": val_frac, "test": val_frac}
     if not samples:
         raise nothing_left(name, skipped)
-    tasks = [TaskSpec("dr_grade", "classification", GRADES, "diabetic retinopathy grade (IDRiD 0-4)", ordinal=True),
+    tasks = [TaskSpec("dr_grade", "classification", GRADES, "diabetic retinopathy grade (IDRiD 0-4)", ordinal=True,
+                      normal=GRADES[0]),
              TaskSpec("edema_risk", "classification", RISKS, "risk of diabetic macular edema (IDRiD 0-2)",
-                      ordinal=True),
+                      ordinal=True, normal=RISKS[0]),
              TaskSpec("diagnosis", "text", description="grade and edema risk as a sentence")]
     return Adapted(name=name, tasks=tasks, samples=samples, skipped=skipped, warnings=warnings,
                    fractions=fractions, description="IDRiD disease grading; one image per patient (no ids)",

@@ -147,7 +147,8 @@ def read_odir(labels: Path, images: Path, min_fine_count: int = 10, name: str = 
         warnings.append(f"categories without any image are left out of dataset.yaml: "
                         f"{[c for c in kw.CATEGORY_NAMES.values() if c not in seen]}")
     tasks = [TaskSpec("category", "classification", categories,
-                      "ODIR category of this eye from its own keywords"),
+                      "ODIR category of this eye from its own keywords",
+                      normal="normal" if "normal" in categories else None),
              TaskSpec("finding", "classification", tuple(fine_classes),
                       f"normalized keyword set; sets seen < {min_fine_count} times are 'other'"),
              TaskSpec("diagnosis", "text", description="the eye's diagnostic keywords as a sentence")]

@@ -73,7 +73,8 @@ def dataset_spec(cfg: SynthConfig) -> DatasetSpec:
     return DatasetSpec(
         name=cfg.name,
         description="Procedural fundus photographs (train.data.synth), deterministic from synth_config.yaml.",
-        tasks=[TaskSpec("coarse", "classification", COARSE_CLASSES, "T1: coarse disease"),
+        tasks=[TaskSpec("coarse", "classification", COARSE_CLASSES, "T1: coarse disease",
+                        normal="normal"),  # any-disease-vs-normal numbers in summary.md
                TaskSpec("fine", "classification", FINE_NAMES, "T2: fine sub-category (scored top-5)"),
                TaskSpec("diagnosis", "text", (), "T3: diagnosis sentence (scored BLEU)")],
         extra={"fine_to_coarse": dict(FINE_TO_COARSE), "generator": "train.data.synth"})
