@@ -245,7 +245,7 @@ def check_guard(deployed: Deployed) -> Check:
         return Check(target, False, f"{entry.get('status')}: {entry.get('error', '')}".strip(": "),
                      f"{deployed.flavour} failed the guard")
     intervals = kept.get("intervals") or {}  # a drop over its limit but within noise passes up to the cap
-    ok = within(drops, limits, intervals, entry.get("noise_cap_points", 0.0))
+    ok = within(drops, limits, intervals, entry.get("noise_caps", entry.get("noise_cap_points", 0.0)))
     how = f"kept {kept.get('step')} ({kept.get('method')}, {kept.get('images')} images)" if kept else ""
     return Check(target, ok, f"{format_drops(drops, limits, intervals) or 'no guarded metric'}; {how}".strip("; "),
                  "" if ok else "INT8 drop over the guard")

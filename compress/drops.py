@@ -32,9 +32,13 @@ def format_drops(drops: dict[str, float], limits: dict[str, float] | None = None
 
 
 def within(drops: dict[str, float], limits: dict[str, float], intervals: dict | None = None,
-           noise_cap: float = 0.0) -> bool:
+           noise_cap: float | dict[str, float] = 0.0) -> bool:
     """Every drop is within its limit, or within noise (its paired interval includes 0) and at most
-    `noise_cap` points (GuardConfig.noise_cap_points)."""
+    its noise cap in points (one number, or per metric as compress.guard.noise_caps gives them)."""
     intervals = intervals or {}
-    return all(drops[k] <= limit or (drops[k] <= noise_cap and within_noise(intervals.get(k)))
+
+    def cap(key: str) -> float:
+        return noise_cap.get(key, 0.0) if isinstance(noise_cap, dict) else noise_cap
+
+    return all(drops[k] <= limit or (drops[k] <= cap(k) and within_noise(intervals.get(k)))
                for k, limit in limits.items() if k in drops)

@@ -3,7 +3,7 @@
 Silent INT8 accuracy collapse (too few or unrepresentative calibration images) is the top complaint
 of people deploying to Jetsons. Every INT8 model is therefore scored against its FP32 model with the
 training metric code. A drop over its limit still passes when it is "within noise" (its paired
-patient-bootstrap 95 % interval includes 0) and at most `guard.noise_cap_points`; otherwise the
+patient-bootstrap 95 % interval includes 0) and at most its noise cap (`noise_caps`); otherwise the
 documented fallbacks are tried in order:
 
 1. `method`: the other calibration methods (minmax / entropy / percentile);
@@ -100,6 +100,35 @@ def metric_drops(reference: dict, candidate: dict, tasks: list[TaskSpec]) -> dic
             for key, _ in guarded_metrics(tasks)}
 
 
+def one_image_points(key: str, labels: np.ndarray, num_classes: int) -> float:
+    """How many points one validation image can move `key`: 100/N for accuracy-like metrics and kappa;
+    100/(classes present x smallest class) for balanced accuracy (an image of the rarest class)."""
+    labels = np.asarray(labels)
+    counts = np.bincount(labels[labels >= 0], minlength=num_classes)
+    present = counts[counts > 0]
+    if not present.size:
+        return 0.0
+    if key.endswith("/balanced_accuracy"):
+        return 100.0 / (len(present) * present.min())
+    return 100.0 / present.sum()
+
+
+def noise_caps(guard: GuardConfig, tasks: list[TaskSpec], targets: dict | None = None) -> dict[str, float]:
+    """The largest within-noise drop that passes, per guarded metric: `noise_cap_points`, or
+    `noise_cap_images` validation images' worth on this split when that is more (`targets`: task ->
+    class ids, -1 = no label), so a small validation split, where one image is many points, can still
+    pass a drop it cannot tell from noise. BLEU: the points cap."""
+    by_name = {t.name: t for t in tasks}
+    caps = {}
+    for key, kind in guarded_metrics(tasks):
+        task = by_name[key.split("/")[0]]
+        images = 0.0
+        if kind != "bleu" and targets is not None and task.name in targets:
+            images = guard.noise_cap_images * one_image_points(key, targets[task.name], task.num_classes)
+        caps[key] = round(max(guard.noise_cap_points, images), 3)
+    return caps
+
+
 def metric_limits(guard: GuardConfig, tasks: list[TaskSpec]) -> dict[str, float]:
     """The allowed drop of each guarded metric, in points as configured."""
     points = {"accuracy": guard.max_drop_accuracy_points, "top5": guard.max_drop_top5_points,
@@ -120,6 +149,7 @@ class Guard:
         self.ranges = range_cache  # (method, n_images) -> TensorsData, shared by the flavours
         self.fp32_outputs, self.fp32_metrics = reference
         self.limits = metric_limits(ccfg.guard, tasks)
+        self.noise_caps = noise_caps(ccfg.guard, tasks, getattr(val, "targets", None))
         self.resamples, self.seed = resamples, seed
         self.attempts: list[Attempt] = []
         self.quantize = quantizer(flavour, ccfg)
@@ -135,7 +165,7 @@ class Guard:
         t0 = time.perf_counter()
         try:
             self.quantize(self.fp32_path, out, self._ranges(method, n), nodes_to_exclude=float_layers,
-                                     exclude_patterns=self.patterns)
+                          exclude_patterns=self.patterns)
         except Exception as exc:  # noqa: BLE001 - e.g. a calibrator that fails on this graph: try the next
             attempt = Attempt(step, method, n, list(float_layers), {}, {"error": f"{type(exc).__name__}: {exc}"},
                               False, round(time.perf_counter() - t0, 2))
@@ -146,7 +176,7 @@ class Guard:
         drops = metric_drops(self.fp32_metrics, metrics, self.tasks)
         agree = agreement(outputs, self.fp32_outputs, self.tasks, self.val.dataset.vocabulary)
         intervals = self._intervals(outputs, drops)
-        passed = within(drops, self.limits, intervals, self.cfg.guard.noise_cap_points)
+        passed = within(drops, self.limits, intervals, self.noise_caps)
         attempt = Attempt(step, method, n, list(float_layers), drops, agree, passed,
                           round(time.perf_counter() - t0, 2), metrics, intervals)
         self.attempts.append(attempt)

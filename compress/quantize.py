@@ -113,7 +113,7 @@ def quantize_model(name: str, cfg, ccfg: CompressConfig, splits: Splits) -> dict
                 stale.unlink(missing_ok=True)
         entry["attempts"] = [a.to_dict() for a in guard.attempts]
         entry["limits"] = guard.limits  # the allowed drop per metric (a drop within noise may pass up to the cap)
-        entry["noise_cap_points"] = ccfg.guard.noise_cap_points  # readers re-judge drops with compress.drops.within
+        entry["noise_caps"] = guard.noise_caps  # per metric; readers re-judge drops with compress.drops.within
         entry["seconds"] = round(time.perf_counter() - t0, 1)
         if out.exists():
             entry["size_mb"] = out.stat().st_size / 1e6
@@ -155,7 +155,7 @@ def markdown(reports: dict) -> str:
     lines = ["# INT8 / FP16 accuracy report (validation split, change vs FP32 in points)", "",
              "Each drop is shown with its limit. A drop over its limit also shows the paired patient-bootstrap "
              "95 % interval of the drop; it passes when that interval includes 0 (within noise: the validation "
-             "split cannot tell it from no drop) and it is at most `compress.guard.noise_cap_points`.", "",
+             "split cannot tell it from no drop) and it is at most `compress.guard.noise_cap_points`, or `noise_cap_images` validation images' worth where that is more.", "",
              "| model | flavour | status | size MB | vs FP32 | calibration | float layers | attempts |",
              "|---|---|---|---|---|---|---|---|"]
     for name, rep in reports.items():

@@ -215,3 +215,20 @@ def test_an_improvement_is_never_printed_as_a_negative_drop():
     noisy = format_drops({"coarse/accuracy": 1.37}, {"coarse/accuracy": 1.0}, {"coarse/accuracy": [-0.5, 3.0]})
     assert noisy == "coarse/accuracy 1.37 worse (limit 1.00; 95 % CI -0.50 to 3.00, within noise)"
     assert "beyond noise" in format_drops({"coarse/accuracy": 1.37}, None, {"coarse/accuracy": [0.5, 3.0]})
+
+
+def test_the_noise_cap_is_two_images_worth_on_a_small_split():
+    """One image of a 2-image class is 25 points of 2-class balanced accuracy: a within-noise drop of one
+    such image passes on a tiny split (where the points cap alone would leave nothing to deploy), a
+    drop of three such images does not."""
+    from compress.guard import noise_caps
+
+    key = primary_metric(TASKS[0])
+    targets = {TASKS[0].name: np.array([0, 0, 1, 1, 1, 1]), TASKS[1].name: np.arange(6)}
+    caps = noise_caps(GuardConfig(), TASKS, targets)
+    one = 100.0 / (len(set(targets[TASKS[0].name].tolist())) * 2)
+    assert caps[key] == pytest.approx(2 * one) and caps["diagnosis/bleu"] == GuardConfig().noise_cap_points
+    limits = metric_limits(GuardConfig(), TASKS)
+    assert within({key: one}, limits, {key: [-10.0, 60.0]}, caps)
+    assert not within({key: 3 * one}, limits, {key: [-10.0, 90.0]}, caps)
+    assert noise_caps(GuardConfig(noise_cap_images=0), TASKS, targets)[key] == GuardConfig().noise_cap_points

@@ -333,9 +333,10 @@ def test_modelopt_missing_is_one_line_and_exit_2(monkeypatch, capsys):
     import sys
 
     from compress import quantize
+    from deploy.errors import cli
 
     monkeypatch.setitem(sys.modules, "modelopt", None)  # import fails as if not installed
-    code = quantize.cli(quantize.main, ["--quantizer", "modelopt"])
+    code = cli(quantize.main, ["--quantizer", "modelopt"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "nvidia-modelopt is not installed" in err[0]
 

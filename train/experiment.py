@@ -201,9 +201,12 @@ class GuardConfig:
     # many points: "within noise" = the paired patient-bootstrap 95 % interval of the drop (FP32 and INT8
     # on the same resampled patients, train/bootstrap.py) includes 0. On 198 images two flipped images
     # of a 20-image class are 2 points of balanced accuracy and usually within noise; six all flipped
-    # the same way are not. 0 = the limits above, exactly. (Replaces `noise_images`, a fixed allowance
-    # of N images' worth whichever images changed.)
+    # the same way are not. The cap is noise_cap_points, or noise_cap_images validation images' worth of
+    # the metric where that is more: on a small real validation split one image of a rare class is many
+    # points, and an INT8 flavour that no drop can pass would leave nothing to deploy. Both 0 = the
+    # limits above, exactly.
     noise_cap_points: float = 3.0
+    noise_cap_images: int = 2
     # Tried in order when the first attempt misses a threshold (see compress/guard.py).
     fallbacks: list[Literal["method", "more_images", "sensitive_layers"]] = field(
         default_factory=lambda: ["method", "more_images", "sensitive_layers"])
@@ -213,7 +216,8 @@ class GuardConfig:
     def __post_init__(self) -> None:
         if self.sensitivity_candidates < 1 or self.max_float_layers < 1:
             raise ValueError("guard.sensitivity_candidates and guard.max_float_layers must be >= 1")
-        if min(self.max_drop_accuracy_points, self.max_drop_top5_points, self.max_drop_bleu, self.noise_cap_points) < 0:
+        if min(self.max_drop_accuracy_points, self.max_drop_top5_points, self.max_drop_bleu, self.noise_cap_points,
+               self.noise_cap_images) < 0:
             raise ValueError("guard thresholds are drops in points and must be >= 0")
 
 
