@@ -195,6 +195,13 @@ def calibrate(
     return ranges
 
 
+def symmetric_scale(ranges: TensorsData, tensor: str) -> float:
+    """The symmetric INT8 scale of `tensor`'s calibrated range: max |range| / 127 (zero point 0), as
+    TensorRT and ORT's symmetric activations use it."""
+    low, high = (float(np.asarray(v).reshape(-1)[0]) for v in ranges[tensor].range_value)
+    return max(abs(low), abs(high), 1e-8) / 127.0
+
+
 def save_ranges(ranges: TensorsData, path: str | Path) -> Path:
     """Write ranges as ORT's JSON calibration cache (atomic), so a later run can skip calibration."""
     save_tensors_data(ranges, path)

@@ -17,11 +17,10 @@ import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
-import numpy as np
 import onnx
 from onnxruntime.quantization.calibrate import TensorsData
 
-from compress.calibration import prepare_for_quantization
+from compress.calibration import prepare_for_quantization, symmetric_scale
 from compress.quantize_flavours import FLOAT_OP_TYPES, resolve_exclusions
 from deploy.errors import UserError
 
@@ -48,10 +47,8 @@ def tensorrt_calibration_cache(ranges: TensorsData, path: Path) -> Path:
     a header line, then `tensor: <big-endian float32 hex>` per tensor (what ModelOpt's
     import_scales_from_calib_cache and TensorRT's IInt8Calibrator read)."""
     lines = ["TRT-8501-MinMaxCalibration"]
-    for name, data in ranges.items():
-        low, high = (float(np.asarray(v).reshape(-1)[0]) for v in data.range_value)
-        scale = max(abs(low), abs(high), 1e-8) / 127.0
-        lines.append(f"{name}: {struct.pack('!f', scale).hex()}")
+    for name in ranges.keys():
+        lines.append(f"{name}: {struct.pack('!f', symmetric_scale(ranges, name)).hex()}")
     path.write_text("\n".join(lines) + "\n")
     return path
 

@@ -23,6 +23,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from compress.calibration import symmetric_scale
+
 POOL_OP_TYPES: tuple[str, ...] = ("MaxPool", "AveragePool", "GlobalAveragePool")
 
 
@@ -130,8 +132,7 @@ def quantize_pool_inputs(model: onnx.ModelProto, ranges, skip: set[str] = frozen
         fed_by = producer.get(tensor)
         if (fed_by is not None and fed_by.op_type == "DequantizeLinear") or tensor not in ranges:
             continue
-        low, high = (float(np.asarray(v).reshape(-1)[0]) for v in ranges[tensor].range_value)
-        scale = max(abs(low), abs(high), 1e-8) / 127.0
+        scale = symmetric_scale(ranges, tensor)
         stem = f"{node.name}_input"
         graph.initializer.extend([numpy_helper.from_array(np.array(scale, np.float32), f"{stem}_scale"),
                                   numpy_helper.from_array(np.array(0, np.int8), f"{stem}_zero_point")])
