@@ -27,6 +27,7 @@ from train.ensemble import (
     attach_stored_combination,
 )
 from train.experiment import load_experiment
+from train.loop import StaleCheckpoint
 from train.models.multitask import ModelConfig, MultiTaskNet
 from train.stage import load_splits
 
@@ -216,5 +217,16 @@ def test_a_student_from_other_ensemble_weights_is_not_reused(tiny_run: Path):
     cfg = load_experiment(tiny_run, ["teachers.ensemble_weighting=calibrated_mean"])
     splits = load_splits(cfg)
     soft = student_mod.teacher_soft_targets(cfg, splits, torch.device("cpu"), student_mod.DistInfo())
-    with pytest.raises(RuntimeError, match="different config"):  # not silently "resumed" as finished
+    with pytest.raises(StaleCheckpoint, match="another config"):  # not silently "resumed" as finished
         student_mod.fit_student(cfg, splits, "student", torch.device("cpu"), student_mod.DistInfo(), soft)
+
+
+def test_retuning_kd_retrains_the_student_but_not_the_baseline(tiny_run: Path):
+    """The baseline never sees KD, so a KD key is not part of its fingerprint (a user retuning the
+    temperature should not pay for the baseline again); the student's fingerprint has it."""
+    from train.checkpoint import load_checkpoint
+
+    run = tiny_run.parent / "runs" / "tiny"
+    student = json.loads(load_checkpoint(run / "student" / "last.safetensors")[1]["fingerprint"])
+    baseline = json.loads(load_checkpoint(run / "baseline" / "last.safetensors")[1]["fingerprint"])
+    assert "kd" in student and "kd" not in baseline

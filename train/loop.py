@@ -25,7 +25,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
-from deploy.errors import RunFailed
+from deploy.errors import RunFailed, UserError
 from deploy.fileio import atomic_write_text
 from train import progress
 from train.checkpoint import flatten_state, load_checkpoint, save_checkpoint, unflatten_state
@@ -88,6 +88,10 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opt
     if o.name == "sgd":
         return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay)
     return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
+
+
+class StaleCheckpoint(UserError):
+    """A checkpoint to resume from that another config produced: one line and exit 2 at the CLI."""
 
 
 def build_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int):
@@ -168,8 +172,10 @@ class Trainer:
             return
         tensors, meta = load_checkpoint(self.last_path)
         if meta.get("fingerprint") != self.fingerprint:
-            raise RuntimeError(f"{self.last_path} belongs to a run with a different config; delete "
-                               f"{self.out_dir} or change the experiment name to start over")
+            raise StaleCheckpoint(
+                f"{self.last_path} was trained with another config (e.g. a changed KD or training key); "
+                f"remove {self.out_dir / Path(LAST_CHECKPOINT).stem}.* and {self.out_dir / Path(CHECKPOINT).stem}.* "
+                f"to retrain (cached teacher outputs there are kept), or set another name= to keep both")
         model_state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
         self._raw_model().load_state_dict(model_state)
         state = unflatten_state({k: v for k, v in tensors.items() if not k.startswith("model.")}, meta["structure"])

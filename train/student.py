@@ -140,7 +140,10 @@ def fit_student(cfg: ExperimentConfig, splits: Splits, role: str, device, info: 
         return score, flat_headline(metrics, tasks)
 
     meta = {"role": role, "name": role, "preprocessing": pre.to_dict(),
-            "config": {"model": to_dict(scfg.model), "train": to_dict(tcfg), "kd": to_dict(scfg.kd),
+            # The baseline never sees KD: its fingerprint leaves kd out, so retuning KD does not retrain it
+            # (the student's step budget that it shares is in its train config).
+            "config": {"model": to_dict(scfg.model), "train": to_dict(tcfg),
+                       **({"kd": to_dict(scfg.kd)} if role == "student" else {}),
                        "seed": cfg.seed, "data": to_dict(cfg.data), "image_size": pre.size,
                        "dataset": dataset_fingerprint(splits.data)}}
     if soft is not None and soft.combination.weighting != "mean":
