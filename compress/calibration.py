@@ -143,6 +143,9 @@ def prepare_for_quantization(src: str | Path, dst: str | Path) -> Path:
     return dst
 
 
+ENTROPY_BINS = 2048
+
+
 def calibrate(
     model_path: str | Path,
     batches: np.ndarray | Iterable[np.ndarray] | CalibrationDataReader,
@@ -167,6 +170,11 @@ def calibrate(
     options: dict[str, object] = {"symmetric": False}
     if calib_method == CalibrationMethod.Percentile:
         options["percentile"] = percentile
+    if calib_method == CalibrationMethod.Entropy and num_bins is None:
+        # ORT's default is 128 histogram bins for 128 quantized bins: the KL search then has a single
+        # candidate, the full range, and entropy silently equals minmax. TensorRT's entropy calibrator
+        # searches 2048 bins.
+        num_bins = ENTROPY_BINS
     if num_bins is not None and calib_method != CalibrationMethod.MinMax:
         options["num_bins"] = num_bins
     with tempfile.TemporaryDirectory(prefix="calib.") as tmp:

@@ -357,3 +357,15 @@ def test_compress_report_compares_modelopt_placement_with_ours():
     line = next(ln for ln in md.splitlines() if ln.startswith("- student: ModelOpt"))
     assert "40 Q / 43 DQ" in line and "ours 31 Q / 34 DQ" in line
     assert "placement vs ours" not in markdown({"student": {"flavours": {"int8-tensorrt": flav}}})
+
+
+def test_entropy_calibration_is_not_minmax_in_disguise(models):
+    """With ORT's default 128 histogram bins for 128 quantized bins the KL search has one candidate,
+    the full range; the default bins must leave entropy room to clip outliers."""
+    paths, _ = models
+    x = _images(16, 7)
+    minmax = calibrate(paths["fp32"], x, method="minmax")
+    entropy = calibrate(paths["fp32"], x, method="entropy")
+    narrower = [k for k in minmax.data if k in entropy.data
+                and entropy.data[k].range_value[1] < minmax.data[k].range_value[1] - 1e-6]
+    assert narrower
