@@ -154,7 +154,9 @@ class Guard:
         self.attempts: list[Attempt] = []
         self.quantize = quantizer(flavour, ccfg)
 
-    def _ranges(self, method: str, n: int):
+    def ranges_for(self, method: str, n: int):
+        """Calibration ranges of (method, n images), computed once and shared by the flavours and by the
+        report's placement comparison (compress.quantize.placement_comparison)."""
         key = (method, n)
         if key not in self.ranges:
             self.ranges[key] = calibrate(self.fp32_path, self.images(n), method=method,
@@ -164,7 +166,7 @@ class Guard:
     def _try(self, step: str, method: str, n: int, float_layers: list[str], out: Path) -> Attempt:
         t0 = time.perf_counter()
         try:
-            self.quantize(self.fp32_path, out, self._ranges(method, n), nodes_to_exclude=float_layers,
+            self.quantize(self.fp32_path, out, self.ranges_for(method, n), nodes_to_exclude=float_layers,
                           exclude_patterns=self.patterns)
         except Exception as exc:  # noqa: BLE001 - e.g. a calibrator that fails on this graph: try the next
             attempt = Attempt(step, method, n, list(float_layers), {}, {"error": f"{type(exc).__name__}: {exc}"},
@@ -245,7 +247,7 @@ class Guard:
         # The first and last weighted layers are the usual suspects; bound the pass's cost.
         k = limits.sensitivity_candidates
         candidates = list(dict.fromkeys(weighted[: k // 2] + weighted[-(k - k // 2):]))
-        ranked = layer_sensitivity(self.fp32_path, self._ranges(method, n), self.flavour.removeprefix("int8-"),
+        ranked = layer_sensitivity(self.fp32_path, self.ranges_for(method, n), self.flavour.removeprefix("int8-"),
                                    score, candidates, max_candidates=max(len(candidates), 1),
                                    exclude_patterns=self.patterns)
         attempt = None

@@ -128,7 +128,7 @@ def placement_comparison(guard: Guard, kept) -> dict:
     """Our placement with the same calibration and float layers as ModelOpt's kept attempt: its Q/DQ
     counts and drops, so the report shows what ModelOpt's own placement changed."""
     with tempfile.TemporaryDirectory(prefix="ours.") as tmp:
-        ours = quantize_tensorrt(guard.fp32_path, Path(tmp) / "ours.onnx", guard._ranges(kept.method, kept.images),
+        ours = quantize_tensorrt(guard.fp32_path, Path(tmp) / "ours.onnx", guard.ranges_for(kept.method, kept.images),
                                  nodes_to_exclude=kept.float_layers, exclude_patterns=guard.patterns)
         _, metrics = evaluate_onnx(ours, guard.val, guard.tasks, guard.cfg.threads)
         summary = qdq_summary(ours)
