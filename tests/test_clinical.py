@@ -67,6 +67,20 @@ def test_paired_interval_of_a_difference():
     assert hi1 <= 0.02  # paired: the 199 shared images cancel (unpaired, each accuracy alone is ±6 points)
 
 
+def test_bootstrap_standard_error_of_an_accuracy_and_of_a_paired_difference():
+    """400 independent patients at 80 %: the standard error is the binomial sqrt(p(1-p)/n) = 2 points; two
+    models differing on 8 of 400 images: the paired difference's error is ~sqrt(8)/400, not ~2.8 points."""
+    correct = np.r_[np.ones(320), np.zeros(80)]
+    groups = [f"P{i}" for i in range(400)]
+    values = B.resampled_values({"acc": B.mean_of(correct)}, groups, n_resamples=2000, seed=1)["acc"]
+    assert B.standard_error(values) == pytest.approx(np.sqrt(0.8 * 0.2 / 400), rel=0.08)
+    worse = correct.copy()
+    worse[:8] = 0
+    diff = B.resampled_values({"d": lambda w: B.mean_of(correct)(w) - B.mean_of(worse)(w)}, groups, 2000, 1)["d"]
+    assert B.standard_error(diff) == pytest.approx(np.sqrt(8) / 400, rel=0.15)
+    assert B.standard_error(np.array([0.5, np.nan])) is None  # one finite value has no spread
+
+
 def _outputs(rng, n: int, classes: int) -> tuple[np.ndarray, np.ndarray]:
     probs = rng.dirichlet(np.ones(classes) * 0.7, size=n)
     labels = np.where(rng.random(n) < 0.6, probs.argmax(1), rng.integers(0, classes, n))
@@ -215,6 +229,11 @@ def test_the_summary_keeps_intervals_and_clinical_numbers(trained_run):
     cfg = load(trained_run.config)
     summary = json.loads(cfg.layout.summary("json").read_text())
     assert set(summary["ci95"]) == {"ensemble", "student", "baseline"}
+    se = summary["paired_se_points"]["baseline"]  # student - baseline on the same test images
+    assert set(se) >= {"coarse/accuracy", "diagnosis/bleu"} and all(v is None or v >= 0 for v in se.values())
+    for key, floors in summary["level_with_floor"].items():
+        gap, err = floors["baseline"]
+        assert -err <= gap < 0 and err == se[key]
     for row, cis in summary["ci95"].items():
         assert "coarse/accuracy" in cis and "diagnosis/bleu" in cis
         lo, hi = cis["coarse/accuracy"]

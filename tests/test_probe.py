@@ -11,7 +11,7 @@ from tiny import make_tiny_dataset, write_tiny_config
 
 from deploy.contract import TaskSpec
 from train.probe import fit_logistic
-from train.summary import below_floors, ensemble_behind_teachers
+from train.summary import below_floors, comparison_lines, ensemble_behind_teachers, split_ties
 
 
 def _blobs(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,6 +65,22 @@ def test_below_floor_flags_only_where_the_student_is_below():
                      "risk/balanced_accuracy": {"linear probe": pytest.approx(-2.0)},
                      "report/bleu": {"baseline": pytest.approx(-1.5)}}  # the probe has no text row
     assert below_floors({"student": rows["student"]}, tasks) == {}
+
+
+def test_a_gap_within_one_paired_standard_error_is_a_tie():
+    """0.5 (or exactly 1) point under the baseline with a 1-point standard error is level; 1.5 points under
+    it, or any gap to the probe (no per-image outputs, no error), stays BELOW FLOOR."""
+    below = {"a/accuracy": {"baseline": -0.5, "linear probe": -0.5}, "b/accuracy": {"baseline": -1.5},
+             "c/bleu": {"baseline": -1.0}}
+    se = {"baseline": {"a/accuracy": 1.0, "b/accuracy": 1.0, "c/bleu": 1.0}}
+    gaps, ties = split_ties(below, se)
+    assert gaps == {"a/accuracy": {"linear probe": -0.5}, "b/accuracy": {"baseline": -1.5}}
+    assert ties == {"a/accuracy": {"baseline": [-0.5, 1.0]}, "c/bleu": {"baseline": [-1.0, 1.0]}}
+    assert split_ties(below, {})[0] == below and split_ties(below, {})[1] == {}
+    lines = comparison_lines({"deltas_points": {}, "below_floor": gaps, "level_with_floor": ties,
+                              "ensemble_behind_teacher": {}})
+    assert "- BELOW FLOOR b/accuracy: KD student -1.5 points vs the baseline" in lines
+    assert any(line.startswith("- level with the baseline on a/accuracy: KD student -0.5") for line in lines)
 
 
 def test_ensemble_behind_its_best_teacher_is_flagged_per_column():

@@ -39,6 +39,27 @@ def test_grid_defaults_to_the_configured_values(trained):
     points = grid(cfg, [0.5, 0.9], ["2", "config"], ["joint", "staged"], None)
     assert len(points) == 8 and len({p.name for p in points}) == 8
     assert Point(0.5, 2.0, "staged", "mean").overrides()[-1] == "student.kd.default_temperature=2.0"
+    lengths = grid(cfg, None, None, None, None, None, [2, 4])
+    assert [p.name for p in lengths] == ["a0.9-Tconfig-joint-mean-E2", "a0.9-Tconfig-joint-mean-E4"]
+    assert lengths[1].overrides()[-1] == "student.train.epochs=4"
+
+
+def test_each_training_length_gets_a_step_matched_baseline(trained, monkeypatch):
+    """The orchestration only (training is faked: 3 steps per configured epoch): each --epochs length
+    runs with its own student.train.epochs, and each gets a labels-only baseline with its steps."""
+    calls = []
+
+    def fake_run_point(cfg, splits, soft, role, device, info, steps_budget=None):
+        steps = steps_budget or 3 * cfg.student.train.epochs
+        calls.append((role, steps))
+        return {"val_score": 0.5, "steps": steps, "best_epoch": 1, "val": {}, "seconds": 0.0}
+
+    monkeypatch.setattr(sweep_mod, "run_point", fake_run_point)
+    assert cli(sweep_mod.main, ["--config", str(trained), "--epochs", "1", "2"]) == 0
+    assert calls == [("student", 3), ("student", 6), ("baseline", 3), ("baseline", 6)]
+    records = json.loads((trained.parent / "runs" / "tiny" / "sweep" / "sweep.json").read_text())
+    assert {r["point"] for r in records} == {"a0.9-Tconfig-joint-mean-E1", "a0.9-Tconfig-joint-mean-E2",
+                                             "labels-only baseline (3 steps)", "labels-only baseline (6 steps)"}
 
 
 def test_sweep_trains_every_point_and_sorts_by_validation(trained, monkeypatch):

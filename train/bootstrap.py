@@ -64,14 +64,28 @@ def percentile_interval(values: np.ndarray, confidence: float = CONFIDENCE) -> I
     return float(lo), float(hi)
 
 
-def bootstrap_cis(metrics: dict[str, Metric], groups: Sequence, n_resamples: int = DEFAULT_RESAMPLES,
-                  seed: int = 0, confidence: float = CONFIDENCE) -> dict[str, Interval | None]:
-    """Percentile interval of each metric over the same patient resamples."""
+def resampled_values(metrics: dict[str, Metric], groups: Sequence, n_resamples: int = DEFAULT_RESAMPLES,
+                     seed: int = 0) -> dict[str, np.ndarray]:
+    """Each metric's value on the same `n_resamples` patient resamples (empty without patients)."""
     values: dict[str, list[np.ndarray]] = {k: [] for k in metrics}
     for weights in resample_weights(groups, n_resamples, seed):
         for key, metric in metrics.items():
             values[key].append(metric(weights))
-    return {k: percentile_interval(np.concatenate(v), confidence) if v else None for k, v in values.items()}
+    return {k: np.concatenate(v) if v else np.empty(0) for k, v in values.items()}
+
+
+def bootstrap_cis(metrics: dict[str, Metric], groups: Sequence, n_resamples: int = DEFAULT_RESAMPLES,
+                  seed: int = 0, confidence: float = CONFIDENCE) -> dict[str, Interval | None]:
+    """Percentile interval of each metric over the same patient resamples."""
+    values = resampled_values(metrics, groups, n_resamples, seed)
+    return {k: percentile_interval(v, confidence) for k, v in values.items()}
+
+
+def standard_error(values: np.ndarray) -> float | None:
+    """The bootstrap standard error: the spread (std) of a metric's finite resampled values."""
+    values = np.asarray(values, dtype=np.float64)
+    values = values[np.isfinite(values)]
+    return float(values.std(ddof=1)) if values.size > 1 else None
 
 
 def bootstrap_ci(metric: Metric, groups: Sequence, n_resamples: int = DEFAULT_RESAMPLES, seed: int = 0,

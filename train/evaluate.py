@@ -120,6 +120,18 @@ def drop_intervals(reference: dict[str, np.ndarray], candidate: dict[str, np.nda
     return {k: bootstrap.in_points(k, ci) for k, ci in cis.items()}
 
 
+def paired_standard_errors(outputs_a: dict[str, np.ndarray], outputs_b: dict[str, np.ndarray], data: FundusImages,
+                           tasks: list[TaskSpec], keys: list[str], n_resamples: int = bootstrap.DEFAULT_RESAMPLES,
+                           seed: int = 0) -> dict[str, float | None]:
+    """Patient-bootstrap standard error of a - b (two models on the same images) per key, in points: the
+    noise a difference between them has on this split. A key either model lacks is left out."""
+    a, b = _weighted(outputs_a, data, tasks), _weighted(outputs_b, data, tasks)
+    shared = {k: (lambda w, m=a[k], n=b[k]: m(w) - n(w)) for k in keys if k in a and k in b}
+    values = bootstrap.resampled_values(shared, patient_ids(data), n_resamples, seed)
+    return {k: None if (se := bootstrap.standard_error(v)) is None else round(metrics.to_points(k, se), 2)
+            for k, v in values.items()}
+
+
 def selection_score(task_metrics: dict, tasks: list[TaskSpec], select: str = "auto") -> float:
     """One number to pick the best checkpoint (higher is better).
 

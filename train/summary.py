@@ -22,7 +22,13 @@ from deploy.fileio import atomic_write_text
 from train.calibrate import teacher_ensemble
 from train.clinical import ClinicalError, any_disease, one_vs_rest
 from train.datasets import FundusImages
-from train.evaluate import collect_outputs, headline_intervals, patient_ids, score_outputs
+from train.evaluate import (
+    collect_outputs,
+    headline_intervals,
+    paired_standard_errors,
+    patient_ids,
+    score_outputs,
+)
 from train.experiment import ExperimentConfig, role_preprocessing, teacher_specs
 from train.layout import FINAL
 from train.metrics import headline, to_points
@@ -34,6 +40,7 @@ from train.summary_rules import (  # noqa: F401 (re-exported)
     PROBE_ROW,
     below_floors,
     ensemble_behind_teachers,
+    split_ties,
     summary_columns,
 )
 
@@ -102,7 +109,6 @@ def write_summary(cfg: ExperimentConfig, splits: Splits, results: dict[str, dict
             s, e, b = rows["student"].get(key), rows["ensemble"].get(key), rows.get("baseline", {}).get(key)
             deltas[key] = {"student_minus_ensemble": None if s is None or e is None else to_points(key, s - e),
                            "student_minus_baseline": None if s is None or b is None else to_points(key, s - b)}
-    below = below_floors(rows, tasks, joint)
     teachers = [spec.name for spec in teacher_specs(cfg, splits.data.spec.task_names) if spec.name in rows]
     behind = ensemble_behind_teachers(rows, teachers, tasks, joint)
     keys = [k for k, _ in summary_columns(tasks, joint)]
@@ -110,12 +116,17 @@ def write_summary(cfg: ExperimentConfig, splits: Splits, results: dict[str, dict
     test, val = image_set(splits, splits.test, tasks, spec), image_set(splits, splits.val, tasks, spec)
     ci95 = {row: headline_intervals(outputs[row].test, test, tasks, keys, cfg.clinical.bootstrap_resamples, cfg.seed)
             for row in CI_ROWS if row in outputs}
+    paired_se = {floor: paired_standard_errors(outputs["student"].test, outputs[floor].test, test, tasks, keys,
+                                               cfg.clinical.bootstrap_resamples, cfg.seed)
+                 for floor in FLOOR_ROWS if floor in outputs and "student" in outputs}
+    below, ties = split_ties(below_floors(rows, tasks, joint), paired_se)
     deployed = "student" if "student" in results else next(iter(results), None)
     clinical = clinical_numbers(cfg, tasks, deployed, results, outputs, test, val)
     # tasks and joint groups make the file self-describing: benchmarks/readme_results rebuilds the table from it
     summary = {"experiment": cfg.name, "label_fraction": cfg.data.label_fraction or 1.0,
                "test_images": len(splits.test), "tasks": [t.to_dict() for t in tasks],
                "joint": [list(g) for g in joint], "rows": rows, "deltas_points": deltas, "below_floor": below,
+               "level_with_floor": ties, "paired_se_points": paired_se,
                "ensemble_behind_teacher": behind, "ci95": ci95, "clinical": clinical,
                "written": time.strftime("%Y-%m-%dT%H:%M:%S")}
     atomic_write_text(cfg.layout.summary("json"), json.dumps(summary, indent=1))
@@ -137,10 +148,14 @@ def comparison_lines(summary: dict) -> list[str]:
     md = ["Student minus ensemble / minus baseline (points):", ""]
     for key, d in summary["deltas_points"].items():
         md.append(f"- {key}: {_pts(d['student_minus_ensemble'])} / {_pts(d['student_minus_baseline'])}")
-    md += ["", "Floors (models that need no teacher: the labels-only baseline and the linear probe):", ""]
+    md += ["", "Floors (models that need no teacher: the labels-only baseline and the linear probe; a gap within "
+           "one standard error of the paired difference on test is level, not below):", ""]
     md += [f"- BELOW FLOOR {key}: KD student {_pts(gap)} points vs the {floor}"
            for key, floors in summary["below_floor"].items() for floor, gap in floors.items()] or \
-          ["- the KD student is at or above every floor on every column"]
+          ["- the KD student is at or above every floor on every column, or level with it"]
+    md += [f"- level with the {floor} on {key}: KD student {_pts(gap)} points, within one standard error "
+           f"({se:.1f}) of the paired difference on test"
+           for key, floors in summary.get("level_with_floor", {}).items() for floor, (gap, se) in floors.items()]
     md += ["", "Ensemble against its best single teacher (a combination worth distilling beats each member):", ""]
     md += [f"- ENSEMBLE BEHIND {teacher} on {key}: {_pts(gap)} points"
            for key, (teacher, gap) in summary["ensemble_behind_teacher"].items()] or \

@@ -47,6 +47,24 @@ def below_floors(rows: dict[str, dict], tasks: list[TaskSpec],
     return below
 
 
+def split_ties(below: dict[str, dict[str, float]], standard_errors: dict[str, dict[str, float | None]]
+               ) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, list[float]]]]:
+    """(real gaps, ties) of `below_floors`' result. A gap no larger than one standard error of the paired
+    student-minus-floor difference on the test split (`standard_errors[floor][key]`, points; patients
+    resampled) is a tie: the test set cannot tell the two apart. Ties map to [gap, standard error]; a
+    floor without a standard error (the probe keeps no per-image outputs) is always a real gap."""
+    gaps: dict[str, dict[str, float]] = {}
+    ties: dict[str, dict[str, list[float]]] = {}
+    for key, floors in below.items():
+        for floor, gap in floors.items():
+            se = standard_errors.get(floor, {}).get(key)
+            if se is not None and -gap <= se:
+                ties.setdefault(key, {})[floor] = [gap, se]
+            else:
+                gaps.setdefault(key, {})[floor] = gap
+    return gaps, ties
+
+
 def ensemble_behind_teachers(rows: dict[str, dict], teachers: list[str], tasks: list[TaskSpec],
                              joint: list[tuple[str, ...]] | tuple = ()) -> dict[str, tuple[str, float]]:
     """Column -> (best teacher, ensemble minus it in points) where a single teacher beats the ensemble."""

@@ -1,4 +1,4 @@
-"""A small KD sweep on the validation split: alpha, temperature, schedule and ensemble weighting.
+"""A small KD sweep on the validation split: alpha, temperature, schedule, ensemble weighting and length.
 
     python -m train.sweep --config configs/default.yaml --alpha 0.5 0.8 0.95 --temperature 1 2 4 \\
         --schedule joint staged --weighting mean calibrated_mean --labelled-share natural 0.5 --steps 150
@@ -9,7 +9,10 @@ Every point of the grid trains the student from the cached teacher soft targets 
 is scored on the validation split with the checkpoint-selection metric; the test split is not
 touched, so the winner can become the config's default without fitting the test set. A labels-only
 baseline with the same budget is the reference row. `--temperature T` sets every task's temperature
-to T ("config" keeps the configured ones); the other axes default to the configured value.
+to T ("config" keeps the configured ones); `--epochs E ...` sets the student's training length, and each
+length gets a labels-only baseline with the same optimizer steps (distillation from a large pool may
+need longer training than labels alone, so lengths are compared step for step). The other axes
+default to the configured value.
 
 Writes runs/<name>/sweep/sweep.{json,md}, best first. Points are ordinary runs under
 runs/<name>/sweep/<teachers digest>/<point>/, so an interrupted sweep resumes, and retrained teachers
@@ -53,12 +56,14 @@ class Point:
     schedule: str
     weighting: str
     labelled_share: float | None = None  # None: the natural mix of labelled and unlabelled images
+    epochs: int | None = None  # None: the configured student.train.epochs (the training length)
 
     @property
     def name(self) -> str:
         temp = CONFIGURED if self.temperature is None else f"{self.temperature:g}"
         share = "" if self.labelled_share is None else f"-L{self.labelled_share:g}"
-        return f"a{self.alpha:g}-T{temp}-{self.schedule}-{self.weighting}{share}"
+        epochs = "" if self.epochs is None else f"-E{self.epochs}"
+        return f"a{self.alpha:g}-T{temp}-{self.schedule}-{self.weighting}{share}{epochs}"
 
     def overrides(self) -> list[str]:
         share = "null" if self.labelled_share is None else self.labelled_share
@@ -66,18 +71,21 @@ class Point:
                f"teachers.ensemble_weighting={self.weighting}", f"student.kd.labelled_share={share}"]
         if self.temperature is not None:
             out += ["student.kd.temperatures={}", f"student.kd.default_temperature={self.temperature}"]
+        if self.epochs is not None:
+            out.append(f"student.train.epochs={self.epochs}")
         return out
 
 
 def grid(cfg: ExperimentConfig, alphas: list[float] | None, temperatures: list[str] | None,
-         schedules: list[str] | None, weightings: list[str] | None, shares: list[str] | None = None) -> list[Point]:
+         schedules: list[str] | None, weightings: list[str] | None, shares: list[str] | None = None,
+         epochs: list[int] | None = None) -> list[Point]:
     """Every combination of the given axes; an axis not given is the configured value."""
     temps = [None if t == CONFIGURED else float(t) for t in (temperatures or [CONFIGURED])]
     kd = cfg.student.kd
     mixes = [None if m == "natural" else float(m) for m in shares] if shares else [kd.labelled_share]
-    return [Point(a, t, s, w, m) for a in (alphas or [kd.alpha]) for t in temps
+    return [Point(a, t, s, w, m, e) for a in (alphas or [kd.alpha]) for t in temps
             for s in (schedules or [kd.schedule]) for w in (weightings or [cfg.teachers.ensemble_weighting])
-            for m in mixes]
+            for m in mixes for e in (epochs or [None])]
 
 
 def budgeted(cfg: ExperimentConfig, steps: int | None) -> ExperimentConfig:
@@ -131,12 +139,17 @@ def sweep(config: str | None, overrides: list[str], points: list[Point], steps: 
         print(f"=== sweep point {point.name} ===", flush=True)
         records.append({"point": point.name, **dataclasses.asdict(point),
                         **run_point(cfg, splits, point_soft, "student", device, info)})
-    if baseline and records:
-        budget = max(r["steps"] for r in records)
+    longest: dict = {}  # training length -> the most steps a point of that length took
+    for r in records:
+        longest[r["epochs"]] = max(longest.get(r["epochs"], 0), r["steps"])
+    budgets = sorted(set(longest.values())) if baseline else []
+    for budget in budgets:  # one reference per training length, with the same optimizer steps
         cfg = dataclasses.replace(budgeted(base, steps), runs_root=str(root), name=f"baseline-{budget}steps")
-        print("=== sweep reference: labels-only baseline ===", flush=True)
-        records.append({"point": "labels-only baseline", "alpha": None, "temperature": None, "schedule": None,
-                        "weighting": None, "labelled_share": None, **run_point(cfg, splits, soft, "baseline", device, info, budget)})
+        print(f"=== sweep reference: labels-only baseline, {budget} steps ===", flush=True)
+        name = "labels-only baseline" + (f" ({budget} steps)" if len(budgets) > 1 else "")
+        records.append({"point": name, "alpha": None, "temperature": None, "schedule": None, "weighting": None,
+                        "labelled_share": None, "epochs": None,
+                        **run_point(cfg, splits, soft, "baseline", device, info, budget)})
     return sorted(records, key=lambda r: -r["val_score"])
 
 
@@ -174,19 +187,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--weighting", nargs="+", choices=WEIGHTINGS, help="ensemble weighting of the soft targets")
     parser.add_argument("--labelled-share", nargs="+", metavar="S|natural",
                         help="share of labelled images in each joint epoch (student.kd.labelled_share)")
+    parser.add_argument("--epochs", type=int, nargs="+", help="student training lengths (student.train.epochs); "
+                        "each length gets its own step-matched baseline")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per point (default: the config's)")
     parser.add_argument("--no-baseline", action="store_true", help="skip the labels-only reference row")
     args = parser.parse_args(argv)
     for t in args.temperature or []:
         if t != CONFIGURED and not _positive(t):
             parser.error(f"--temperature {t!r}: give positive numbers or '{CONFIGURED}'")
+    for e in args.epochs or []:
+        if e < 1:
+            parser.error(f"--epochs {e}: give whole numbers of at least 1")
     for m in args.labelled_share or []:
         if m != "natural" and not (_positive(m) and float(m) <= 1):
             parser.error(f"--labelled-share {m!r}: give shares in (0, 1] or 'natural'")
     try:
         base = load_experiment(args.config, config_overrides(args))
         info, device = init_distributed(base.device)
-        points = grid(base, args.alpha, args.temperature, args.schedule, args.weighting, args.labelled_share)
+        points = grid(base, args.alpha, args.temperature, args.schedule, args.weighting, args.labelled_share,
+                      args.epochs)
         records = sweep(args.config, config_overrides(args), points, args.steps, not args.no_baseline, device, info)
         tasks = load_splits(base).data.spec.tasks
         title = (f"# KD sweep ({base.name}): validation split, {len(points)} points, best first\n\n"
