@@ -234,6 +234,8 @@ def test_the_summary_keeps_intervals_and_clinical_numbers(trained_run):
     for key, floors in summary["level_with_floor"].items():
         gap, err = floors["baseline"]
         assert -err <= gap < 0 and err == se[key]
+    for key, floors in summary["below_floor"].items():  # a real gap to the baseline is beyond one error
+        assert "baseline" not in floors or se.get(key) is None or -floors["baseline"] > se[key]
     for row, cis in summary["ci95"].items():
         assert "coarse/accuracy" in cis and "diagnosis/bleu" in cis
         lo, hi = cis["coarse/accuracy"]

@@ -113,11 +113,16 @@ def drop_intervals(reference: dict[str, np.ndarray], candidate: dict[str, np.nda
                    seed: int = 0) -> dict[str, list[float] | None]:
     """95 % paired patient-bootstrap interval of reference - candidate (two models' outputs on the same
     images) for each key, in points: {key: [lo, hi]}; a key either model lacks is left out."""
-    ref, cand = _weighted(reference, data, tasks), _weighted(candidate, data, tasks)
-    shared = [k for k in keys if k in ref and k in cand]
-    cis = bootstrap.bootstrap_cis({k: (lambda w, a=ref[k], b=cand[k]: a(w) - b(w)) for k in shared},
-                                  patient_ids(data), n_resamples, seed)
+    cis = bootstrap.bootstrap_cis(_differences(reference, candidate, data, tasks, keys), patient_ids(data),
+                                  n_resamples, seed)
     return {k: bootstrap.in_points(k, ci) for k, ci in cis.items()}
+
+
+def _differences(outputs_a: dict[str, np.ndarray], outputs_b: dict[str, np.ndarray], data: FundusImages,
+                 tasks: list[TaskSpec], keys: list[str]) -> dict[str, bootstrap.Metric]:
+    """Weighted metric a - b per key both models have: two models' outputs on the same images."""
+    a, b = _weighted(outputs_a, data, tasks), _weighted(outputs_b, data, tasks)
+    return {k: (lambda w, m=a[k], n=b[k]: m(w) - n(w)) for k in keys if k in a and k in b}
 
 
 def paired_standard_errors(outputs_a: dict[str, np.ndarray], outputs_b: dict[str, np.ndarray], data: FundusImages,
@@ -125,9 +130,8 @@ def paired_standard_errors(outputs_a: dict[str, np.ndarray], outputs_b: dict[str
                            seed: int = 0) -> dict[str, float | None]:
     """Patient-bootstrap standard error of a - b (two models on the same images) per key, in points: the
     noise a difference between them has on this split. A key either model lacks is left out."""
-    a, b = _weighted(outputs_a, data, tasks), _weighted(outputs_b, data, tasks)
-    shared = {k: (lambda w, m=a[k], n=b[k]: m(w) - n(w)) for k in keys if k in a and k in b}
-    values = bootstrap.resampled_values(shared, patient_ids(data), n_resamples, seed)
+    values = bootstrap.resampled_values(_differences(outputs_a, outputs_b, data, tasks, keys), patient_ids(data),
+                                        n_resamples, seed)
     return {k: None if (se := bootstrap.standard_error(v)) is None else round(metrics.to_points(k, se), 2)
             for k, v in values.items()}
 
