@@ -85,3 +85,45 @@ def tiny_data(tmp_path_factory):
 
 def test_parallel_module_is_torch_free():
     assert "torch" not in sys.modules or parallel.__dict__.get("torch") is None
+
+
+# A job that waits (up to 20 s) for the parent's thread offer and prints it.
+WAIT_FOR_OFFER = ("import os, time, pathlib; p = pathlib.Path(os.environ['FUNDUS_THREAD_SHARE']); t = time.time()\n"
+                  "while not p.exists() and time.time() - t < 20: time.sleep(0.05)\n"
+                  "print('offer', p.read_text() if p.exists() else None)")
+
+
+def test_the_last_running_job_is_offered_the_idle_cores(four_cores, tmp_path, capsys):
+    short = Job("short", ["-c", "print('done')"], tmp_path / "short" / "train.log")
+    last = Job("last", ["-c", WAIT_FOR_OFFER], tmp_path / "last" / "train.log")
+    outcomes = run_parallel([last, short], workers=2)
+    assert [o.last_line for o in outcomes] == ["offer 4", "done"]  # alone, it may use all 4 cores
+    assert "[last] may use 4 thread(s) each" in capsys.readouterr().out
+
+
+def test_no_offer_while_jobs_wait_or_when_the_user_fixed_the_threads(four_cores, tmp_path, monkeypatch, capsys):
+    long = Job("long", ["-c", WAIT_FOR_OFFER], tmp_path / "long" / "l")
+    short = Job("short", ["-c", "print('done')"], tmp_path / "short" / "l")
+    queued = Job("queued", ["-c", "import time; time.sleep(1); print('done')"], tmp_path / "queued" / "l")
+    assert run_parallel([long, short, queued], workers=2)[0].last_line == "offer 4"
+    out = capsys.readouterr().out
+    assert out.count("may use") == 1 and out.index("[queued] started") < out.index("[long] may use 4")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    waiting = Job("w", ["-c", WAIT_FOR_OFFER.replace("< 20", "< 1")], tmp_path / "w" / "l")
+    assert run_parallel([waiting, short], workers=2)[0].last_line == "offer None"
+
+
+def test_a_job_takes_the_offered_threads(tmp_path, monkeypatch):
+    import torch
+
+    before = torch.get_num_threads()
+    offer = tmp_path / ".thread_share"
+    monkeypatch.setenv(parallel.THREAD_SHARE_ENV, str(offer))
+    try:
+        parallel.follow_thread_share()  # nothing offered yet: unchanged
+        assert torch.get_num_threads() == before
+        offer.write_text(str(before + 1))
+        parallel.follow_thread_share()
+        assert torch.get_num_threads() == before + 1
+    finally:
+        torch.set_num_threads(before)

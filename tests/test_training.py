@@ -188,6 +188,61 @@ def _ddp_rank(rank: int, port: int, out: Path) -> None:
     shutdown_distributed()
 
 
+class _Images(torch.utils.data.Dataset):
+    """Eight 3x8x8 images in the layout the datasets give (contiguous NCHW once batched)."""
+
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, i: int) -> dict:
+        return {"image": torch.full((3, 8, 8), float(i)), "y": torch.tensor(i % 2)}
+
+
+def test_training_and_evaluation_feed_models_channels_last_images(tmp_path):
+    """oneDNN's channels-last convolutions made a CPU training step 1.6x faster (train/datasets.py)."""
+    from unittest import mock
+
+    from train.distributed import DistInfo
+    from train.evaluate import collect_outputs
+    from train.loop import EpochPlan, Trainer
+
+    seen = []
+
+    def step(model, batch, mode):
+        seen.append(batch["image"].is_contiguous(memory_format=torch.channels_last))
+        return torch.nn.functional.cross_entropy(model(batch["image"]).mean((2, 3)), batch["y"]), {}
+
+    model = torch.nn.Conv2d(3, 2, 3)
+    trainer = Trainer(name="cl", model=model, train_set=_Images(), plan=lambda e: EpochPlan(np.arange(8)), step=step,
+                      evaluate=lambda m: (0.0, {}), cfg=TrainConfig(epochs=1, batch_size=4), out_dir=tmp_path,
+                      seed=0, device=torch.device("cpu"), info=DistInfo(), meta={})
+    with mock.patch("train.loop.save_model"):
+        trainer.fit()
+
+    def predict(images):
+        seen.append(images.is_contiguous(memory_format=torch.channels_last))
+        return {"p": images.mean((1, 2, 3))[:, None]}
+
+    collect_outputs(predict, _Images(), torch.device("cpu"), batch_size=4)
+    assert seen == [True] * 5  # 2 training batches, the last-update check of the second, 2 evaluation
+
+
+def test_training_takes_a_thread_offer_at_each_epoch(tmp_path, monkeypatch):
+    """The last teachers of a parallel run grow into the cores the others freed (train/parallel.py)."""
+    from train.distributed import DistInfo
+    from train.parallel import THREAD_SHARE_ENV
+
+    before = torch.get_num_threads()
+    offer = tmp_path / ".thread_share"
+    offer.write_text(str(before + 1))
+    monkeypatch.setenv(THREAD_SHARE_ENV, str(offer))
+    try:
+        _fit_linear(tmp_path / "run", _Items(), DistInfo())
+        assert torch.get_num_threads() == before + 1
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_ddp_ranks_end_identical_and_learn_from_all_the_data(tmp_path):
     """Gradients are all-reduced: both ranks hold the same weights, which are not what one process
     gets from half of the data (each rank's shard) alone."""

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from deploy.fileio import atomic_write_text
-from train.datasets import FundusImages
+from train.datasets import FundusImages, model_input
 from train.distributed import DistInfo
 from train.ensemble import (
     Combination,
@@ -94,7 +94,7 @@ def validation_logits(ensemble: TeacherEnsemble, data: FundusImages, device: tor
     """task -> [T_members, N, C] teacher logits on `data` (classification tasks only, no decoding)."""
     parts: dict[str, list[torch.Tensor]] = {}
     for batch in DataLoader(data, batch_size=batch_size, shuffle=False):
-        _, logits = ensemble.teacher_outputs(batch["image"].to(device))
+        _, logits = ensemble.teacher_outputs(model_input(batch["image"], device))
         for name, values in logits.items():
             parts.setdefault(name, []).append(torch.stack(values).float().cpu())
     return {k: torch.cat(v, 1) for k, v in parts.items()}

@@ -20,6 +20,16 @@ from train.data.manifest import Dataset, DatasetError, Row
 from train.experiment import AugmentConfig
 
 
+def model_input(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A batch of images as every model here takes it: on `device`, in channels-last layout.
+
+    Why: oneDNN's CPU convolutions run channels-last kernels; measured on this project's 2-core CPU with
+    Lite1 at 96 px and one thread, a training step took 0.35 s instead of 0.56 s and inference halved.
+    A convolution given a channels-last input returns channels-last output, so the model needs no change
+    and its checkpoints and exports stay as they were."""
+    return images.to(device, memory_format=torch.channels_last, non_blocking=True)
+
+
 def class_index(tasks: list[TaskSpec]) -> dict[str, dict[str, int]]:
     return {t.name: {c: i for i, c in enumerate(t.classes)} for t in tasks if t.kind == "classification"}
 

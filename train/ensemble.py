@@ -26,7 +26,7 @@ from deploy.fileio import sha256_file
 from deploy.vocab import PAD_ID
 from train import progress
 from train.checkpoint import load_checkpoint, save_checkpoint
-from train.datasets import FundusImages
+from train.datasets import FundusImages, model_input
 from train.layout import RunLayout
 from train.losses import mask_until_eos
 from train.models.saved import load_model
@@ -250,7 +250,7 @@ def compute_soft_targets(ensemble: TeacherEnsemble, data: FundusImages, device: 
     loader = DataLoader(data, batch_size=batch_size, shuffle=False)
     progress.log(f"[teacher soft targets] the ensemble over {len(data)} images, {len(loader)} batches")
     for batch in progress.bar(loader, desc="teacher soft targets"):
-        feats, lg = ensemble.teacher_outputs(batch["image"].to(device))
+        feats, lg = ensemble.teacher_outputs(model_input(batch["image"], device))
         for name, values in lg.items():
             logits.setdefault(name, []).append(torch.stack(values).cpu())
         if ensemble.text_task:

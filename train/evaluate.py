@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Subset
 from deploy.contract import TaskSpec
 from deploy.vocab import Vocabulary
 from train import bootstrap, metrics
-from train.datasets import FundusImages, reference_texts
+from train.datasets import FundusImages, model_input, reference_texts
 from train.distributed import DistInfo, gather_objects
 
 # images [N,3,H,W] -> {task: probs [N,C] | tokens [N,L]}
@@ -46,7 +46,7 @@ def collect_outputs(predict: PredictFn, data: FundusImages, device: torch.device
     loader = DataLoader(Subset(data, shard), batch_size=batch_size, shuffle=False)
     parts: dict[str, list[np.ndarray]] = {}
     for batch in loader:
-        images = batch["image"].to(device, non_blocking=True)
+        images = model_input(batch["image"], device)
         with torch.autocast(device_type=device.type, enabled=amp and device.type == "cuda"):
             out = predict(images)
         for name, value in out.items():

@@ -29,11 +29,12 @@ from deploy.errors import RunFailed, UserError
 from deploy.fileio import atomic_write_text
 from train import progress
 from train.checkpoint import flatten_state, load_checkpoint, save_checkpoint, unflatten_state
+from train.datasets import model_input
 from train.distributed import DistInfo, all_reduce_mean, barrier, broadcast_object, gather_objects
 from train.experiment import TrainConfig
 from train.layout import CHECKPOINT, LAST_CHECKPOINT
 from train.models.saved import save_model
-from train.parallel import usable_cores
+from train.parallel import follow_thread_share, usable_cores
 from train.plots import plot_curves
 
 
@@ -212,7 +213,8 @@ class Trainer:
         for i, batch in enumerate(bar):
             if i >= steps:
                 break
-            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+            batch = {k: model_input(v, self.device) if k == "image" else v.to(self.device, non_blocking=True)
+                     for k, v in batch.items()}
             with torch.autocast(device_type=self.device.type, enabled=self.amp):
                 loss, parts = self.step(self.model, batch, plan.mode)
             bad = torch.tensor(0.0 if torch.isfinite(loss) else 1.0, device=loss.device)
@@ -301,6 +303,7 @@ class Trainer:
     def _fit_epoch(self, epoch: int, writer) -> None:
         """Train one epoch; on a validation epoch also evaluate, checkpoint and log."""
         seed_everything(self.seed * 1000 + epoch)
+        follow_thread_share()  # a parallel run's last jobs take the cores the finished ones freed
         t0 = time.perf_counter()
         logs = self._train_epoch(epoch)
         if (epoch + 1) % self.eval_every and epoch + 1 < self.cfg.epochs:

@@ -4,7 +4,9 @@ On a CPU, one process with N threads scales worse than N single-threaded process
 small convolutions leave OpenMP's threads waiting, and two threads on two cores measured 1.4x slower
 than two one-thread teachers side by side (issue 9). On GPUs the jobs spread one per device.
 Every job writes its own log; a failed job does not stop the others, and the caller gets every
-failure at once, so a rerun resumes only what is missing.
+failure at once, so a rerun resumes only what is missing. When no job is left to start, the jobs still
+running are offered the idle cores (a file each reads at its next epoch, `follow_thread_share`): 7
+teachers on 2 cores otherwise end with one teacher training alone on one thread for a quarter hour.
 """
 
 from __future__ import annotations
@@ -13,12 +15,17 @@ import os
 import queue
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from deploy.fileio import atomic_write_text
 from train.progress import format_eta, log
+
+# The file (path in this variable) where the parent offers a running job more threads; see follow_thread_share.
+THREAD_SHARE_ENV = "FUNDUS_THREAD_SHARE"
 
 
 @dataclass(frozen=True)
@@ -51,10 +58,43 @@ def auto_jobs(count: int, gpus: int) -> int:
     return max(1, min(count, gpus if gpus else usable_cores()))
 
 
+def _explicit_threads() -> int | None:
+    explicit = os.environ.get("OMP_NUM_THREADS")
+    return int(explicit) if explicit and explicit.isdigit() else None
+
+
 def threads_per_job(jobs: int) -> int:
     """OpenMP threads each job gets: an explicit OMP_NUM_THREADS wins, else the cores shared evenly."""
-    explicit = os.environ.get("OMP_NUM_THREADS")
-    return int(explicit) if explicit and explicit.isdigit() else max(1, usable_cores() // jobs)
+    return _explicit_threads() or max(1, usable_cores() // jobs)
+
+
+def follow_thread_share() -> None:
+    """In a job of run_parallel: take the thread count the parent last offered, if it differs from the
+    current one. Called once per epoch by the training loop; a no-op in any other process."""
+    path = os.environ.get(THREAD_SHARE_ENV)
+    try:
+        offered = int(Path(path).read_text()) if path else 0
+    except (OSError, ValueError):  # not offered yet
+        return
+    import torch  # here: the parent process and this module stay torch-free
+
+    if offered > 0 and offered != torch.get_num_threads():
+        torch.set_num_threads(offered)
+
+
+def _share_file(job: Job) -> Path:
+    return job.log.parent / ".thread_share"
+
+
+def _offer_idle_cores(running: list[Job]) -> None:
+    """Split the cores between the jobs still running (CPU jobs, threads not fixed by the user)."""
+    if not running:
+        return
+    share = max(1, usable_cores() // len(running))
+    for job in running:
+        atomic_write_text(_share_file(job), str(share))
+    log(f"no job left to start: {', '.join(_label(j) for j in running)} may use {share} thread(s) each "
+        "from their next epoch")
 
 
 def _run(job: Job, threads: int, gpu: int | None) -> Outcome:
@@ -62,6 +102,8 @@ def _run(job: Job, threads: int, gpu: int | None) -> Outcome:
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = str(gpu)
     job.log.parent.mkdir(parents=True, exist_ok=True)
+    _share_file(job).unlink(missing_ok=True)  # an offer made to an earlier run of this job
+    env[THREAD_SHARE_ENV] = str(_share_file(job))
     start = time.perf_counter()
     with open(job.log, "a") as log:
         code = subprocess.run([sys.executable, *job.argv], stdout=log, stderr=subprocess.STDOUT, env=env).returncode
@@ -89,14 +131,25 @@ def run_parallel(jobs: list[Job], workers: int, gpus: int = 0) -> list[Outcome]:
         free_gpus.put(slot % gpus if gpus else None)
     log(f"{len(jobs)} jobs, {workers} at a time, {threads} thread(s) each" + (f", one per GPU of {gpus}" if gpus else ""))
     finished: list[Outcome] = []
+    running: list[Job] = []
+    started = [0]  # jobs that have taken a worker so far
+    lock = threading.Lock()
+    rebalance = not gpus and _explicit_threads() is None
 
     def one(job: Job) -> Outcome:
         gpu = free_gpus.get()
+        with lock:
+            running.append(job)
+            started[0] += 1
         try:
             log(f"{_label(job)} started{'' if gpu is None else f' on GPU {gpu}'}, log: {job.log}")
             outcome = _run(job, threads, gpu)
         finally:
             free_gpus.put(gpu)
+            with lock:
+                running.remove(job)
+                if rebalance and started[0] == len(jobs):  # none left to start: its core is free
+                    _offer_idle_cores(list(running))
         status = "done" if outcome.returncode == 0 else f"FAILED (exit {outcome.returncode})"
         finished.append(outcome)
         log(f"{_label(job)} {status} in {outcome.seconds / 60:.1f} min: {outcome.last_line}; "

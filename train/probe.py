@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 from deploy.contract import TaskSpec
 from deploy.errors import cli
 from train.config import to_dict
-from train.datasets import FundusImages
+from train.datasets import FundusImages, model_input
 from train.distributed import resolve_device
 from train.evaluate import score_outputs, selection_score
 from train.experiment import (
@@ -83,7 +83,7 @@ def fit_logistic(features: torch.Tensor, labels: torch.Tensor, num_classes: int,
 def extract_features(backbone: torch.nn.Module, data: FundusImages, device: torch.device,
                      batch_size: int = 64) -> torch.Tensor:
     """Pooled backbone features [N, F] of every item (no augmentation)."""
-    parts = [backbone.features(batch["image"].to(device)).float().cpu()
+    parts = [backbone.features(model_input(batch["image"], device)).float().cpu()
              for batch in DataLoader(data, batch_size=batch_size, shuffle=False)]
     return torch.cat(parts)
 
