@@ -275,7 +275,11 @@ def check_ensemble(inputs: Inputs, columns: list[tuple[str, str]]) -> Check:
     if behind:
         detail = "; ".join(f"{titles.get(k, k)}: {gap:+.1f} points vs {teacher}" for k, (teacher, gap) in behind.items())
         return Check(target, False, detail, "the ensemble is behind a teacher")
-    return Check(target, True, "at or above its best teacher on every column")
+    level = [f"{titles.get(k, k)} {gap:+.1f} vs {teacher} (standard error {se:.1f})"
+             for k, teachers in (inputs.summary.get("ensemble_level_with_teacher") or {}).items()
+             for teacher, (gap, se) in teachers.items()]
+    return Check(target, True, "at or above its best teacher on every column" +
+                 (f", or level within one paired standard error on test: {'; '.join(level)}" if level else ""))
 
 
 def check_latency(inputs: Inputs, deployed: Deployed) -> Check:

@@ -248,3 +248,31 @@ def test_the_summary_keeps_intervals_and_clinical_numbers(trained_run):
     assert {"threshold", "sensitivity", "specificity", "auroc", "ci95", "validation"} <= set(student)
     md = cfg.layout.summary("md").read_text()
     assert "95 % confidence intervals" in md and "Any disease vs `red`" in md
+
+
+def test_an_ensemble_gap_within_one_paired_error_is_level_and_a_large_one_is_behind(trained_run):
+    """The ensemble-behind-a-teacher check uses the floors' tie rule: the named teacher is run on test and
+    the paired error of ensemble minus teacher decides (train.summary.ensemble_gaps)."""
+    import torch
+
+    from train.experiment import load_experiment as load
+    from train.experiment import role_preprocessing, teacher_specs
+    from train.stage import image_set, load_splits
+    from train.summary import comparison_lines, ensemble_gaps, evaluate_ensemble
+
+    cfg = load(trained_run.config)
+    splits = load_splits(cfg)
+    tasks = splits.data.spec.tasks
+    _, ensemble = evaluate_ensemble(cfg, splits, torch.device("cpu"))
+    teacher = next(s.name for s in teacher_specs(cfg, splits.data.spec.task_names) if "coarse" in s.tasks)
+    test = image_set(splits, splits.test, tasks, role_preprocessing(cfg, "student"))
+    behind = {"coarse/accuracy": (teacher, -1e-6), "coarse/balanced_accuracy": (teacher, -99.0)}
+    gaps, ties = ensemble_gaps(cfg, splits, behind, ensemble.test, test, torch.device("cpu"))
+    assert gaps == {"coarse/balanced_accuracy": (teacher, -99.0)}
+    gap, se = ties["coarse/accuracy"][teacher]
+    assert gap == -1e-6 and 0 < se < 99
+    summary = {"deltas_points": {}, "below_floor": {}, "ensemble_behind_teacher": gaps,
+               "ensemble_level_with_teacher": ties}
+    lines = "\n".join(comparison_lines(summary))
+    assert f"ENSEMBLE BEHIND {teacher} on coarse/balanced_accuracy" in lines
+    assert f"level with {teacher} on coarse/accuracy" in lines

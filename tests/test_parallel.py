@@ -98,7 +98,7 @@ def test_the_last_running_job_is_offered_the_idle_cores(four_cores, tmp_path, ca
     last = Job("last", ["-c", WAIT_FOR_OFFER], tmp_path / "last" / "train.log")
     outcomes = run_parallel([last, short], workers=2)
     assert [o.last_line for o in outcomes] == ["offer 4", "done"]  # alone, it may use all 4 cores
-    assert "[last] may use 4 thread(s) each" in capsys.readouterr().out
+    assert "[last] may use 4 thread(s) from the next epoch" in capsys.readouterr().out
 
 
 def test_no_offer_while_jobs_wait_or_when_the_user_fixed_the_threads(four_cores, tmp_path, monkeypatch, capsys):

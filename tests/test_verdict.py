@@ -169,6 +169,14 @@ def test_each_broken_target_fails_alone_with_its_reason(run, breaks, target, rea
     assert len(failed) == 1 and target in failed[0], failed
 
 
+def test_an_ensemble_level_with_a_teacher_passes_and_says_so(run):
+    content = files()
+    content["summary"]["ensemble_level_with_teacher"] = {"fine/top5": {"teacher_a": [-0.5, 0.6]}}
+    text, ready = verdict_of(run, content)
+    line = next(ln for ln in text.splitlines() if "best single teacher" in ln)
+    assert ready and line.startswith("- **PASS**") and "fine top-5 -0.5 vs teacher_a (standard error 0.6)" in line
+
+
 def test_the_numbers_of_a_failure_are_on_its_line(run):
     content = files()
     _probe_above(content)

@@ -93,8 +93,9 @@ def _offer_idle_cores(running: list[Job]) -> None:
     share = max(1, usable_cores() // len(running))
     for job in running:
         atomic_write_text(_share_file(job), str(share))
-    log(f"no job left to start: {', '.join(_label(j) for j in running)} may use {share} thread(s) each "
-        "from their next epoch")
+    each = " each" if len(running) > 1 else ""
+    log(f"no job left to start: {', '.join(_label(j) for j in running)} may use {share} thread(s){each} "
+        "from the next epoch")
 
 
 def _run(job: Job, threads: int, gpu: int | None) -> Outcome:

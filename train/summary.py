@@ -25,6 +25,7 @@ from train.datasets import FundusImages
 from train.evaluate import (
     collect_outputs,
     headline_intervals,
+    model_predict,
     paired_standard_errors,
     patient_ids,
     score_outputs,
@@ -32,6 +33,7 @@ from train.evaluate import (
 from train.experiment import ExperimentConfig, role_preprocessing, teacher_specs
 from train.layout import FINAL
 from train.metrics import headline, to_points
+from train.models.saved import load_model
 from train.plots import plot_confusion_matrix
 from train.probe import linear_probe
 from train.stage import Splits, image_set, write_final
@@ -110,10 +112,11 @@ def write_summary(cfg: ExperimentConfig, splits: Splits, results: dict[str, dict
             deltas[key] = {"student_minus_ensemble": None if s is None or e is None else to_points(key, s - e),
                            "student_minus_baseline": None if s is None or b is None else to_points(key, s - b)}
     teachers = [spec.name for spec in teacher_specs(cfg, splits.data.spec.task_names) if spec.name in rows]
-    behind = ensemble_behind_teachers(rows, teachers, tasks, joint)
     keys = [k for k, _ in summary_columns(tasks, joint)]
     spec = role_preprocessing(cfg, "student")  # only the labels and patients are read, never the pixels
     test, val = image_set(splits, splits.test, tasks, spec), image_set(splits, splits.val, tasks, spec)
+    behind, ensemble_ties = ensemble_gaps(cfg, splits, ensemble_behind_teachers(rows, teachers, tasks, joint),
+                                          outputs["ensemble"].test, test, device)
     ci95 = {row: headline_intervals(outputs[row].test, test, tasks, keys, cfg.clinical.bootstrap_resamples, cfg.seed)
             for row in CI_ROWS if row in outputs}
     paired_se = {floor: paired_standard_errors(outputs["student"].test, outputs[floor].test, test, tasks, keys,
@@ -127,7 +130,7 @@ def write_summary(cfg: ExperimentConfig, splits: Splits, results: dict[str, dict
                "test_images": len(splits.test), "tasks": [t.to_dict() for t in tasks],
                "joint": [list(g) for g in joint], "rows": rows, "deltas_points": deltas, "below_floor": below,
                "level_with_floor": ties, "paired_se_points": paired_se,
-               "ensemble_behind_teacher": behind, "ci95": ci95, "clinical": clinical,
+               "ensemble_behind_teacher": behind, "ensemble_level_with_teacher": ensemble_ties, "ci95": ci95, "clinical": clinical,
                "written": time.strftime("%Y-%m-%dT%H:%M:%S")}
     atomic_write_text(cfg.layout.summary("json"), json.dumps(summary, indent=1))
     md = [f"# {cfg.name}: test split ({len(splits.test)} images), label fraction "
@@ -140,6 +143,25 @@ def write_summary(cfg: ExperimentConfig, splits: Splits, results: dict[str, dict
     atomic_write_text(cfg.layout.summary("md"), "\n".join(md) + "\n")
     print("\n".join(md), flush=True)
     return summary
+
+
+@torch.no_grad()
+def ensemble_gaps(cfg: ExperimentConfig, splits: Splits, behind: dict[str, tuple[str, float]],
+                  ensemble_test: dict[str, np.ndarray], test: FundusImages, device
+                  ) -> tuple[dict[str, tuple[str, float]], dict[str, dict[str, list[float]]]]:
+    """(real gaps, ties) of `ensemble_behind_teachers`' result, by the floors' rule (`split_ties`): the
+    teachers it names are run on test again for their per-image outputs."""
+    tasks = splits.data.spec.tasks
+    pixels, batch = role_preprocessing(cfg, "teachers"), cfg.teachers.train.eval_batch_size
+    images = image_set(splits, splits.test, tasks, pixels)
+    errors = {}
+    for name in sorted({teacher for teacher, _ in behind.values()}):
+        model, _ = load_model(cfg.layout.teacher_checkpoint(name))
+        teacher_test = collect_outputs(model_predict(model.to(device).eval()), images, device, batch)
+        errors[name] = paired_standard_errors(ensemble_test, teacher_test, test, tasks, list(behind),
+                                              cfg.clinical.bootstrap_resamples, cfg.seed)
+    gaps, ties = split_ties({key: {teacher: gap} for key, (teacher, gap) in behind.items()}, errors)
+    return {key: next(iter(d.items())) for key, d in gaps.items()}, ties
 
 
 def comparison_lines(summary: dict) -> list[str]:
@@ -159,7 +181,11 @@ def comparison_lines(summary: dict) -> list[str]:
     md += ["", "Ensemble against its best single teacher (a combination worth distilling beats each member):", ""]
     md += [f"- ENSEMBLE BEHIND {teacher} on {key}: {_pts(gap)} points"
            for key, (teacher, gap) in summary["ensemble_behind_teacher"].items()] or \
-          ["- the ensemble is at or above its best teacher on every column"]
+          ["- the ensemble is at or above its best teacher on every column, or level with it"]
+    md += [f"- level with {teacher} on {key}: ensemble {_pts(gap)} points, within one standard error ({se:.1f}) "
+           "of the paired difference on test"
+           for key, teachers in summary.get("ensemble_level_with_teacher", {}).items()
+           for teacher, (gap, se) in teachers.items()]
     return md
 
 

@@ -47,21 +47,23 @@ def below_floors(rows: dict[str, dict], tasks: list[TaskSpec],
     return below
 
 
-def split_ties(below: dict[str, dict[str, float]], standard_errors: dict[str, dict[str, float | None]]
+def split_ties(gaps_by_key: dict[str, dict[str, float]], standard_errors: dict[str, dict[str, float | None]]
                ) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, list[float]]]]:
-    """(real gaps, ties) of `below_floors`' result. A gap no larger than one standard error of the paired
-    student-minus-floor difference on the test split (`standard_errors[floor][key]`, points; patients
-    resampled) is a tie: the test set cannot tell the two apart. Ties map to [gap, standard error]; a
-    floor without a standard error (the probe keeps no per-image outputs) is always a real gap."""
+    """(real gaps, ties) of a comparison's negative gaps, {column: {other row: gap in points}}: the KD
+    student below a floor (`below_floors`), or the ensemble behind a teacher. A gap no larger than one
+    standard error of the paired difference on the test split (`standard_errors[other row][column]`,
+    points; patients resampled) is a tie: the test set cannot tell the two apart. Ties map to
+    [gap, standard error]; a row without a standard error (the probe keeps no per-image outputs) is
+    always a real gap."""
     gaps: dict[str, dict[str, float]] = {}
     ties: dict[str, dict[str, list[float]]] = {}
-    for key, floors in below.items():
-        for floor, gap in floors.items():
-            se = standard_errors.get(floor, {}).get(key)
+    for key, others in gaps_by_key.items():
+        for other, gap in others.items():
+            se = standard_errors.get(other, {}).get(key)
             if se is not None and -gap <= se:
-                ties.setdefault(key, {})[floor] = [gap, se]
+                ties.setdefault(key, {})[other] = [gap, se]
             else:
-                gaps.setdefault(key, {})[floor] = gap
+                gaps.setdefault(key, {})[other] = gap
     return gaps, ties
 
 
