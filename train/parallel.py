@@ -6,7 +6,8 @@ than two one-thread teachers side by side (issue 9). On GPUs the jobs spread one
 Every job writes its own log; a failed job does not stop the others, and the caller gets every
 failure at once, so a rerun resumes only what is missing. When no job is left to start, the jobs still
 running are offered the idle cores (a file each reads at its next epoch, `follow_thread_share`): 7
-teachers on 2 cores otherwise end with one teacher training alone on one thread for a quarter hour.
+teachers on 2 cores otherwise end with the last one training alone on one thread while a core idles
+(measured: a lone teacher's epoch took 9 s on 2 threads against 13 s on 1).
 """
 
 from __future__ import annotations
