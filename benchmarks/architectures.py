@@ -33,6 +33,7 @@ from benchmarks.machine import describe_machine, pinned_cores, usable_cores
 from deploy.errors import cli
 from deploy.fileio import atomic_write_text
 from deploy.preprocess import PreprocessSpec
+from deploy.runtime import session_options
 from train.config import ConfigError
 from train.data.manifest import DatasetError, load_dataset
 from train.experiment import (
@@ -129,10 +130,7 @@ def time_models(archs: list[Arch], threads: int, rounds: int, duration_s: float,
 
     sessions, runs = {}, {}
     for arch in archs:
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.intra_op_num_threads = threads
-        session = ort.InferenceSession(str(arch.onnx), options, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(str(arch.onnx), session_options(threads), providers=["CPUExecutionProvider"])
         feed = {session.get_inputs()[0].name: np.zeros((1, 3, arch.size, arch.size), np.float32)}
         sessions[arch.name] = session
         runs[arch.name] = lambda session=session, feed=feed: session.run(None, feed)

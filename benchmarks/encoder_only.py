@@ -15,7 +15,7 @@ import numpy as np
 import onnxruntime as ort
 
 from compress.graph_split import split_text_decoder
-from deploy.runtime import default_providers
+from deploy.runtime import default_providers, session_options
 
 
 class EncoderOnly:
@@ -39,10 +39,7 @@ def open_encoder_only(path: Path, threads: int | None, providers: list[str] | No
     if split is None:
         workdir.cleanup()
         return None
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if threads:
-        options.intra_op_num_threads = threads
+    options = session_options(threads or None)  # the deployed model's own session options
     chosen = providers or default_providers(ort.get_available_providers())  # as deploy.runtime chooses
     session = ort.InferenceSession(str(split[0]), options, providers=list(chosen))
     return EncoderOnly(session, workdir)

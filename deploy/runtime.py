@@ -73,6 +73,22 @@ def _dims(shape: list) -> tuple:
     return tuple(d if isinstance(d, int) and d > 0 else None for d in shape)
 
 
+def session_options(threads: int | None = None):
+    """The ONNX Runtime session options of every session here: the device's (OrtBackend) and the
+    benchmark's encoder-only and architecture sessions, so that ratios compare like with like. All graph
+    optimizations, ORT's warnings off, `threads` intra-op threads (None: ORT's default)."""
+    import onnxruntime as ort  # here, not at module level: a TensorRT-only device may lack it
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = quiet_onnxruntime()
+    if threads is not None:
+        if threads < 1:
+            raise ModelError(f"threads must be >= 1, got {threads}")
+        options.intra_op_num_threads = threads
+    return options
+
+
 def default_providers(available: list[str]) -> list[str]:
     """The preferred execution providers that this onnxruntime build has, best first."""
     chosen = [p for p in PREFERRED_PROVIDERS if p in available]
@@ -94,13 +110,7 @@ class OrtBackend(Backend):
             if missing:
                 raise ModelError(f"execution providers {missing} are not in this onnxruntime build; available: "
                                  f"{available} (GPU providers need onnxruntime-gpu / NVIDIA's Jetson wheel)")
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.log_severity_level = quiet_onnxruntime()
-        if threads is not None:
-            if threads < 1:
-                raise ModelError(f"threads must be >= 1, got {threads}")
-            options.intra_op_num_threads = threads
+        options = session_options(threads)
         self.threads = threads
         try:
             self.session = ort.InferenceSession(str(self.path), sess_options=options,

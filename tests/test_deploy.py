@@ -225,6 +225,21 @@ def test_unknown_provider_is_refused(model: Path):
         Predictor(model, providers=["NoSuchExecutionProvider"])
 
 
+def test_sessions_take_their_options_from_one_place(model: Path):
+    """deploy.runtime.session_options: the device's session and the benchmark's encoder-only and
+    architecture sessions share the optimization level and thread count, so ratios compare like with like."""
+    import onnxruntime as ort
+
+    from deploy.runtime import OrtBackend, session_options
+
+    options = OrtBackend(model, threads=3).session.get_session_options()
+    assert options.intra_op_num_threads == 3
+    assert options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    assert session_options(None).intra_op_num_threads == ort.SessionOptions().intra_op_num_threads
+    with pytest.raises(ModelError, match="threads must be >= 1"):
+        session_options(0)
+
+
 def test_cli_output_and_exit_codes(model: Path, tmp_path: Path, capsys):
     images = tmp_path / "images"
     write_image(images / "a.jpg", (230, 20, 20))
