@@ -1,5 +1,6 @@
 """The experiment's test-split summary: every teacher, the ensemble, the student, the baseline and the
-linear probe (train.probe), with a flag per column where the KD student is below a floor.
+linear probe (train.probe), with a flag per column where the KD student is below a floor or the
+ensemble behind a teacher; a gap within one paired standard error on test is listed as level instead.
 
 Writes runs/<name>/summary.json and summary.md; the ensemble is evaluated here with the same metric code.
 From the kept per-image outputs it adds 95 % patient-bootstrap intervals of the headline columns
