@@ -1,5 +1,6 @@
-"""The verdict (benchmarks/verdict.py, its targets in benchmarks/verdict_checks.py) and the stage times (train/stage_times.py), on crafted run files:
-no training. One passing run; then each target broken on its own; missing inputs; the stage table."""
+"""The verdict (benchmarks/verdict.py, its targets in benchmarks/verdict_checks.py) and the stage times
+(train/stage_times.py), on crafted run files: no training. One passing run; then each target broken on its
+own; missing inputs; the stage table."""
 
 from __future__ import annotations
 
