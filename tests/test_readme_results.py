@@ -130,6 +130,24 @@ def test_fractions_and_sweep_blocks_use_their_stages_tables(cfg):
     assert "| a0.9 | 0.9 | config | joint | mean | natural | 0.8000 | 90.0 |" in new
 
 
+def test_the_fractions_plot_is_copied_next_to_the_readme_and_shown(tmp_path, cfg):
+    _write(cfg.layout.summary("json"), _summary())
+    _write(cfg.layout.fractions_dir / "fractions.json", [{"fraction": 0.15, "model": "student", "coarse/accuracy": 0.8}])
+    plot = cfg.layout.fractions_report("png")
+    plot.write_bytes(b"\x89PNG first run")
+    readme = _readme(tmp_path, kind="fractions")
+    args = ["--config", CONFIG, f"runs_root={cfg.runs_root}", "--readme", str(readme)]
+    assert cli(rr.main, [*args, "--check"]) == 1  # the block and its figure are stale
+    assert cli(rr.main, args) == 0
+    copy = tmp_path / "docs" / "results" / "fractions-default.png"
+    assert copy.read_bytes() == plot.read_bytes()
+    assert f"![{rr.KINDS['fractions'].figure_title}](docs/results/fractions-default.png)" in readme.read_text()
+    assert cli(rr.main, [*args, "--check"]) == 0
+    plot.write_bytes(b"\x89PNG second run")  # same table, a new plot: only the figure drifted
+    assert cli(rr.main, [*args, "--check"]) == 1
+    assert cli(rr.main, args) == 0 and copy.read_bytes() == plot.read_bytes()
+
+
 @pytest.mark.parametrize("text, message", [
     ("<!-- results:sumary:default -->\nx\n<!-- /results -->\n", "unknown block kind 'sumary'"),
     ("<!-- results:summary -->\nx\n", "not closed"),
