@@ -1,7 +1,7 @@
 """Latency of the configured architectures with RANDOM weights: the speed-up a user of a config's setup
 would see, before (or without) training anything.
 
-    python -m benchmarks.architectures --config configs/paper.yaml [--threads 2] [--rounds 5] [--duration 3]
+    python -m benchmarks.architectures --config configs/paper.yaml [--threads 2] [--rounds 10] [--duration 3]
     make bench-architectures CONFIG=configs/paper.yaml
 
 Builds every teacher of the config (teachers.members, or one per non-empty task subset as in the paper)
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import sys
 import tempfile
@@ -125,20 +126,28 @@ def quantize_student(student: Arch, data, out_dir: Path) -> Arch:
 
 
 def time_models(archs: list[Arch], threads: int, rounds: int, duration_s: float, warmup: int = 3) -> dict:
-    """Per model: per-round median ms at batch 1, all interleaved in one run with pinned threads."""
+    """Per model: per-round median ms at batch 1, all interleaved in one run with pinned threads and a
+    fresh session each round (as `make bench`: benchmarks/interleave.py)."""
     import onnxruntime as ort
 
-    sessions, runs = {}, {}
+    sessions, runs, reopen = {}, {}, {}
     for arch in archs:
-        session = ort.InferenceSession(str(arch.onnx), session_options(threads), providers=["CPUExecutionProvider"])
-        feed = {session.get_inputs()[0].name: np.zeros((1, 3, arch.size, arch.size), np.float32)}
-        sessions[arch.name] = session
-        runs[arch.name] = lambda session=session, feed=feed: session.run(None, feed)
+        open_session = functools.partial(ort.InferenceSession, str(arch.onnx), session_options(threads),
+                                         providers=["CPUExecutionProvider"])
+        sessions[arch.name] = open_session()
+        feed = {sessions[arch.name].get_inputs()[0].name: np.zeros((1, 3, arch.size, arch.size), np.float32)}
+        runs[arch.name] = lambda name=arch.name, feed=feed: sessions[name].run(None, feed)
+        reopen[arch.name] = functools.partial(_renew, sessions, arch.name, open_session)
     with pinned_cores(threads):
-        result = interleaved_times(runs, rounds, duration_s / rounds, warmup)
+        result = interleaved_times(runs, rounds, duration_s / rounds, warmup, reopen=reopen)
     if result.failed:
         raise RuntimeError(f"could not run {result.failed}")
     return {name: round_medians(blocks) for name, blocks in result.times.items()}
+
+
+def _renew(sessions: dict, name: str, open_session) -> None:
+    sessions[name] = None  # the old session is released before the new one is built
+    sessions[name] = open_session()
 
 
 def summarize(archs: list[Arch], rounds_ms: dict[str, list[float]]) -> dict:
@@ -205,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(parser)
     parser.add_argument("--threads", type=int, help="intra-op threads (default: every usable core)")
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (5)")
+    parser.add_argument("--rounds", type=int, default=10, help="interleaved timing rounds (10)")
     parser.add_argument("--duration", type=float, default=3.0, help="minimum timed seconds per model, all rounds (3)")
     parser.add_argument("--out", type=Path, help="report folder (default runs/<name>/bench-architectures)")
     args = parser.parse_args(argv)

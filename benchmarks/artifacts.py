@@ -8,6 +8,7 @@ Names are `<model>.<flavour>`: student.pytorch, student.fp32, student.int8-cpu, 
 
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -191,6 +192,7 @@ class Runner(ABC):
     vocab: Vocabulary | None
     info: dict
     params: int | None = None
+    can_reopen: bool = False  # reopen() gives a new runtime session
 
     @abstractmethod
     def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
@@ -202,15 +204,19 @@ class Runner(ABC):
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release the model."""
 
+    def reopen(self) -> None:
+        """Load the model into a new runtime session, the old one released (where `can_reopen`;
+        benchmarks/interleave.py says why a timing round gets a fresh session)."""
+        raise NotImplementedError(f"{type(self).__name__} has no session to reopen")
+
 
 class PredictorRunner(Runner):
     """ONNX Runtime or TensorRT through deploy.predictor.Predictor (contract checked on load)."""
 
     def __init__(self, path: Path, backend: str, threads: int | None, providers: list[str] | None):
-        from deploy.predictor import Predictor
-
-        self.predictor = Predictor(path, backend=backend, providers=providers if backend == "ort" else None,
-                                   threads=threads if backend == "ort" else None)
+        self._load = functools.partial(_predictor, path, backend, providers, threads)
+        self.can_reopen = backend == "ort"  # a TensorRT engine takes seconds to deserialize: kept
+        self.predictor = self._load()
         contract = self.predictor.contract
         self.tasks, self.spec, self.vocab = list(contract.tasks), contract.preprocessing, contract.vocabulary
         self.info = self.predictor.describe()
@@ -225,6 +231,19 @@ class PredictorRunner(Runner):
 
     def close(self) -> None:
         self.predictor.close()
+
+    def reopen(self) -> None:
+        if not self.can_reopen:
+            super().reopen()
+        self.predictor.close()
+        self.predictor = self._load()
+
+
+def _predictor(path: Path, backend: str, providers: list[str] | None, threads: int | None):
+    from deploy.predictor import Predictor
+
+    return Predictor(path, backend=backend, providers=providers if backend == "ort" else None,
+                     threads=threads if backend == "ort" else None)
 
 
 def open_artifact(artifact: Artifact, tasks: list[TaskSpec], vocab: Vocabulary | None, threads: int | None,

@@ -5,7 +5,7 @@ each headline ratio comes with its spread across rounds; ONNX artifacts with a t
 encoder vs decoder milliseconds (their encoder-only sub-model timed in the same rounds).
 
     python -m benchmarks.bench --config configs/default.yaml [key=value ...] \\
-        [--min-metric student.int8-cpu:coarse/accuracy=80 ...] [--threads 2] [--duration 2.0] [--rounds 5] \\
+        [--min-metric student.int8-cpu:coarse/accuracy=80 ...] [--threads 2] [--duration 2.0] [--rounds 10] \\
         [--batch 1 8] [--only 'student.*'] [--memory deploy|all|off] [--publish benchmarks/results]
 
 Writes runs/<name>/bench/report.{md,json} + PNG plots (atomically) and prints the report. Each artifact
@@ -187,14 +187,17 @@ def time_interleaved(ctx: Context, timed: list[tuple[dict, Runner, Artifact]]) -
 def _time_batch(ctx: Context, timed: list[tuple[dict, Runner, Artifact]], encoders: dict, n: int) -> None:
     b = ctx.bench
     live = [(record, runner) for record, runner, _ in timed if record["status"] != "failed"]
-    runs, syncs = {}, {}
+    runs, syncs, reopen = {}, {}, {}
     for record, runner in live:
         batch = ctx.test.head(runner.spec, n)
         runs[record["name"]] = lambda runner=runner, batch=batch: runner.run(batch)
         syncs[record["name"]] = runner.sync
+        if runner.can_reopen:  # a fresh session each round (benchmarks/interleave.py)
+            reopen[record["name"]] = runner.reopen
         if record["name"] in encoders:
             enc = encoders[record["name"]]
             runs[record["name"] + ENCODER_ONLY] = lambda enc=enc, batch=batch: enc.run(batch)
+            reopen[record["name"] + ENCODER_ONLY] = enc.reopen
     power = {}
 
     def read_power(name: str, round_index: int) -> None:
@@ -203,7 +206,7 @@ def _time_batch(ctx: Context, timed: list[tuple[dict, Runner, Artifact]], encode
 
     duration = b.duration_s if n == 1 else b.batch_duration_s
     result = interleaved_times(runs, b.rounds, duration / b.rounds, b.warmup, -(-b.min_runs // b.rounds),
-                               syncs, after_block=read_power)
+                               syncs, after_block=read_power, reopen=reopen)
     for record, _ in live:
         name = record["name"]
         if name in result.failed:

@@ -8,7 +8,9 @@ same intra-op threads and providers). decoder ms = whole model - encoder-only, p
 
 from __future__ import annotations
 
+import functools
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -21,12 +23,18 @@ from deploy.runtime import default_providers, session_options
 class EncoderOnly:
     """`run(batch)` of the encoder-only part of an ONNX model that has a text output."""
 
-    def __init__(self, session: ort.InferenceSession, workdir: tempfile.TemporaryDirectory):
-        self.session, self._workdir = session, workdir
-        self.input_name = session.get_inputs()[0].name
+    def __init__(self, open_session: Callable[[], ort.InferenceSession], workdir: tempfile.TemporaryDirectory):
+        self._open, self._workdir = open_session, workdir
+        self.session = open_session()
+        self.input_name = self.session.get_inputs()[0].name
 
     def run(self, batch: np.ndarray) -> list[np.ndarray]:
         return self.session.run(None, {self.input_name: batch})
+
+    def reopen(self) -> None:
+        """A new session of the same sub-model, as the bench gives its whole model each round."""
+        self.session = None  # released before the next is built
+        self.session = self._open()
 
     def close(self) -> None:
         self._workdir.cleanup()
@@ -41,8 +49,8 @@ def open_encoder_only(path: Path, threads: int | None, providers: list[str] | No
         return None
     options = session_options(threads or None)  # the deployed model's own session options
     chosen = providers or default_providers(ort.get_available_providers())  # as deploy.runtime chooses
-    session = ort.InferenceSession(str(split[0]), options, providers=list(chosen))
-    return EncoderOnly(session, workdir)
+    return EncoderOnly(functools.partial(ort.InferenceSession, str(split[0]), options, providers=list(chosen)),
+                       workdir)
 
 
 def encoder_decoder_ms(full_rounds_ms: list[float], encoder_rounds_ms: list[float]) -> dict:

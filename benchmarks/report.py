@@ -290,8 +290,9 @@ def render_markdown(report: dict) -> str:
            f"threads {s['threads']}, providers {s.get('providers') or 'default'}.",
            f"Test split: {_images_line(s)}; latency: {s['warmup']} warm-up runs, then the artifacts timed in "
            f"turn over {s.get('rounds', 1)} interleaved rounds (>= {s['duration_s']} s each at batch 1 and "
-           f">= {s['batch_duration_s']} s at larger batches, all rounds together), threads pinned to cores "
-           f"{s.get('pinned_cores')}; ms/im = p50 batch time / batch; each ratio is the median of its per-round "
+           f">= {s['batch_duration_s']} s at larger batches, all rounds together; every ONNX Runtime session "
+           f"opened afresh and warmed up again at each round after the first, so the rounds also sample "
+           f"sessions), threads pinned to cores {s.get('pinned_cores')}; ms/im = p50 batch time / batch; each ratio is the median of its per-round "
            f"ratios, with their min and max. Absolute times hold for this machine only; the ratios below "
            f"compare artifacts on it. Encoder / decoder ms: the ONNX artifact's encoder-only sub-model "
            f"(image -> classification outputs and pooled features), timed in the same rounds; decoder = "

@@ -14,8 +14,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from benchmarks import bench, latency
 from benchmarks.accuracy import Floor, floor_violations, parse_floor, retention, unmatched_floors
-from benchmarks.artifacts import discover, onnx_graph_stats
-from benchmarks.encoder_only import encoder_decoder_ms
+from benchmarks.artifacts import PredictorRunner, discover, onnx_graph_stats
+from benchmarks.encoder_only import EncoderOnly, encoder_decoder_ms
 from benchmarks.interleave import interleaved_times, ratio_over_rounds, round_medians, round_order
 from benchmarks.latency import measure, summarize, time_calls
 from benchmarks.report import headline, pareto_front, targets
@@ -119,6 +119,33 @@ def test_ratio_spread_and_a_failing_run_is_dropped_alone():
     assert len(result.times["ok"]) == 3 and result.order[1:] == [["ok"], ["ok"]]
     with pytest.raises(ValueError, match="rounds"):
         interleaved_times({"ok": machine.run("ok")}, rounds=0, per_round_s=0.1)
+
+
+def test_a_run_with_a_reopen_hook_gets_a_fresh_warmed_session_each_round_after_the_first():
+    machine = SyntheticMachine({"ort": 0.001, "torch": 0.002}, slowdown=[1.0])
+    sessions, warm_calls = [1.0], []  # cost factor of the live session: each new session draws another
+
+    def ort_call():
+        warm_calls.append(len(sessions))
+        machine.now += 0.001 * sessions[-1]
+
+    def reopen():
+        sessions.append(1.5 if len(sessions) % 2 else 1.0)
+
+    result = interleaved_times({"ort": ort_call, "torch": machine.run("torch")}, rounds=4, per_round_s=0.004,
+                               warmup=2, min_runs=2, clock=machine.clock, reopen={"ort": reopen})
+    assert len(sessions) == 4  # rounds 2, 3 and 4 opened a new session; round 1 used the warmed-up one
+    # Each new session is warmed up (2 untimed calls) before its block is timed.
+    assert len(warm_calls) == 2 + len(result.flat("ort")) + 2 * 3
+    assert round_medians(result.times["ort"]) == pytest.approx([1.0, 1.5, 1.0, 1.5])  # ms: one session per round
+    assert round_medians(result.times["torch"]) == pytest.approx([2.0] * 4)  # no hook: the same runner throughout
+
+    def broken():
+        raise RuntimeError("model file gone")
+
+    result = interleaved_times({"ort": ort_call, "torch": machine.run("torch")}, rounds=3, per_round_s=0.004,
+                               clock=machine.clock, reopen={"ort": broken})
+    assert result.failed == {"ort": "RuntimeError: model file gone"} and len(result.times["torch"]) == 3
 
 
 def test_headline_ratios_come_from_rounds_with_their_spread():
@@ -260,8 +287,11 @@ def _table(md: str, first_header: str = "| Artifact | Format") -> dict[str, dict
     return {r[0]: dict(zip(header, r)) for r in rows}
 
 
-def test_bench_end_to_end_report_and_floor_met(tiny_run: Path, capsys):
+def test_bench_end_to_end_report_and_floor_met(tiny_run: Path, capsys, monkeypatch):
     out = tiny_run.parent / "out_ok"
+    reopened = []  # every ONNX Runtime session, whole model and encoder-only, is renewed each round
+    for cls in (PredictorRunner, EncoderOnly):
+        monkeypatch.setattr(cls, "reopen", lambda self, real=cls.reopen: reopened.append(self) or real(self))
     code = bench.main(["--config", str(tiny_run), "--out", str(out), "--only", "ensemble.*", "--only", "student.*",
                        "--memory", "deploy", "--min-metric", "student.fp32:coarse/accuracy=0.0",
                        "--min-metric", "student.*:coarse/ece=1.0"])
@@ -281,6 +311,11 @@ def test_bench_end_to_end_report_and_floor_met(tiny_run: Path, capsys):
     assert records["student.fp32"]["macs"] > 0 and records["student.pytorch"]["macs"] == records["student.fp32"]["macs"]
     assert {t["status"] for t in report["targets"]} <= {"met", "missed", "n/a"}
     assert (out / "accuracy_vs_latency.png").is_file() and "accuracy_vs_latency.png" in report["plots"]
+    onnx_runs = [r for r in records.values() if r["status"] == "passed" and r["format"] == "onnx"]
+    with_encoder = [r for r in onnx_runs if r.get("encoder_decoder_ms")]
+    rounds = report["settings"]["rounds"]
+    assert onnx_runs and with_encoder and rounds > 1
+    assert len(reopened) == (rounds - 1) * (2 * len(onnx_runs) + len(with_encoder))  # b1 and b2; encoders at b1
 
     # The Markdown table shows the JSON's numbers.
     md = (out / "report.md").read_text()
@@ -398,6 +433,9 @@ def test_architecture_benchmark_builds_the_papers_models_without_weights(tmp_pat
         raise AssertionError("the architecture benchmark must not load weights")
 
     monkeypatch.setattr(pretrained, "load_lite_weights", no_weights)
+    renewed = []  # each model gets a fresh session at every round after the first
+    monkeypatch.setattr(architectures, "_renew", lambda sessions, name, open_session, real=architectures._renew:
+                        renewed.append(name) or real(sessions, name, open_session))
     data = make_tiny_dataset(tmp_path / "data", patients=12, unlabeled_patients=0)
     out = tmp_path / "arch"
     code = architectures.main(["--config", str(REPO / "configs" / "paper.yaml"), f"data.root={data}",
@@ -415,3 +453,4 @@ def test_architecture_benchmark_builds_the_papers_models_without_weights(tmp_pat
     assert report["summary"]["ensemble_ms"] == pytest.approx(
         np.median([sum(teachers[n]["rounds_ms"][r] for n in teachers) for r in range(2)]))
     assert "random weights" in report["label"] and "**Random weights.**" in (out / "report.md").read_text()
+    assert sorted(renewed) == sorted(models)  # 2 rounds: one renewal of each of the 9 models

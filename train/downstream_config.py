@@ -69,9 +69,12 @@ class CompressConfig:
 class BenchConfig:
     """The `bench:` section of the experiment config."""
 
-    duration_s: float = 1.0  # minimum timed seconds at batch 1 (all rounds together)
-    rounds: int = 5  # interleaved timing rounds (benchmarks/interleave.py): every ratio's spread is over them
-    batch_duration_s: float = 0.3  # minimum timed seconds at each larger batch
+    # 10 rounds of >= 0.2 s (batch 1) and 0.15 s (larger batches) per artifact, a fresh session each:
+    # two runs agreed within 7 % on every ratio; 5 rounds of 0.2 s / 0.06 s with one session disagreed
+    # by up to 45 % (the rounds' median was one session's draw, and 60 ms blocks at batch 8 mostly noise).
+    duration_s: float = 2.0  # minimum timed seconds at batch 1 (all rounds together)
+    rounds: int = 10  # interleaved timing rounds (benchmarks/interleave.py): every ratio's spread is over them
+    batch_duration_s: float = 1.5  # minimum timed seconds at each larger batch
     warmup: int = 5
     min_runs: int = 10
     batch_sizes: list[int] = field(default_factory=lambda: [1, 8])
