@@ -73,6 +73,24 @@ def test_the_png_has_those_panels_with_integer_epoch_ticks_and_distinct_colours(
         assert legend is not None and legend.get_bbox_to_anchor().y0 < ax.get_window_extent().y0  # below the axes
 
 
+def test_each_model_keeps_its_colour_in_every_fraction_panel(tmp_path, monkeypatch):
+    drawn = {}
+
+    def keep(fig, path):
+        drawn["fig"] = fig
+        return plots.atomic_write(path, lambda p: fig.savefig(p, format="png"))
+
+    monkeypatch.setattr(plots, "save_figure", keep)
+    bleu_of = {"baseline": 50.0, "ensemble": 60.0, "student": 55.0}  # the probe has no BLEU
+    rows = [{"fraction": f, "model": m, "coarse/accuracy": 0.8,
+             **({"diagnosis/bleu": bleu_of[m]} if m in bleu_of else {})}
+            for f in (0.15, 1.0) for m in ("baseline", "ensemble", "linear probe", "student")]
+    plots.plot_fractions(rows, [("coarse/accuracy", "coarse acc"), ("diagnosis/bleu", "BLEU")], tmp_path / "f.png")
+    coarse, bleu = ({line.get_label(): line.get_color() for line in ax.get_lines()} for ax in drawn["fig"].axes)
+    assert "linear probe" not in bleu and len(set(coarse.values())) == 4
+    assert all(bleu[model] == coarse[model] for model in bleu)  # the probe's gap shifts no colour
+
+
 def test_the_pareto_plot_marks_artifacts_that_cannot_do_every_task(tmp_path, monkeypatch):
     drawn = {}
 

@@ -132,11 +132,14 @@ def plot_fractions(rows: list[dict], metrics: list[tuple[str, str]], path: str |
     """
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics), 3.8), squeeze=False)
     models = sorted({r["model"] for r in rows})
+    # One colour per model in every panel, also where a model has no value (the probe has no BLEU).
+    colours = {model: plt.get_cmap("tab10")(i % 10) for i, model in enumerate(models)}
     for ax, (key, label) in zip(axes[0], metrics):
         for model in models:
             pts = sorted((r["fraction"], r[key]) for r in rows if r["model"] == model and key in r)
             if pts:
-                ax.plot([100 * f for f, _ in pts], [v for _, v in pts], marker="o", label=model)
+                ax.plot([100 * f for f, _ in pts], [v for _, v in pts], marker="o", label=model,
+                        color=colours[model])
         ax.set(xlabel="labelled training patients (%)", ylabel=label, title=label)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
