@@ -1,5 +1,6 @@
 """Plots worth looking at: curves.png has one panel per task plus the loss, no duplicate or constant
-series, integer epoch ticks; the accuracy/latency plot tells all-task artifacts from task-subset teachers."""
+series, integer epoch ticks; the label-fraction curve keeps one colour per model; the accuracy/latency plot
+tells all-task artifacts from task-subset teachers."""
 
 from __future__ import annotations
 
@@ -10,6 +11,19 @@ import pytest
 from benchmarks import report
 from train import plots
 from train.plots import curve_panels, plot_curves
+
+
+@pytest.fixture
+def drawn(monkeypatch) -> dict:
+    """{"fig": the last figure train.plots saved}; the PNG is still written."""
+    kept: dict = {}
+
+    def keep(fig, path):
+        kept["fig"] = fig
+        return plots.atomic_write(path, lambda p: fig.savefig(p, format="png"))
+
+    monkeypatch.setattr(plots, "save_figure", keep)
+    return kept
 
 
 def _history(epochs: int = 4, seq_kd: bool = True) -> list[dict]:
@@ -52,14 +66,7 @@ def test_total_is_drawn_and_explained_only_when_it_differs_from_the_loss():
     assert {"coarse loss", "fine loss"} <= set(plain.series)
 
 
-def test_the_png_has_those_panels_with_integer_epoch_ticks_and_distinct_colours(tmp_path, monkeypatch):
-    drawn = {}
-
-    def keep(fig, path):
-        drawn["fig"] = fig
-        return plots.atomic_write(path, lambda p: fig.savefig(p, format="png"))
-
-    monkeypatch.setattr(plots, "save_figure", keep)
+def test_the_png_has_those_panels_with_integer_epoch_ticks_and_distinct_colours(tmp_path, drawn):
     out = plot_curves(_history(epochs=3), tmp_path / "curves.png", title="t")
     assert out.stat().st_size > 1000
     axes = drawn["fig"].axes
@@ -73,14 +80,7 @@ def test_the_png_has_those_panels_with_integer_epoch_ticks_and_distinct_colours(
         assert legend is not None and legend.get_bbox_to_anchor().y0 < ax.get_window_extent().y0  # below the axes
 
 
-def test_each_model_keeps_its_colour_in_every_fraction_panel(tmp_path, monkeypatch):
-    drawn = {}
-
-    def keep(fig, path):
-        drawn["fig"] = fig
-        return plots.atomic_write(path, lambda p: fig.savefig(p, format="png"))
-
-    monkeypatch.setattr(plots, "save_figure", keep)
+def test_each_model_keeps_its_colour_in_every_fraction_panel(tmp_path, drawn):
     bleu_of = {"baseline": 50.0, "ensemble": 60.0, "student": 55.0}  # the probe has no BLEU
     rows = [{"fraction": f, "model": m, "coarse/accuracy": 0.8,
              **({"diagnosis/bleu": bleu_of[m]} if m in bleu_of else {})}
