@@ -207,7 +207,7 @@ class Runner(ABC):
     def reopen(self) -> None:
         """Load the model into a new runtime session, the old one released (where `can_reopen`;
         benchmarks/interleave.py says why a timing round gets a fresh session)."""
-        raise NotImplementedError(f"{type(self).__name__} has no session to reopen")
+        raise TypeError(f"{type(self).__name__} has no runtime session to reopen (can_reopen is False)")
 
 
 class PredictorRunner(Runner):
