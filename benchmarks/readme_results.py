@@ -127,7 +127,8 @@ KINDS: dict[str, Kind] = {
     "summary": Kind(lambda lay: lay.summary("json"), "make student", render_summary),
     "bench": Kind(lambda lay: lay.bench_report(), "make bench", render_bench),
     "fractions": Kind(lambda lay: lay.fractions_report(), "make experiment-fractions", render_fractions,
-                      lambda lay: lay.fractions_report("png"), "Label fractions: KD student, baseline, ensemble, probe"),
+                      lambda lay: lay.fractions_report("png"),
+                      "Label fractions: KD student, baseline, ensemble, probe"),
     "sweep": Kind(lambda lay: lay.sweep_report(), "make sweep-kd", render_sweep),
 }
 
@@ -183,9 +184,9 @@ def figure_copy(block: Block, cfg: ExperimentConfig) -> tuple[Path, Path] | None
     """(the run's plot, its copy's path relative to the README's folder) of a block whose kind has a
     plot and whose run wrote it; None otherwise."""
     kind, layout = KINDS[block.kind], run_layout(cfg, block.run)
-    if kind.figure is None or not kind.figure(layout).is_file():
+    source = kind.figure(layout) if kind.figure is not None else None
+    if source is None or not source.is_file():
         return None
-    source = kind.figure(layout)
     return source, FIGURES_DIR / f"{block.kind}-{layout.root.name}{source.suffix}"
 
 
