@@ -124,6 +124,41 @@ def test_soft_targets_and_the_exported_ensemble_combine_alike():
         soft.class_probs("coarse", torch.arange(5), 1.0, per_teacher=True)
 
 
+def _text_teachers() -> tuple[list[MultiTaskNet], list[TaskSpec]]:
+    """Two untrained teachers with a text head (different seeds: they write different sentences)."""
+    tasks = [TaskSpec("diagnosis", "text")]
+    cfg = ModelConfig(**{**tiny_model(), "decoder_context": False})
+    teachers = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        teachers.append(MultiTaskNet(cfg, tasks, 11, 6).eval())
+    return teachers, tasks
+
+
+@torch.no_grad()
+def test_text_teachers_vote_with_their_weights_in_decoding_and_in_the_token_targets():
+    teachers, tasks = _text_teachers()
+    images = torch.randn(8, 3, 32, 32)
+    alone = [TeacherEnsemble([t], tasks).eval().decode([t.features(images)])[0] for t in teachers]
+    assert not torch.equal(alone[0], alone[1])  # else the weights could not show
+    ensemble = TeacherEnsemble(teachers, tasks).eval()
+    feats = [t.features(images) for t in teachers]
+    for k in (0, 1):  # all the weight on one teacher: the ensemble writes that teacher's sentences
+        weights = [1.0 - k, float(k)]
+        ensemble.set_combination(Combination("quality_weighted", ["t0", "t1"], {"diagnosis": [1.0, 1.0]},
+                                             {"diagnosis": weights}))
+        assert torch.equal(ensemble.decode(feats)[0], alone[k])
+    # The student's token targets: sum_i w_i softmax(z_i / (T_i * T_kd)) along the cached tokens.
+    tokens, logits = ensemble.decode(feats)
+    comb = Combination("quality_weighted", ["t0", "t1"], {"diagnosis": [2.0, 0.5]}, {"diagnosis": [0.7, 0.3]})
+    soft = SoftTargets(logits={}, text_tokens=tokens, text_logits=logits, combination=comb)
+    idx = torch.tensor([5, 1])
+    expected = 0.7 * (logits[0][idx] / 4.0).softmax(-1) + 0.3 * (logits[1][idx] / 1.0).softmax(-1)
+    assert torch.allclose(soft.token_probs("diagnosis", idx, 2.0), expected, atol=1e-6)
+    with pytest.raises(ValueError, match="kl_sum"):
+        soft.token_probs("diagnosis", idx, 2.0, per_teacher=True)
+
+
 def test_stored_combination_is_refused_for_other_checkpoints(tmp_path: Path):
     teachers, tasks = _tiny_teachers()
     ckpt = tmp_path / "teachers" / "t0" / "best.safetensors"
@@ -135,6 +170,23 @@ def test_stored_combination_is_refused_for_other_checkpoints(tmp_path: Path):
     (tmp_path / "ensemble" / "combination.json").write_text(json.dumps({"combination": comb.to_dict()}))
     with pytest.raises(StaleCombination, match="make student"):
         attach_stored_combination(TeacherEnsemble(teachers[:1], tasks[:1]), tmp_path, [ckpt])
+
+
+@torch.no_grad()
+def test_validation_token_logits_skip_padding_and_line_up_with_the_reference():
+    from deploy.vocab import PAD_ID
+    from train.calibrate import validation_logits
+
+    teachers, tasks = _text_teachers()
+    refs = torch.tensor([[4, 5, 2, PAD_ID, PAD_ID, PAD_ID], [6, 7, 8, 9, 2, PAD_ID], [PAD_ID] * 6])  # 3rd: no text
+    rows = [{"image": torch.randn(3, 32, 32), "diagnosis": r} for r in refs]
+    logits, labels = validation_logits(TeacherEnsemble(teachers, tasks).eval(), rows, torch.device("cpu"))["diagnosis"]
+    keep = refs != PAD_ID
+    assert labels.tolist() == refs[keep].tolist()  # 3 + 5 reference tokens, <eos> included
+    images = torch.stack([r["image"] for r in rows])
+    for i, teacher in enumerate(teachers):  # step j is the teacher-forced prediction of token j
+        forced = teacher(images, text_targets=refs)["diagnosis"]
+        assert torch.allclose(logits[i], forced[keep], atol=1e-5)
 
 
 # --- on a tiny trained run --------------------------------------------------------------------------
@@ -169,6 +221,31 @@ def test_weights_are_reported_and_used_by_soft_targets(tiny_run: Path):
     cfg = load_experiment(tiny_run)
     soft = student_mod.teacher_soft_targets(cfg, load_splits(cfg), torch.device("cpu"), student_mod.DistInfo())
     assert soft.combination.to_dict() == record["combination"]
+
+
+@torch.no_grad()
+def test_the_text_task_is_fitted_on_the_teacher_forced_reference_tokens(tiny_run: Path):
+    """The diagnosis gets a temperature and weight like the classification tasks, fitted on every
+    reference token of validation (step j scored against token j, padding left out)."""
+    from deploy.vocab import PAD_ID
+    from train.experiment import role_preprocessing
+    from train.models.saved import load_model
+    from train.stage import image_set
+
+    run = tiny_run.parent / "runs" / "tiny"
+    rep = json.loads((run / "ensemble" / "combination.json").read_text())["report"]["diagnosis"]
+    assert rep["teachers"] == ["t_all"] and rep["unit"] == "tokens" and rep["weight"] == [1.0]
+    cfg = load_experiment(tiny_run)
+    splits = load_splits(cfg)
+    val = image_set(splits, splits.val, splits.data.spec.tasks, role_preprocessing(cfg, "teachers"))
+    refs = torch.stack([val[i]["diagnosis"] for i in range(len(val))])
+    images = torch.stack([val[i]["image"] for i in range(len(val))])
+    model, _ = load_model(run / "teachers" / "t_all" / "best.safetensors")
+    logits = model.eval()(images, text_targets=refs)["diagnosis"]  # teacher-forced [N, L, V]
+    keep = refs != PAD_ID
+    assert rep["validation_rows"] == int(keep.sum())
+    assert rep["accuracy"][0] == pytest.approx(float((logits.argmax(-1) == refs)[keep].float().mean()))
+    assert rep["nll_raw"][0] == pytest.approx(nll(logits[keep].softmax(-1), refs[keep]), rel=1e-4)
 
 
 def test_soft_target_cache_is_invalidated_when_the_weighting_changes(tiny_run: Path, monkeypatch):

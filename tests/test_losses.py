@@ -246,6 +246,34 @@ def test_distill_step_matches_a_hand_computation_on_a_crafted_cache():
     assert float(loss) == pytest.approx(sum(expected) / 2, rel=1e-5)
 
 
+def test_distill_step_weighs_the_text_teachers_as_the_ensemble_does():
+    """Token targets come from the ensemble's combination: all the weight on one teacher is that teacher
+    alone, and differs from the equal vote."""
+    from types import SimpleNamespace
+
+    from train.ensemble import Combination, SoftTargets
+    from train.experiment import KDConfig
+    from train.student import distill_step
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 4, 5, 7, generator=g) * 3  # [teachers, rows, steps, vocabulary]
+    tokens = torch.randint(4, 7, (4, 5), generator=g)
+    student = torch.randn(2, 5, 7, generator=g)
+    batch = {"index": torch.tensor([3, 1]), "labelled": torch.tensor([True, False]),
+             "diagnosis": tokens[[3, 1]], "image": torch.zeros(2, 3, 4, 4)}
+    loss_fn = MultiTaskLoss([TaskSpec("diagnosis", "text")], alpha=0.5, temperatures={"diagnosis": 2.0})
+    cfg = SimpleNamespace(student=SimpleNamespace(kd=KDConfig(alpha=0.5, ensemble_mode="mean_probs")))
+
+    def loss_of(soft: SoftTargets) -> float:
+        step = distill_step(loss_fn, soft, cfg, "diagnosis")
+        return float(step(lambda image, text_targets=None: {"diagnosis": student}, batch, "labels+kd")[0])
+
+    first_only = Combination("quality_weighted", ["a", "b"], {"diagnosis": [1.0, 1.0]}, {"diagnosis": [1.0, 0.0]})
+    weighted = loss_of(SoftTargets({}, tokens, logits, first_only))
+    assert weighted == pytest.approx(loss_of(SoftTargets({}, tokens, logits[:1])), rel=1e-6)
+    assert weighted != pytest.approx(loss_of(SoftTargets({}, tokens, logits)), rel=1e-3)
+
+
 def math_softmax(x: torch.Tensor) -> torch.Tensor:
     e = torch.exp(x.double() - x.double().max())
     return e / e.sum()

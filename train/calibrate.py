@@ -4,16 +4,19 @@
                                  calibrated_mean  equal vote, each teacher temperature-scaled
                                  quality_weighted temperature-scaled, weighted by validation quality
 
-Calibration (Guo et al., 2017): one temperature T per teacher and classification task, minimising the
-validation negative log-likelihood of softmax(z / T) (LBFGS on log T). Quality weights: the mixture
+Calibration (Guo et al., 2017): one temperature T per teacher and task, minimising the validation
+negative log-likelihood of softmax(z / T) (LBFGS on log T). Quality weights: the mixture
 weights w (on the simplex) that minimise the validation NLL of sum_i w_i p_i, fitted by EM. That
 objective is convex in w, so the fit is the global optimum, and it never does worse on validation
 than the best single (calibrated) teacher, which is one corner of the simplex. Teachers that add
-nothing beyond another one get little weight. Only rows labelled for the task count.
+nothing beyond another one get little weight. Only rows labelled for the task count. The text task is
+fitted the same way on its tokens: each teacher's next-token logits along the validation references
+(teacher-forced), every reference token (its <eos> included) one sample, so a teacher that writes
+worse sentences gets less say in the ensemble's greedy decoding and in the student's token targets.
 
 The result goes to runs/<name>/ensemble/combination.json (reused while teachers, validation rows,
 preprocessing and weighting are unchanged) with each teacher's temperature, weight and validation
-NLL/accuracy, and is printed as a table. The diagnosis (text) is decoded by an equal vote.
+NLL/accuracy (token accuracy for the text task), and is printed as a table.
 """
 
 from __future__ import annotations
@@ -22,12 +25,12 @@ import json
 import math
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from deploy.fileio import atomic_write_text
+from deploy.vocab import PAD_ID
 from train.datasets import FundusImages, model_input
 from train.distributed import DistInfo
 from train.ensemble import (
@@ -90,14 +93,21 @@ def fit_mixture_weights(true_class_probs: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def validation_logits(ensemble: TeacherEnsemble, data: FundusImages, device: torch.device,
-                      batch_size: int = 64) -> dict[str, torch.Tensor]:
-    """task -> [T_members, N, C] teacher logits on `data` (classification tasks only, no decoding)."""
-    parts: dict[str, list[torch.Tensor]] = {}
+                      batch_size: int = 64) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """task -> (teacher logits [T_members, M, C], labels [M]) on the labelled samples of `data`: the
+    images labelled for a classification task; the reference tokens of the text task, teacher-forced."""
+    parts: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
     for batch in DataLoader(data, batch_size=batch_size, shuffle=False):
-        _, logits = ensemble.teacher_outputs(model_input(batch["image"], device))
+        feats, logits = ensemble.teacher_outputs(model_input(batch["image"], device))
         for name, values in logits.items():
-            parts.setdefault(name, []).append(torch.stack(values).float().cpu())
-    return {k: torch.cat(v, 1) for k, v in parts.items()}
+            keep = batch[name] >= 0  # -1: no label for this task
+            parts.setdefault(name, []).append((torch.stack(values).float().cpu()[:, keep], batch[name][keep]))
+        if ensemble.text_task:
+            refs = batch[ensemble.text_task].to(device)
+            _, token_logits = ensemble.decode(feats, forced=refs)  # [T, N, L, V] along the references
+            keep = (refs != PAD_ID).cpu()  # step j predicts reference token j; padding is no token
+            parts.setdefault(ensemble.text_task, []).append((token_logits.float().cpu()[:, keep], refs.cpu()[keep]))
+    return {k: (torch.cat([lg for lg, _ in v], 1), torch.cat([y for _, y in v]).long()) for k, v in parts.items()}
 
 
 def fit_task(logits: torch.Tensor, labels: torch.Tensor, weighting: str) -> tuple[list[float], list[float], dict]:
@@ -128,17 +138,15 @@ def fit_task(logits: torch.Tensor, labels: torch.Tensor, weighting: str) -> tupl
 
 def fit_combination(ensemble: TeacherEnsemble, val: FundusImages, device: torch.device, weighting: str,
                     names: list[str], batch_size: int = 64) -> tuple[Combination, dict]:
-    """Fit temperatures/weights of every classification task on `val`; (combination, report)."""
-    logits = validation_logits(ensemble, val, device, batch_size)
+    """Fit temperatures/weights of every task on `val` (the text task on its tokens); (combination, report)."""
     combination = Combination(weighting=weighting, teachers=list(names))
     report = {}
-    for task, task_logits in logits.items():
-        labels = torch.as_tensor(np.asarray(val.targets[task]), dtype=torch.long)
-        keep = labels >= 0  # rows without a label for this task do not count
-        temps, weights, rep = fit_task(task_logits[:, keep], labels[keep], weighting)
+    for task, (logits, labels) in validation_logits(ensemble, val, device, batch_size).items():
+        temps, weights, rep = fit_task(logits, labels, weighting)
         combination.temperatures[task], combination.weights[task] = temps, weights
         members = [names[i] for i in ensemble._members(task)]
-        report[task] = {"teachers": members, "temperature": temps, "weight": weights, **rep}
+        unit = "tokens" if task == ensemble.text_task else "images"
+        report[task] = {"teachers": members, "temperature": temps, "weight": weights, "unit": unit, **rep}
     return combination, report
 
 
@@ -146,7 +154,7 @@ def format_report(combination: Combination, report: dict) -> str:
     """A markdown table per task: teacher, temperature, weight, validation accuracy and NLL."""
     lines = [f"Ensemble weighting: {combination.weighting} (validation split)"]
     for task, rep in report.items():
-        lines += ["", f"{task} ({rep['validation_rows']} labelled validation images; ensemble NLL "
+        lines += ["", f"{task} ({rep['validation_rows']} labelled validation {rep.get('unit', 'images')}; ensemble NLL "
                   f"{rep.get('ensemble_nll', float('nan')):.4f}, plain mean "
                   f"{rep.get('ensemble_nll_plain_mean', float('nan')):.4f})", "",
                   "| teacher | temperature | weight | val acc | val NLL raw | val NLL calibrated |", "|---" * 6 + "|"]
@@ -155,8 +163,9 @@ def format_report(combination: Combination, report: dict) -> str:
             cells += [f"{rep[k][i]:.4f}" if k in rep else "—" for k in ("accuracy", "nll_raw", "nll_calibrated")]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         if rep.get("below_best_teacher"):
+            what = "token accuracy" if rep.get("unit") == "tokens" else "accuracy"
             lines += ["", f"WARNING {task}: the ensemble ({100 * rep['ensemble_accuracy']:.1f} % validation "
-                      f"accuracy) is below its best teacher ({100 * max(rep['accuracy']):.1f} %); try "
+                      f"{what}) is below its best teacher ({100 * max(rep['accuracy']):.1f} %); try "
                       f"teachers.ensemble_weighting=quality_weighted or stronger teachers (teachers.budget_multiple)"]
     return "\n".join(lines)
 

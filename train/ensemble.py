@@ -3,8 +3,9 @@
 Each task is served by the teachers that have a head for it. A classification task's probabilities are
 sum_i w_i softmax(z_i / T_i) over its teachers: a `Combination` holds one temperature T_i and one weight
 w_i per teacher and task (uniform weights and T = 1 = the plain mean; train.calibrate fits them on the
-validation split). For the text task the teachers decode together, an equal vote: at every step their
-next-token distributions are averaged and the argmax is fed back to all of them. The same module
+validation split). For the text task the teachers decode together: at every step their next-token
+distributions are combined the same way, sum_i w_i softmax(z_i / T_i), and the argmax is fed back to
+all of them. The same module
 produces the soft targets the student learns from (cached once, together with the combination) and is
 exported to ONNX for the benchmarks, so temperatures and weights are buffers and there is no
 data-dependent control flow.
@@ -40,10 +41,11 @@ class StaleCombination(UserError):
 
 @dataclass
 class Combination:
-    """How the ensemble combines its teachers per classification task.
+    """How the ensemble combines its teachers per task (class probabilities; next-token distributions).
 
     temperatures[task] / weights[task]: one value per teacher that has the task's head, in ensemble
-    order (weights sum to 1). A task missing from the mappings is the plain mean (T = 1, equal weights).
+    order (weights sum to 1). A task missing from the mappings is the plain mean (T = 1, equal weights):
+    so a combination stored before the text task had its own reads as the equal vote it was.
     hashes: teacher name -> checkpoint sha256 the values were fitted for.
     """
 
@@ -95,19 +97,30 @@ class SoftTargets:
 
     def class_probs(self, task: str, idx: torch.Tensor, kd_temperature: float,
                     per_teacher: bool = False) -> torch.Tensor:
-        """Soft targets of rows `idx` at the KD temperature: softmax(z_i / (T_i * T_kd)) per teacher,
-        combined with the weights w_i ([N, C]); `per_teacher` keeps them apart ([T, N, C], the kl_sum
-        mode, which averages the teachers' KL terms equally and so needs uniform weights)."""
-        logits = self.logits[task][:, idx].float()
+        """Soft targets of rows `idx` of a classification task at the KD temperature ([N, C]; see `combine`)."""
+        return self.combine(task, self.logits[task][:, idx], kd_temperature, per_teacher)
+
+    def token_probs(self, task: str, idx: torch.Tensor, kd_temperature: float,
+                    per_teacher: bool = False) -> torch.Tensor:
+        """Soft targets of rows `idx` of the text task along `text_tokens` ([N, L, V]; see `combine`)."""
+        return self.combine(task, self.text_logits[:, idx], kd_temperature, per_teacher)
+
+    def combine(self, task: str, logits: torch.Tensor, kd_temperature: float,
+                per_teacher: bool = False) -> torch.Tensor:
+        """softmax(z_i / (T_i * T_kd)) of each teacher's logits [T, N, ...], combined with the weights
+        w_i; `per_teacher` keeps them apart ([T, N, ...], the kl_sum mode, which averages the teachers'
+        KL terms equally and so needs uniform weights)."""
+        logits = logits.float()
         temps, weights = self.combination.for_task(task, logits.shape[0])
-        probs = (logits / (temps[:, None, None] * kd_temperature)).softmax(-1)
+        shape = (-1,) + (1,) * (logits.dim() - 1)  # one value per teacher, broadcast over the rest
+        probs = (logits / (temps.view(shape) * kd_temperature)).softmax(-1)
         if per_teacher:
             if not self.combination.is_uniform(task):
                 raise UserError(f"kd.ensemble_mode=kl_sum averages the teachers equally but the ensemble "
                                 f"weights of {task!r} are not uniform; use ensemble_mode=mean_probs or "
                                 f"teachers.ensemble_weighting=mean|calibrated_mean")
             return probs
-        return (weights[:, None, None] * probs).sum(0)
+        return (weights.view(shape) * probs).sum(0)
 
 
 def _names(model: nn.Module) -> list[str]:
@@ -139,10 +152,8 @@ class TeacherEnsemble(nn.Module):
         return [t.name for t in self.tasks].index(task)
 
     def set_combination(self, combination: Combination) -> TeacherEnsemble:
-        """Use `combination`'s temperatures and weights for the classification tasks."""
+        """Use `combination`'s temperatures and weights for every task (the text task's at each step)."""
         for task in self.tasks:
-            if task.kind != "classification":
-                continue
             k, members = self._task_index(task.name), self._members(task.name)
             temps, weights = combination.for_task(task.name, len(members))
             self.temperature[k, members] = temps.to(self.temperature)
@@ -150,7 +161,8 @@ class TeacherEnsemble(nn.Module):
         return self
 
     def combine(self, task: str, logits: list[torch.Tensor]) -> torch.Tensor:
-        """sum_i w_i softmax(z_i / T_i) over the task's teachers (`logits` in `_members` order)."""
+        """sum_i w_i softmax(z_i / T_i) over the task's teachers (`logits` in `_members` order): class
+        logits [N, C], or next-token logits [N, V] at one decoding step."""
         k = self._task_index(task)
         probs = [self.weight[k, i] * (lg.float() / self.temperature[k, i]).softmax(-1)
                  for lg, i in zip(logits, self._members(task))]
@@ -175,8 +187,7 @@ class TeacherEnsemble(nn.Module):
             for k, d in enumerate(decoders):
                 hidden[k] = d.cell(gates[k], hidden[k])
                 step_logits.append(d.out(hidden[k]))
-            probs = torch.stack([lg.float().softmax(-1) for lg in step_logits]).mean(0)
-            token = probs.argmax(-1)
+            token = self.combine(self.text_task, step_logits).argmax(-1)
             if has_ref is not None:
                 token = torch.where(has_ref, forced[:, j], token)
             tokens.append(token)

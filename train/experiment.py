@@ -133,7 +133,7 @@ class TeachersConfig:
     image_size: int | None = None
     mean: Stats | None = None
     std: Stats | None = None
-    # How the ensemble combines its teachers per classification task (train/calibrate.py): mean (equal
+    # How the ensemble combines its teachers per task, the text vote too (train/calibrate.py): mean (equal
     # vote), calibrated_mean (each teacher temperature-scaled on the validation split) or
     # quality_weighted (calibrated + weights from validation NLL). Soft targets and export use the same.
     ensemble_weighting: Literal["mean", "calibrated_mean", "quality_weighted"] = "mean"

@@ -42,7 +42,7 @@ from train.experiment import (
 )
 from train.fit_check import check_preprocessing, dataset_fingerprint
 from train.loop import EpochPlan, Trainer, seed_everything
-from train.losses import MultiTaskLoss, ensemble_soft_targets, sequence_ce, soften
+from train.losses import MultiTaskLoss, sequence_ce
 from train.models.saved import load_model
 from train.pool import student_rows
 from train.progress import stage
@@ -91,14 +91,11 @@ def distill_step(loss_fn: MultiTaskLoss, soft: SoftTargets, cfg: ExperimentConfi
         for task in loss_fn.tasks:
             if task.kind == "text" and not kd.token_kd:
                 continue
-            temp = loss_fn.temperature(task.name)
-            if task.kind == "classification":  # the ensemble's calibrated/weighted combination (train.ensemble)
-                probs = soft.class_probs(task.name, idx, temp, per_teacher=kd.ensemble_mode == "kl_sum")
-                soft_batch[task.name] = probs.to(out[task.name].device)
-                continue
-            teacher = soft.text_logits[:, idx].to(out[task.name].device).float()  # [T, N, L, V]
-            soft_batch[task.name] = (torch.stack([soften(t, temp) for t in teacher])
-                                     if kd.ensemble_mode == "kl_sum" else ensemble_soft_targets(list(teacher), temp))
+            # The ensemble's calibrated/weighted combination (train.ensemble): class probabilities, or
+            # token distributions along the text targets ([N, L, V]).
+            probs = soft.class_probs if task.kind == "classification" else soft.token_probs
+            soft_batch[task.name] = probs(task.name, idx, loss_fn.temperature(task.name),
+                                          per_teacher=kd.ensemble_mode == "kl_sum").to(out[task.name].device)
         loss, comps = loss_fn(out, targets, soft_batch, labelled)
         if text_task and kd.sequence_kd and (~labelled).any():
             seq = sequence_ce(out[text_task][~labelled], targets[text_task][~labelled])

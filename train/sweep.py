@@ -134,6 +134,9 @@ def sweep(config: str | None, overrides: list[str], points: list[Point], steps: 
         cfg = budgeted(load_experiment(config, [*overrides, *point.overrides()]), steps)
         if point.weighting not in combos:
             combos[point.weighting] = combination_for(cfg, splits, device)
+        # The cached logits recombined with this weighting's temperatures and weights. The pool's greedy
+        # sentences (text_tokens) stay those decoded with the run's own weighting: re-decoding per point
+        # would cost a pass of every text teacher over the pool.
         point_soft = dataclasses.replace(soft, combination=combos[point.weighting])
         cfg = dataclasses.replace(cfg, runs_root=str(root), name=point.name)
         print(f"=== sweep point {point.name} ===", flush=True)
