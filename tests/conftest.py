@@ -86,3 +86,12 @@ def idrid_data(tmp_path_factory) -> Path:
     out = root / "idrid"
     assert adapt_main(["idrid", "--src", str(write_idrid(root / "raw", train=40, test=6)), "--out", str(out)]) == 0
     return out
+
+
+@pytest.fixture(params=["pycuda", "cuda-python"])
+def fake_trt(monkeypatch, request):
+    """tensorrt + one CUDA binding (pycuda, or cuda-python with pycuda absent), all stand-ins
+    (tests/fake_tensorrt.py), for the test's duration; (trt, gpu)."""
+    from fake_tensorrt import install_tensorrt
+
+    return install_tensorrt(request.param, monkeypatch)
