@@ -2,7 +2,7 @@
 
 The tiny model averages each colour channel and maps it through fixed weights, so a red image is
 coarse class c0 / text "red disc" and a green one c1 / "green cup cup": predictions can be asserted.
-test_watch.py and test_trt.py import `write_tiny_model` and `write_image` from here.
+test_watch.py, test_trt.py and test_trt_builder.py import `write_tiny_model` and `write_image` from here.
 """
 
 from __future__ import annotations
