@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -12,12 +13,15 @@ from tiny import make_tiny_dataset, tiny_model, write_tiny_config
 import train.student as student_mod
 from deploy.contract import TaskSpec
 from train.calibrate import (
+    choose_shrinkage,
+    cv_folds,
     fit_mixture_weights,
     fit_task,
     fit_temperature,
     format_report,
     nll,
     teacher_ensemble,
+    true_class_probs,
 )
 from train.ensemble import (
     Combination,
@@ -84,7 +88,56 @@ def test_an_ensemble_below_its_best_teacher_is_reported():
     assert report["below_best_teacher"]
     comb = Combination("mean", ["good", "n1", "n2"], {"coarse": temps}, {"coarse": weights})
     rep = {"teachers": ["good", "n1", "n2"], "temperature": temps, "weight": weights, **report}
-    assert "WARNING coarse" in format_report(comb, {"coarse": rep})
+    warning = format_report(comb, {"coarse": rep}).split("WARNING coarse")[1]
+    right = [round(300 * a) for a in (report["ensemble_accuracy"], max(report["accuracy"]))]
+    assert f"gets {right[0]} of 300 validation images right, its best teacher {right[1]}" in warning
+    assert "ensemble_weighting=quality_weighted" in warning
+    # Already quality-weighted: the advice is stronger teachers, not the weighting it has.
+    weighted = format_report(dataclasses.replace(comb, weighting="quality_weighted"), {"coarse": rep})
+    assert "WARNING coarse" in weighted and "ensemble_weighting=" not in weighted
+
+
+def test_near_equal_teachers_on_a_small_validation_split_get_the_equal_vote():
+    """The in-sample mixture fit favours whichever teacher was luckiest on 60 images; cross-validation
+    sees that it does worse on held-out images than the equal vote, and shrinks the weights to it."""
+    labels = _teacher_logits(60, 5, 0.8, 2.0, seed=10)[1]
+    logits = []
+    for seed in (11, 12, 13, 14):  # same quality, independent mistakes
+        g = torch.Generator().manual_seed(seed)
+        right = torch.rand(60, generator=g) < 0.8
+        picked = torch.where(right, labels, (labels + torch.randint(1, 5, (60,), generator=g)) % 5)
+        lg = torch.randn(60, 5, generator=g)
+        lg[torch.arange(60), picked] += 4.0
+        logits.append(lg)
+    logits = torch.stack(logits)
+    _, weights, report = fit_task(logits, labels, "quality_weighted")
+    in_sample = fit_mixture_weights(true_class_probs(logits, labels, [fit_temperature(lg, labels) for lg in logits]))
+    assert max(in_sample) - min(in_sample) > 0.2  # the unshrunk fit picks favourites
+    assert report["cv_nll"]["0"] > report["cv_nll"][f"{report['shrinkage']:g}"]  # ...and does worse held out
+    assert report["shrinkage"] >= 0.75 and max(weights) - min(weights) < 0.1
+    assert "shrunk towards the equal vote by s = " in format_report(
+        Combination("quality_weighted", list("abcd")), {"coarse": {"teachers": list("abcd"), "temperature": [1.0] * 4,
+                                                                    "weight": weights, **report}})
+
+
+def test_a_clearly_better_teacher_keeps_its_weight_under_cross_validation():
+    good, labels = _teacher_logits(300, 4, accuracy=0.9, scale=3.0, seed=2)
+    noise = [torch.randn(300, 4, generator=torch.Generator().manual_seed(s)) * 3 for s in (3, 4)]
+    _, weights, report = fit_task(torch.stack([good, *noise]), labels, "quality_weighted")
+    assert report["shrinkage"] <= 0.1 and weights[0] > 0.85
+    assert min(report["cv_nll"].values()) == report["cv_nll"][f"{report['shrinkage']:g}"]
+
+
+def test_cross_validation_folds_hold_out_whole_images():
+    groups = torch.tensor([0, 0, 0, 1, 1, 2, 3, 3, 3, 3, 4, 5, 6, 6])  # e.g. a sentence's tokens share its image
+    folds = cv_folds(groups, folds=3)
+    for g in groups.unique():
+        assert folds[groups == g].unique().numel() == 1
+    assert sorted(folds.unique().tolist()) == [0, 1, 2]
+    assert cv_folds(groups, folds=8) is None  # 7 images cannot fill 8 folds
+    _, weights, report = fit_task(torch.randn(3, 4, 5), torch.tensor([0, 1, 2, 3]), "quality_weighted")
+    assert report["cv_nll"] == {} and report["shrinkage"] == 1.0 and weights == [pytest.approx(1 / 3)] * 3
+    assert choose_shrinkage({0.0: 0.5, 0.5: 0.4, 1.0: 0.4}) == 1.0  # a tie goes to the equal vote
 
 
 def test_mixture_weights_stay_equal_for_identical_teachers():
@@ -180,9 +233,11 @@ def test_validation_token_logits_skip_padding_and_line_up_with_the_reference():
     teachers, tasks = _text_teachers()
     refs = torch.tensor([[4, 5, 2, PAD_ID, PAD_ID, PAD_ID], [6, 7, 8, 9, 2, PAD_ID], [PAD_ID] * 6])  # 3rd: no text
     rows = [{"image": torch.randn(3, 32, 32), "diagnosis": r} for r in refs]
-    logits, labels = validation_logits(TeacherEnsemble(teachers, tasks).eval(), rows, torch.device("cpu"))["diagnosis"]
+    logits, labels, images_of = validation_logits(TeacherEnsemble(teachers, tasks).eval(), rows,
+                                                  torch.device("cpu"))["diagnosis"]
     keep = refs != PAD_ID
     assert labels.tolist() == refs[keep].tolist()  # 3 + 5 reference tokens, <eos> included
+    assert images_of.tolist() == [0] * 3 + [1] * 5  # each token knows its sentence (cross-validation folds)
     images = torch.stack([r["image"] for r in rows])
     for i, teacher in enumerate(teachers):  # step j is the teacher-forced prediction of token j
         forced = teacher(images, text_targets=refs)["diagnosis"]

@@ -6,10 +6,15 @@
 
 Calibration (Guo et al., 2017): one temperature T per teacher and task, minimising the validation
 negative log-likelihood of softmax(z / T) (LBFGS on log T). Quality weights: the mixture
-weights w (on the simplex) that minimise the validation NLL of sum_i w_i p_i, fitted by EM. That
-objective is convex in w, so the fit is the global optimum, and it never does worse on validation
-than the best single (calibrated) teacher, which is one corner of the simplex. Teachers that add
-nothing beyond another one get little weight. Only rows labelled for the task count. The text task is
+weights w (on the simplex) that minimise the validation NLL of sum_i w_i p_i, fitted by EM, shrunk
+towards the equal vote: w = (1 - s) w_fit + s / T_members (the MAP fit under a symmetric Dirichlet
+prior). The unshrunk fit is the in-sample optimum and overfits a small validation split: on the
+default's 198 images it put all coarse weight on two of four near-equal teachers and its held-out NLL
+was twice the equal vote's. So s is chosen from SHRINKAGE_GRID by the NLL of CV_FOLDS-fold
+cross-validation on the validation split (temperatures and weights refitted without the held-out
+images; the text task's folds hold out whole sentences), a tie going to the larger s. Strong, distinct
+teachers keep their weights (s near 0), near-equal ones get the equal vote (s = 1); the report lists
+the cross-validated NLL of every s. Only rows labelled for the task count. The text task is
 fitted the same way on its tokens: each teacher's next-token logits along the validation references
 (teacher-forced), every reference token (its <eos> included) one sample, so a teacher that writes
 worse sentences gets less say in the ensemble's greedy decoding and in the student's token targets.
@@ -51,6 +56,13 @@ from train.stage import Splits, image_set
 # 1/T, so clamping the unconstrained optimum gives the constrained one.
 MIN_TEMPERATURE, MAX_TEMPERATURE = 0.25, 10.0
 EM_MAX_ITER, EM_TOL = 1000, 1e-7
+# Shrinkage of the quality weights towards the equal vote (0: the in-sample fit, 1: the equal vote),
+# chosen by cross-validation on the validation split; fewer labelled groups than folds: the equal vote.
+SHRINKAGE_GRID = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
+CV_FOLDS = 5
+CV_SEED = 0
+# Part of a stored combination's key: a change of the fitting rule refits it.
+FIT_RULE = {"shrinkage_grid": list(SHRINKAGE_GRID), "cv_folds": CV_FOLDS, "cv_seed": CV_SEED}
 
 
 def nll(probs: torch.Tensor, labels: torch.Tensor) -> float:
@@ -76,14 +88,15 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return min(max(t, MIN_TEMPERATURE), MAX_TEMPERATURE) if math.isfinite(t) else 1.0
 
 
-def fit_mixture_weights(true_class_probs: torch.Tensor) -> torch.Tensor:
+def fit_mixture_weights(true_class_probs: torch.Tensor, shrinkage: float = 0.0) -> torch.Tensor:
     """Weights w [T] on the simplex maximising mean_n log sum_i w_i p_i[n] (EM; p [T, N] = each
-    teacher's probability of the true class). Starts from, and keeps ties at, equal weights."""
+    teacher's probability of the true class), shrunk towards 1/T by `shrinkage` in every M-step (the
+    MAP fit under a symmetric Dirichlet prior). Starts from, and keeps ties at, equal weights."""
     p = true_class_probs.double().clamp_min(1e-12)
     w = torch.full((p.shape[0],), 1.0 / p.shape[0], dtype=torch.float64)
     for _ in range(EM_MAX_ITER):
         joint = w[:, None] * p
-        new = (joint / joint.sum(0, keepdim=True)).mean(1)
+        new = (1 - shrinkage) * (joint / joint.sum(0, keepdim=True)).mean(1) + shrinkage / p.shape[0]
         done = float((new - w).abs().max()) < EM_TOL
         w = new
         if done:
@@ -92,37 +105,90 @@ def fit_mixture_weights(true_class_probs: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def validation_logits(ensemble: TeacherEnsemble, data: FundusImages, device: torch.device,
-                      batch_size: int = 64) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """task -> (teacher logits [T_members, M, C], labels [M]) on the labelled samples of `data`: the
-    images labelled for a classification task; the reference tokens of the text task, teacher-forced."""
-    parts: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+def validation_logits(ensemble: TeacherEnsemble, data: FundusImages, device: torch.device, batch_size: int = 64
+                      ) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """task -> (teacher logits [T_members, M, C], labels [M], image index [M]) on the labelled samples of
+    `data`: the images labelled for a classification task; the reference tokens of the text task,
+    teacher-forced (a sentence's tokens share its image index: cross-validation holds them out together)."""
+    parts: dict[str, list[tuple[torch.Tensor, ...]]] = {}
+    start = 0
     for batch in DataLoader(data, batch_size=batch_size, shuffle=False):
         feats, logits = ensemble.teacher_outputs(model_input(batch["image"], device))
+        index = torch.arange(start, start + len(batch["image"]))
+        start += len(index)
         for name, values in logits.items():
             keep = batch[name] >= 0  # -1: no label for this task
-            parts.setdefault(name, []).append((torch.stack(values).float().cpu()[:, keep], batch[name][keep]))
+            parts.setdefault(name, []).append((torch.stack(values).float().cpu()[:, keep], batch[name][keep], index[keep]))
         if ensemble.text_task:
             refs = batch[ensemble.text_task].to(device)
             _, token_logits = ensemble.decode(feats, forced=refs)  # [T, N, L, V] along the references
             keep = (refs != PAD_ID).cpu()  # step j predicts reference token j; padding is no token
-            parts.setdefault(ensemble.text_task, []).append((token_logits.float().cpu()[:, keep], refs.cpu()[keep]))
-    return {k: (torch.cat([lg for lg, _ in v], 1), torch.cat([y for _, y in v]).long()) for k, v in parts.items()}
+            parts.setdefault(ensemble.text_task, []).append(
+                (token_logits.float().cpu()[:, keep], refs.cpu()[keep], index[:, None].expand_as(keep)[keep]))
+    return {k: (torch.cat([p[0] for p in v], 1), torch.cat([p[1] for p in v]).long(), torch.cat([p[2] for p in v]))
+            for k, v in parts.items()}
 
 
-def fit_task(logits: torch.Tensor, labels: torch.Tensor, weighting: str) -> tuple[list[float], list[float], dict]:
-    """(temperatures, weights, report) for one task; logits [T, N, C], labels [N] (all labelled)."""
+def true_class_probs(logits: torch.Tensor, labels: torch.Tensor, temps: list[float]) -> torch.Tensor:
+    """Each teacher's probability of the true class, softmax(z_i / T_i)[label]: [T, N] from logits [T, N, C]."""
+    return torch.stack([(lg / t).softmax(-1).gather(1, labels[:, None]).squeeze(1) for lg, t in zip(logits, temps)])
+
+
+def cv_folds(groups: torch.Tensor, folds: int = CV_FOLDS) -> torch.Tensor | None:
+    """Fold id [N] per row, whole groups (images) to one fold, shuffled with a fixed seed; None when
+    there are fewer groups than folds."""
+    unique, inverse = groups.unique(return_inverse=True)
+    if len(unique) < folds:
+        return None
+    order = torch.randperm(len(unique), generator=torch.Generator().manual_seed(CV_SEED))
+    fold_of_group = torch.empty(len(unique), dtype=torch.long)
+    fold_of_group[order] = torch.arange(len(unique)) % folds
+    return fold_of_group[inverse]
+
+
+def cross_validated_nll(logits: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor) -> dict[float, float]:
+    """Shrinkage -> held-out NLL of the quality-weighted mixture, every temperature and weight fitted
+    without the held-out fold; {} when there are too few groups to cross-validate."""
+    folds = cv_folds(groups)
+    if folds is None:
+        return {}
+    held_out: dict[float, list[torch.Tensor]] = {s: [] for s in SHRINKAGE_GRID}
+    for k in range(CV_FOLDS):
+        fit, test = folds != k, folds == k
+        p = true_class_probs(logits, labels, [fit_temperature(lg[fit], labels[fit]) for lg in logits]).double()
+        for s in SHRINKAGE_GRID:
+            w = fit_mixture_weights(p[:, fit], s).double()
+            held_out[s].append(-(w[:, None] * p[:, test]).sum(0).clamp_min(1e-12).log())
+    return {s: float(torch.cat(v).mean()) for s, v in held_out.items()}
+
+
+def choose_shrinkage(cv_nll: dict[float, float]) -> float:
+    """The shrinkage with the lowest cross-validated NLL, a tie to the larger (closer to the equal
+    vote: the simpler model); the equal vote (1.0) when nothing could be cross-validated."""
+    if not cv_nll:
+        return 1.0
+    best = min(cv_nll.values())
+    return max(s for s, v in cv_nll.items() if v <= best + 1e-9)
+
+
+def fit_task(logits: torch.Tensor, labels: torch.Tensor, weighting: str, groups: torch.Tensor | None = None
+             ) -> tuple[list[float], list[float], dict]:
+    """(temperatures, weights, report) for one task; logits [T, N, C], labels [N] (all labelled), groups
+    [N] the image of each row (default: every row its own; the cross-validation folds keep them whole)."""
     n = logits.shape[0]
     if weighting == "mean" or len(labels) == 0:
         temps = [1.0] * n
     else:
         temps = [fit_temperature(lg, labels) for lg in logits]
     probs = torch.stack([(lg / t).softmax(-1) for lg, t in zip(logits, temps)])  # [T, N, C]
+    report: dict = {"validation_rows": len(labels)}
     if weighting == "quality_weighted" and len(labels):
-        weights = fit_mixture_weights(probs.gather(2, labels[None, :, None].expand(n, -1, 1)).squeeze(2))
+        cv_nll = cross_validated_nll(logits, labels, torch.arange(len(labels)) if groups is None else groups)
+        shrinkage = choose_shrinkage(cv_nll)
+        weights = fit_mixture_weights(true_class_probs(logits, labels, temps), shrinkage)
+        report |= {"shrinkage": shrinkage, "cv_nll": {f"{s:g}": v for s, v in cv_nll.items()}}
     else:
         weights = torch.full((n,), 1.0 / n)
-    report = {"validation_rows": len(labels)}
     if len(labels):
         raw_mean = torch.stack([lg.softmax(-1) for lg in logits]).mean(0)
         combined = (weights[:, None, None] * probs).sum(0)
@@ -141,8 +207,8 @@ def fit_combination(ensemble: TeacherEnsemble, val: FundusImages, device: torch.
     """Fit temperatures/weights of every task on `val` (the text task on its tokens); (combination, report)."""
     combination = Combination(weighting=weighting, teachers=list(names))
     report = {}
-    for task, (logits, labels) in validation_logits(ensemble, val, device, batch_size).items():
-        temps, weights, rep = fit_task(logits, labels, weighting)
+    for task, (logits, labels, groups) in validation_logits(ensemble, val, device, batch_size).items():
+        temps, weights, rep = fit_task(logits, labels, weighting, groups)
         combination.temperatures[task], combination.weights[task] = temps, weights
         members = [names[i] for i in ensemble._members(task)]
         unit = "tokens" if task == ensemble.text_task else "images"
@@ -162,22 +228,39 @@ def format_report(combination: Combination, report: dict) -> str:
             cells = [f"{rep['temperature'][i]:.3f}", f"{rep['weight'][i]:.3f}"]
             cells += [f"{rep[k][i]:.4f}" if k in rep else "—" for k in ("accuracy", "nll_raw", "nll_calibrated")]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
-        if rep.get("below_best_teacher"):
-            what = "token accuracy" if rep.get("unit") == "tokens" else "accuracy"
-            lines += ["", f"WARNING {task}: the ensemble ({100 * rep['ensemble_accuracy']:.1f} % validation "
-                      f"{what}) is below its best teacher ({100 * max(rep['accuracy']):.1f} %); try "
-                      f"teachers.ensemble_weighting=quality_weighted or stronger teachers (teachers.budget_multiple)"]
+        lines += _shrinkage_lines(rep) + _below_best_lines(task, rep, combination.weighting)
     return "\n".join(lines)
+
+
+def _shrinkage_lines(rep: dict) -> list[str]:
+    if "shrinkage" not in rep:
+        return []
+    if not rep["cv_nll"]:
+        return ["", f"Weights: the equal vote (fewer than {CV_FOLDS} labelled images to cross-validate a fit)"]
+    scores = ", ".join(f"s={s} {v:.4f}" for s, v in rep["cv_nll"].items())
+    return ["", f"Weights shrunk towards the equal vote by s = {rep['shrinkage']:g}, the lowest {CV_FOLDS}-fold "
+            f"cross-validated NLL on validation (s = 0: the in-sample fit, 1: the equal vote): {scores}"]
+
+
+def _below_best_lines(task: str, rep: dict, weighting: str) -> list[str]:
+    if not rep.get("below_best_teacher"):
+        return []
+    what = "tokens" if rep.get("unit") == "tokens" else "images"
+    right = [round(a * rep["validation_rows"]) for a in (rep["ensemble_accuracy"], max(rep["accuracy"]))]
+    advice = ("stronger teachers (teachers.budget_multiple)" if weighting == "quality_weighted" else
+              "teachers.ensemble_weighting=quality_weighted or stronger teachers (teachers.budget_multiple)")
+    return ["", f"WARNING {task}: the ensemble gets {right[0]} of {rep['validation_rows']} validation {what} right, "
+            f"its best teacher {right[1]}; try {advice}"]
 
 
 def calibrated_ensemble(ensemble: TeacherEnsemble, paths: list[Path], val: FundusImages, run_dir: Path,
                         weighting: str, device: torch.device, batch_size: int = 64,
                         write: bool = True) -> tuple[TeacherEnsemble, Combination]:
     """The ensemble with its fitted combination; reuses runs/<name>/ensemble/combination.json while
-    its key (teachers, validation rows, preprocessing, weighting) matches, else refits and rewrites it."""
+    its key (teachers, validation rows, preprocessing, weighting, fitting rule) matches, else refits and rewrites it."""
     names = [p.parent.name for p in paths]
     key = {"weighting": weighting, "teachers": teacher_hashes(paths), "rows": [r.path for r in val.rows],
-           "preprocessing": val.spec.to_dict()}
+           "preprocessing": val.spec.to_dict(), "fit": FIT_RULE}
     key = json.loads(json.dumps(key))  # as stored: tuples become lists
     path = combination_path(run_dir)
     stored = json.loads(path.read_text()) if path.exists() else {}
