@@ -290,6 +290,7 @@ def test_the_text_task_is_fitted_on_the_teacher_forced_reference_tokens(tiny_run
     run = tiny_run.parent / "runs" / "tiny"
     rep = json.loads((run / "ensemble" / "combination.json").read_text())["report"]["diagnosis"]
     assert rep["teachers"] == ["t_all"] and rep["unit"] == "tokens" and rep["weight"] == [1.0]
+    assert "shrinkage" not in rep  # one teacher: nothing to cross-validate, no shrinkage line in the report
     cfg = load_experiment(tiny_run)
     splits = load_splits(cfg)
     val = image_set(splits, splits.val, splits.data.spec.tasks, role_preprocessing(cfg, "teachers"))

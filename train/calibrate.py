@@ -182,7 +182,7 @@ def fit_task(logits: torch.Tensor, labels: torch.Tensor, weighting: str, groups:
         temps = [fit_temperature(lg, labels) for lg in logits]
     probs = torch.stack([(lg / t).softmax(-1) for lg, t in zip(logits, temps)])  # [T, N, C]
     report: dict = {"validation_rows": len(labels)}
-    if weighting == "quality_weighted" and len(labels):
+    if weighting == "quality_weighted" and len(labels) and n > 1:  # one teacher: its weight is 1, nothing to fit
         cv_nll = cross_validated_nll(logits, labels, torch.arange(len(labels)) if groups is None else groups)
         shrinkage = choose_shrinkage(cv_nll)
         weights = fit_mixture_weights(true_class_probs(logits, labels, temps), shrinkage)
