@@ -13,6 +13,7 @@ from tiny import make_tiny_dataset, tiny_model, write_tiny_config
 import train.student as student_mod
 from deploy.contract import TaskSpec
 from train.calibrate import (
+    calibrated_probs,
     choose_shrinkage,
     cv_folds,
     fit_mixture_weights,
@@ -111,7 +112,7 @@ def test_near_equal_teachers_on_a_small_validation_split_get_the_equal_vote():
         logits.append(lg)
     logits = torch.stack(logits)
     _, weights, report = fit_task(logits, labels, "quality_weighted")
-    in_sample = fit_mixture_weights(true_class_probs(logits, labels, [fit_temperature(lg, labels) for lg in logits]))
+    in_sample = fit_mixture_weights(true_class_probs(calibrated_probs(logits, [fit_temperature(lg, labels) for lg in logits]), labels))
     assert max(in_sample) - min(in_sample) > 0.2  # the unshrunk fit picks favourites
     assert report["cv_nll"]["0"] > report["cv_nll"][f"{report['shrinkage']:g}"]  # ...and does worse held out
     assert report["shrinkage"] >= 0.75 and max(weights) - min(weights) < 0.1

@@ -129,9 +129,14 @@ def validation_logits(ensemble: TeacherEnsemble, data: FundusImages, device: tor
             for k, v in parts.items()}
 
 
-def true_class_probs(logits: torch.Tensor, labels: torch.Tensor, temps: list[float]) -> torch.Tensor:
-    """Each teacher's probability of the true class, softmax(z_i / T_i)[label]: [T, N] from logits [T, N, C]."""
-    return torch.stack([(lg / t).softmax(-1).gather(1, labels[:, None]).squeeze(1) for lg, t in zip(logits, temps)])
+def calibrated_probs(logits: torch.Tensor, temps: list[float]) -> torch.Tensor:
+    """softmax(z_i / T_i) of each teacher: [T, N, C] from logits [T, N, C]."""
+    return torch.stack([(lg / t).softmax(-1) for lg, t in zip(logits, temps)])
+
+
+def true_class_probs(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Each teacher's probability of the true class: [T, N] from probs [T, N, C]."""
+    return probs.gather(2, labels[None, :, None].expand(probs.shape[0], -1, 1)).squeeze(2)
 
 
 def cv_folds(groups: torch.Tensor, folds: int = CV_FOLDS) -> torch.Tensor | None:
@@ -155,7 +160,8 @@ def cross_validated_nll(logits: torch.Tensor, labels: torch.Tensor, groups: torc
     held_out: dict[float, list[torch.Tensor]] = {s: [] for s in SHRINKAGE_GRID}
     for k in range(CV_FOLDS):
         fit, test = folds != k, folds == k
-        p = true_class_probs(logits, labels, [fit_temperature(lg[fit], labels[fit]) for lg in logits]).double()
+        temps = [fit_temperature(lg[fit], labels[fit]) for lg in logits]
+        p = true_class_probs(calibrated_probs(logits, temps), labels).double()
         for s in SHRINKAGE_GRID:
             w = fit_mixture_weights(p[:, fit], s).double()
             held_out[s].append(-(w[:, None] * p[:, test]).sum(0).clamp_min(1e-12).log())
@@ -180,12 +186,12 @@ def fit_task(logits: torch.Tensor, labels: torch.Tensor, weighting: str, groups:
         temps = [1.0] * n
     else:
         temps = [fit_temperature(lg, labels) for lg in logits]
-    probs = torch.stack([(lg / t).softmax(-1) for lg, t in zip(logits, temps)])  # [T, N, C]
+    probs = calibrated_probs(logits, temps)  # [T, N, C]
     report: dict = {"validation_rows": len(labels)}
     if weighting == "quality_weighted" and len(labels) and n > 1:  # one teacher: its weight is 1, nothing to fit
         cv_nll = cross_validated_nll(logits, labels, torch.arange(len(labels)) if groups is None else groups)
         shrinkage = choose_shrinkage(cv_nll)
-        weights = fit_mixture_weights(true_class_probs(logits, labels, temps), shrinkage)
+        weights = fit_mixture_weights(true_class_probs(probs, labels), shrinkage)
         report |= {"shrinkage": shrinkage, "cv_nll": {f"{s:g}": v for s, v in cv_nll.items()}}
     else:
         weights = torch.full((n,), 1.0 / n)
