@@ -79,3 +79,11 @@ def test_budget_multiple_must_be_positive(tiny_data, tmp_path):
     with pytest.raises((ConfigError, ValueError), match="budget_multiple"):
         load_experiment(write_tiny_config(tmp_path / "c.yaml", tiny_data, tmp_path / "runs"),
                         ["teachers.budget_multiple=0"])
+
+
+@pytest.mark.parametrize("config", ["default", "real", "real_gpu"])
+def test_the_configs_users_train_with_give_every_teacher_the_students_steps(config):
+    # Without the policy, a student trained over an unlabelled pool gets many times a teacher's steps,
+    # and a ~145-step ensemble lost to a Lite0 trained alone (issue 9).
+    multiple = load_experiment(f"configs/{config}.yaml").teachers.budget_multiple
+    assert multiple is not None and multiple >= 1
