@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -79,21 +78,12 @@ def ensure_same_config(out_dir: Path, meta: dict) -> None:
                            f"another experiment name (name=...)")
 
 
-def teacher_seed(run_seed: int, name: str) -> int:
-    """The teacher's own seed: its head initialisation, batch order and augmentation draws. An ensemble
-    gains from members that err on different images, and deep ensembles draw that diversity from these
-    three; with the run's seed for every teacher they differed only by their tasks. Derived from the
-    run's seed and the teacher's name (crc32, stable across processes, unlike hash())."""
-    return (run_seed * 1_000_003 + zlib.crc32(name.encode())) % 2**31
-
-
 def train_teacher(cfg: ExperimentConfig, spec: TeacherSpec, splits: Splits, device: torch.device,
                   info: DistInfo) -> dict:
     """Train (or resume, or skip if finished) one teacher; returns its test metrics."""
     out_dir = cfg.layout.teacher_dir(spec.name)
     model_cfg = dataclasses.replace(spec.model or cfg.teachers.model, tasks=list(spec.tasks))
-    seed = teacher_seed(cfg.seed, spec.name)
-    seed_everything(seed)
+    seed_everything(cfg.seed)
     model = build_model(model_cfg, splits.data, spec.tasks).to(device)
     tasks = [splits.data.spec.task(n) for n in spec.tasks]
     pre = role_preprocessing(cfg, "teachers")
@@ -109,7 +99,7 @@ def train_teacher(cfg: ExperimentConfig, spec: TeacherSpec, splits: Splits, devi
         return score, flat_headline(metrics, tasks)
 
     meta = {"role": "teacher", "name": spec.name, "preprocessing": pre.to_dict(),
-            "config": {"model": to_dict(model_cfg), "train": to_dict(tcfg), "seed": seed,
+            "config": {"model": to_dict(model_cfg), "train": to_dict(tcfg), "seed": cfg.seed,
                        "data": to_dict(cfg.data), "image_size": pre.size,
                        "dataset": dataset_fingerprint(splits.data)}}
     check_preprocessing(cfg.layout.teacher_checkpoint(spec.name), pre)  # not reused/resumed on other pixels
@@ -121,7 +111,7 @@ def train_teacher(cfg: ExperimentConfig, spec: TeacherSpec, splits: Splits, devi
     trainer = Trainer(name=spec.name, model=model, train_set=train_set,
                       plan=lambda epoch: EpochPlan(np.arange(len(train_set)), "labels"),
                       step=supervised_step(loss_fn, text), evaluate=evaluate, cfg=tcfg, out_dir=out_dir,
-                      seed=seed, device=device, info=info, meta=meta)
+                      seed=cfg.seed, device=device, info=info, meta=meta)
     if info.is_main:
         save_resolved(cfg, out_dir)
     best = trainer.fit()
