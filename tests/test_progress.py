@@ -117,7 +117,7 @@ def test_a_training_run_prints_its_plan_and_writes_status(tiny_data, tmp_path, c
                             **{"teachers.train.epochs": 2, "teachers.members": [{"name": "t_coarse", "tasks": ["coarse"]}]})
     assert teachers.main(["--config", str(cfg)]) == 0
     out = capsys.readouterr().out
-    for expected in (r"\[teachers 1/1\] t_coarse device cpu, AMP off \(CPU\)",
+    for expected in (r"\[teachers 1/1\] t_coarse device cpu with \d+ thread\(s\), AMP off \(CPU\)",
                      r"\[teachers 1/1\] t_coarse backbone test_efficientnet, weights: random initialisation",
                      r"\[teachers 1/1\] t_coarse plan 2 epochs, \d+ optimizer steps \(batch 16\)",
                      r"\[teachers 1/1\] t_coarse output .*teachers/t_coarse",
