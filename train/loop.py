@@ -330,7 +330,7 @@ class Trainer:
         barrier(self.info)
 
     def describe(self) -> list[str]:
-        """The start-of-run summary: device, AMP, backbone and weights, planned steps, output folder."""
+        """The start-of-run summary: device (and CPU threads), AMP, backbone and weights, planned steps, output."""
         model_cfg = getattr(self._raw_model(), "cfg", None)
         o = self.cfg.optim
         # On the CPU the thread count changes the float summation order, and with it the trained weights
