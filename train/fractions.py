@@ -8,25 +8,34 @@ trained on the kept labels, the student learns from them plus the whole unlabell
 from the kept labels only, the linear probe (train.probe) from the kept labels on frozen features.
 Each fraction is an ordinary run (runs/<name>-frac015/ ...), so an interrupted experiment resumes
 where it stopped; 100 % is the experiment's own run (runs/<name>/), reused when `make all` made it.
-Teachers train `--jobs` at a time in their own processes (train.parallel). Writes runs/<name>/fractions/fractions.{md,json,png}.
+Teachers train `--jobs` at a time in their own processes (train.parallel). Writes runs/<name>/fractions/fractions.{md,json,png}
+with every finished fraction of the experiment, also those an earlier invocation ran (`--fractions 0.15`
+today, `--fractions 0.3` tomorrow: the table holds both), except runs trained with another config.
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
 import json
+from pathlib import Path
+
+import yaml
 
 from deploy.contract import TaskSpec
 from deploy.errors import cli
 from deploy.fileio import atomic_write_text
+from train.config import flatten_mapping, to_dict
 from train.data.splits import PAPER_LABEL_FRACTIONS
 from train.distributed import init_distributed, shutdown_distributed
 from train.experiment import (
+    ExperimentConfig,
     add_config_args,
     config_overrides,
     load_experiment,
     teacher_specs,
 )
+from train.layout import RunLayout
 from train.metrics import to_points
 from train.plots import plot_fractions
 from train.stage import load_splits
@@ -38,6 +47,10 @@ MODELS = ("ensemble", "student", "baseline", PROBE_ROW)  # the probe has no text
 
 
 FRACTIONS = (*PAPER_LABEL_FRACTIONS, 1.0)
+RUN_SUFFIX = "-frac"  # runs/<name>-frac015/: the 15 % run of experiment <name>
+# Config keys that may differ between the fraction runs of one experiment: each run's own name and
+# label fraction, and sections that change neither training nor the accuracy/top-5/BLEU columns.
+PER_RUN_KEYS = ("name=", "runs_root=", "data.label_fraction=", "compress.", "bench.", "clinical.")
 
 
 def fraction_overrides(path: str | None, overrides: list[str], fraction: float) -> list[str]:
@@ -45,10 +58,59 @@ def fraction_overrides(path: str | None, overrides: list[str], fraction: float) 
     if fraction >= 1:
         return overrides
     base = load_experiment(path, overrides)
-    return [*overrides, f"name={base.name}-frac{round(100 * fraction):03d}", f"data.label_fraction={fraction}"]
+    return [*overrides, f"name={base.name}{RUN_SUFFIX}{round(100 * fraction):03d}",
+            f"data.label_fraction={fraction}"]
 
 
-def run_fraction(path: str, overrides: list[str], jobs: str) -> dict:
+def shared_settings(config: dict) -> set[str]:
+    """A resolved config as `key=value` lines, without the keys each fraction's run sets for itself."""
+    return {line for line in flatten_mapping(config) if not line.startswith(PER_RUN_KEYS)}
+
+
+def differing_keys(run_config: Path, base: ExperimentConfig) -> list[str]:
+    """The settings in which a run's saved config differs from the experiment's (['config.yaml'] if unreadable)."""
+    try:
+        saved = yaml.safe_load(run_config.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return [run_config.name]
+    if not isinstance(saved, dict):
+        return [run_config.name]
+    changed = shared_settings(saved) ^ shared_settings(to_dict(base))
+    return sorted({line.split("=", 1)[0] for line in changed})
+
+
+def finished_summaries(base: ExperimentConfig) -> list[dict]:
+    """The summaries of every finished run of the experiment (runs/<name>/, runs/<name>-fracNNN/), also
+    those an earlier invocation made, by label fraction; a run trained with another config is left out
+    with one line saying why."""
+    runs = [base.run_dir, *sorted(Path(base.runs_root).glob(f"{glob.escape(base.name)}{RUN_SUFFIX}[0-9][0-9][0-9]"))]
+    summaries = []
+    for run in runs:
+        path = RunLayout(run).summary("json")
+        if not path.exists():
+            continue
+        changed = differing_keys(RunLayout(run).resolved_config("student"), base)
+        if changed:
+            print(f"{run}: left out of the fractions table: trained with another config ({', '.join(changed[:5])}); "
+                  f"rerun that fraction to include it", flush=True)
+            continue
+        summaries.append(json.loads(path.read_text()))
+    return sorted(summaries, key=lambda s: s.get("label_fraction") or 1.0)
+
+
+def fraction_rows(summaries: list[dict], keys: list[tuple[str, str]]) -> list[dict]:
+    """One row per (fraction, model) with the kept columns, in fraction order."""
+    rows = []
+    for summary in summaries:
+        for model in MODELS:
+            if model in summary["rows"]:
+                values = {k: summary["rows"][model].get(k) for k, _ in keys}
+                rows.append({"fraction": summary.get("label_fraction") or 1.0, "model": model,
+                             **{k: v for k, v in values.items() if v is not None}})
+    return rows
+
+
+def run_fraction(path: str, overrides: list[str], jobs: str) -> None:
     """Teachers (in parallel processes), student, baseline and summary of one fraction's run."""
     cfg = load_experiment(path, overrides)
     info, device = init_distributed(cfg.device)
@@ -61,7 +123,6 @@ def run_fraction(path: str, overrides: list[str], jobs: str) -> dict:
         for spec in specs:
             train_teacher(cfg, spec, splits, device, info)
     run_student(cfg, info, device)
-    return json.loads((cfg.layout.summary("json")).read_text())
 
 
 def fraction_columns(tasks: list[TaskSpec]) -> list[tuple[str, str]]:
@@ -87,19 +148,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         base = load_experiment(args.config, config_overrides(args))
-        rows, keys = [], None
         for fraction in args.fractions:
             overrides = fraction_overrides(args.config, config_overrides(args), fraction)
             cfg = load_experiment(args.config, overrides)
             print(f"=== label fraction {fraction:.0%}: {cfg.run_dir} ===", flush=True)
-            summary = run_fraction(args.config, overrides, args.jobs)
-            tasks = load_splits(cfg).data.spec.tasks
-            keys = keys or fraction_columns(tasks)
-            for model in MODELS:
-                if model in summary["rows"]:
-                    values = {k: summary["rows"][model].get(k) for k, _ in keys}
-                    rows.append({"fraction": fraction, "model": model,
-                                 **{k: v for k, v in values.items() if v is not None}})
+            run_fraction(args.config, overrides, args.jobs)
+        keys = fraction_columns(load_splits(base).data.spec.tasks)
+        rows = fraction_rows(finished_summaries(base), keys)
         out = base.layout
         atomic_write_text(out.fractions_report("json"), json.dumps(rows, indent=1))
         md = f"# Label-fraction experiment ({base.name}), test split\n\n{table(rows, keys)}\n"

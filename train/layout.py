@@ -23,6 +23,7 @@ INT8_FLAVOURS: tuple[str, ...] = ("int8-cpu", "int8-tensorrt")
 CHECKPOINT = "best.safetensors"  # the selected weights of a trained model
 LAST_CHECKPOINT = "last.safetensors"  # the resume point
 FINAL = "final.json"  # a finished model's test metrics (its presence means "trained")
+RESOLVED_CONFIG = "config.yaml"  # the resolved experiment config, next to every trained model
 BENCH_REPORT = "report"  # bench/report.json and report.md (in --out when the benchmark was sent elsewhere)
 
 # What each top-level entry of a run folder is: the index of the verdict (runs/<name>/README.md).
@@ -79,6 +80,10 @@ class RunLayout:
 
     def checkpoint(self, role: str) -> Path:
         return self.model_dir(role) / CHECKPOINT
+
+    def resolved_config(self, role: str) -> Path:
+        """The config a model (student | baseline | ...) was trained with (train.stage.save_resolved)."""
+        return self.model_dir(role) / RESOLVED_CONFIG
 
     def combination(self) -> Path:
         """The ensemble's fitted calibration/weights (train.calibrate)."""

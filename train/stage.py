@@ -25,7 +25,7 @@ from train.datasets import FundusImages
 from train.distributed import DistInfo, barrier, broadcast_object
 from train.evaluate import collect_outputs, model_predict, score_outputs, selection_score
 from train.experiment import AugmentConfig, ExperimentConfig
-from train.layout import FINAL
+from train.layout import FINAL, RESOLVED_CONFIG
 from train.losses import class_balance_weights
 from train.metrics import headline
 from train.models.multitask import ModelConfig, MultiTaskNet
@@ -142,4 +142,4 @@ def write_final(out_dir: Path, name: str, metrics: dict, tasks: list[TaskSpec], 
 
 
 def save_resolved(cfg: ExperimentConfig, out_dir: Path) -> None:
-    save_config(cfg, out_dir / "config.yaml")
+    save_config(cfg, out_dir / RESOLVED_CONFIG)
