@@ -36,7 +36,8 @@ def tiny_overrides(path: Path, runs: Path, **extra) -> Path:
             "teachers": {"model": tiny_model(), "train": train},
             "student": {"model": tiny_model(), "train": train},
             "compress": {"calibration_images": 16},
-            "bench": {"duration_s": 0.02, "batch_duration_s": 0.02, "warmup": 1, "min_runs": 2, "memory": "off"}}
+            "bench": {"duration_s": 0.02, "batch_duration_s": 0.02, "warmup": 1, "min_runs": 2, "rounds": 2,
+                      "memory": "off"}}
     return write_yaml(path, data, extra)
 
 
