@@ -350,6 +350,9 @@ def test_label_fraction_experiment_table_and_plot(tiny_data, tmp_path):
     # 100 % is the experiment's own run; teachers ran as parallel processes, each with its log.
     assert (out.parent / "summary.json").exists() and not (tmp_path / "runs" / "tiny-frac100").exists()
     assert (tmp_path / "runs" / "tiny-frac050" / "teachers" / "t_coarse" / "train.log").exists()
+    for run in ("tiny-frac050", "tiny"):  # each fraction's stages timed as a whole, not per teacher job
+        stages = json.loads((tmp_path / "runs" / run / "stage_times.json").read_text())["stages"]
+        assert {"teachers", "student"} <= set(stages) and "--only" not in stages["teachers"]["argv"], stages
     half = load_dataset(tiny_data, manifest="manifest.frac050.seed0.csv")
     full = load_dataset(tiny_data)
     kept = {r.patient_id for r in half.split("train")}

@@ -294,6 +294,18 @@ def test_run_stage_records_time_and_status_in_the_run_folder(run, monkeypatch):
     assert set(ST.read_stage_times(layout)) == {"compress"}
 
 
+def test_timed_stage_records_each_block_and_hides_the_stage_from_its_children(tmp_path, monkeypatch):
+    layout = RunLayout(tmp_path)
+    monkeypatch.delenv(ST.STAGE_ENV, raising=False)
+    with ST.timed_stage(layout, "teachers", ["--config", "c.yaml"]):
+        assert os.environ[ST.STAGE_ENV] == "teachers"  # parallel teacher processes do not record
+    with pytest.raises(RuntimeError), ST.timed_stage(layout, "student"):
+        raise RuntimeError("a failed student")
+    stages = ST.read_stage_times(layout)
+    assert stages["teachers"]["status"] == "ok" and stages["teachers"]["argv"] == ["--config", "c.yaml"]
+    assert stages["student"]["status"] == "failed" and ST.STAGE_ENV not in os.environ
+
+
 def test_the_verdict_shows_the_stage_table(run):
     args, layout, write = run
     ST.record_stage(layout, "teachers", 0.0, 600.0, 0)

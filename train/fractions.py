@@ -39,6 +39,7 @@ from train.layout import RunLayout
 from train.metrics import to_points
 from train.plots import plot_fractions
 from train.stage import load_splits
+from train.stage_times import timed_stage
 from train.student import run as run_student
 from train.summary import PROBE_ROW, summary_columns
 from train.teachers import job_count, train_in_parallel, train_teacher
@@ -111,18 +112,22 @@ def fraction_rows(summaries: list[dict], keys: list[tuple[str, str]]) -> list[di
 
 
 def run_fraction(path: str, overrides: list[str], jobs: str) -> None:
-    """Teachers (in parallel processes), student, baseline and summary of one fraction's run."""
+    """Teachers (in parallel processes), student, baseline and summary of one fraction's run, each of
+    the two stages timed in that run's stage_times.json."""
     cfg = load_experiment(path, overrides)
     info, device = init_distributed(cfg.device)
     splits = load_splits(cfg, info)
     specs = teacher_specs(cfg, splits.data.spec.task_names)
     count = job_count(jobs, len(specs))
-    if count > 1 and not info.enabled:
-        train_in_parallel(cfg, path, overrides, specs, count)
-    else:
-        for spec in specs:
-            train_teacher(cfg, spec, splits, device, info)
-    run_student(cfg, info, device)
+    argv = ["--config", path, *overrides]
+    with timed_stage(cfg.layout, "teachers", argv):
+        if count > 1 and not info.enabled:
+            train_in_parallel(cfg, path, overrides, specs, count)
+        else:
+            for spec in specs:
+                train_teacher(cfg, spec, splits, device, info)
+    with timed_stage(cfg.layout, "student", argv):
+        run_student(cfg, info, device)
 
 
 def fraction_columns(tasks: list[TaskSpec]) -> list[tuple[str, str]]:

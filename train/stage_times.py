@@ -10,7 +10,8 @@ of the first config the stage loads (`load_experiment` notes it here), so the st
 overrides included, decide where the entry goes. One entry per stage, replaced when the stage runs
 again; a stage that found its outputs up to date records its short time, as it happened. Not recorded:
 `--help` and argument errors (no stage ran), processes started by a timed stage (parallel teachers:
-the parent's entry covers them), and distributed ranks other than 0.
+the parent's entry covers them), and distributed ranks other than 0. An entry point that runs stages
+of several runs (train.fractions: each fraction's teachers and student) times each with `timed_stage`.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from deploy.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, cli
@@ -103,10 +105,35 @@ def run_stage(main: Callable[[Sequence[str] | None], int], stage: str, argv: Seq
         _active.remove(timing)
         os.environ.pop(STAGE_ENV, None)
         if timing.layout is not None:
-            try:
-                record_stage(timing.layout, stage, started, time.time(), code, args, status)
-            except OSError as exc:  # the timing is a report: never turn a stage's result into a failure
-                print(f"warning: could not record the stage time: {exc}", file=sys.stderr)
+            _record_quietly(timing.layout, stage, started, code, args, status)
+
+
+@contextmanager
+def timed_stage(layout: RunLayout, stage: str, argv: Sequence[str] = ()) -> Iterator[None]:
+    """Time the block as `stage` of the run `layout` (one entry, like run_stage); the processes it starts
+    (parallel teachers) do not record their own."""
+    if not _records():
+        yield
+        return
+    os.environ[STAGE_ENV] = stage
+    started, code = time.time(), EXIT_FAILED
+    try:
+        yield
+        code = EXIT_OK
+    except KeyboardInterrupt:
+        code = EXIT_INTERRUPTED
+        raise
+    finally:
+        os.environ.pop(STAGE_ENV, None)
+        _record_quietly(layout, stage, started, code, argv, None)
+
+
+def _record_quietly(layout: RunLayout, stage: str, started: float, code: int, argv: Sequence[str],
+                    status: str | None) -> None:
+    try:
+        record_stage(layout, stage, started, time.time(), code, argv, status)
+    except OSError as exc:  # the timing is a report: never turn a stage's result into a failure
+        print(f"warning: could not record the stage time: {exc}", file=sys.stderr)
 
 
 def ordered(stages: dict[str, dict]) -> list[dict]:
