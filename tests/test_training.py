@@ -379,13 +379,17 @@ def test_the_fractions_table_keeps_earlier_fractions_and_leaves_out_other_config
     _finished_run(runs, "tiny-frac030", cfg, 0.3, **{"student.kd.alpha": 0.5})
     _finished_run(runs, "tiny-frac020-copy", cfg, 0.2)  # a copy of a run, not one of the experiment
     (runs / "tiny-frac020").mkdir()  # started, not finished: no summary yet
+    _finished_run(runs, "tiny-frac070", cfg, 0.7)
+    (runs / "tiny-frac070" / "summary.json").write_text('{"rows": ')  # damaged by hand
     summaries = fractions.finished_summaries(load_experiment(cfg))
     rows = fractions.fraction_rows(summaries, [("coarse/accuracy", "coarse acc")])
     assert rows == [{"fraction": 0.5, "model": "student", "coarse/accuracy": 0.5},
                     {"fraction": 1.0, "model": "student", "coarse/accuracy": 0.5}]
     assert capsys.readouterr().out.splitlines() == [
         f"{runs / 'tiny-frac030'}: left out of the fractions table: trained with another config "
-        "(student.kd.alpha); rerun that fraction to include it"]
+        "(student.kd.alpha); rerun that fraction to include it",
+        f"{runs / 'tiny-frac070'}: left out of the fractions table: summary.json is unreadable; "
+        "rerun that fraction to include it"]
 
 
 def test_min_steps_adds_epochs_and_max_evals_spaces_checkpoints(tiny_data, tmp_path):

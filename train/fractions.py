@@ -91,12 +91,27 @@ def finished_summaries(base: ExperimentConfig) -> list[dict]:
         if not path.exists():
             continue
         changed = differing_keys(RunLayout(run).resolved_config("student"), base)
-        if changed:
-            print(f"{run}: left out of the fractions table: trained with another config ({', '.join(changed[:5])}); "
-                  f"rerun that fraction to include it", flush=True)
+        summary = _read_summary(path)
+        why = (f"trained with another config ({', '.join(changed[:5])})" if changed
+               else None if summary is not None else f"{path.name} is unreadable")
+        if why:
+            print(f"{run}: left out of the fractions table: {why}; rerun that fraction to include it", flush=True)
             continue
-        summaries.append(json.loads(path.read_text()))
-    return sorted(summaries, key=lambda s: s.get("label_fraction") or 1.0)
+        summaries.append(summary)
+    return sorted(summaries, key=summary_fraction)
+
+
+def _read_summary(path: Path) -> dict | None:
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return summary if isinstance(summary, dict) and isinstance(summary.get("rows"), dict) else None
+
+
+def summary_fraction(summary: dict) -> float:
+    """The label fraction a run's summary was made at (none recorded: all labels)."""
+    return summary.get("label_fraction") or 1.0
 
 
 def fraction_rows(summaries: list[dict], keys: list[tuple[str, str]]) -> list[dict]:
@@ -106,7 +121,7 @@ def fraction_rows(summaries: list[dict], keys: list[tuple[str, str]]) -> list[di
         for model in MODELS:
             if model in summary["rows"]:
                 values = {k: summary["rows"][model].get(k) for k, _ in keys}
-                rows.append({"fraction": summary.get("label_fraction") or 1.0, "model": model,
+                rows.append({"fraction": summary_fraction(summary), "model": model,
                              **{k: v for k, v in values.items() if v is not None}})
     return rows
 
