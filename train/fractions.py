@@ -87,17 +87,20 @@ def finished_summaries(base: ExperimentConfig) -> list[dict]:
     runs = [base.run_dir, *sorted(Path(base.runs_root).glob(f"{glob.escape(base.name)}{RUN_SUFFIX}[0-9][0-9][0-9]"))]
     summaries = []
     for run in runs:
-        path = RunLayout(run).summary("json")
-        if not path.exists():
+        layout = RunLayout(run)
+        path = layout.summary("json")
+        if not path.exists():  # not finished yet
             continue
-        changed = differing_keys(RunLayout(run).resolved_config("student"), base)
+        changed = differing_keys(layout.resolved_config("student"), base)
         summary = _read_summary(path)
-        why = (f"trained with another config ({', '.join(changed[:5])})" if changed
-               else None if summary is not None else f"{path.name} is unreadable")
-        if why:
-            print(f"{run}: left out of the fractions table: {why}; rerun that fraction to include it", flush=True)
+        if changed:
+            why = f"trained with another config ({', '.join(changed[:5])})"
+        elif summary is None:
+            why = f"{path.name} is unreadable"
+        else:
+            summaries.append(summary)
             continue
-        summaries.append(summary)
+        print(f"{run}: left out of the fractions table: {why}; rerun that fraction to include it", flush=True)
     return sorted(summaries, key=summary_fraction)
 
 
