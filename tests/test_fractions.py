@@ -73,6 +73,11 @@ def test_the_fractions_table_keeps_earlier_fractions_and_leaves_out_other_config
     (runs / "tiny-frac020").mkdir()  # started, not finished: no summary yet
     _finished_run(runs, "tiny-frac070", cfg, 0.7)
     (runs / "tiny-frac070" / "summary.json").write_text('{"rows": ')  # damaged by hand
+    _finished_run(runs, "tiny-frac080", cfg, 0.8)
+    (runs / "tiny-frac080" / "student" / "config.yaml").unlink()  # made before configs were saved
+    for name, damaged in (("tiny-frac090", "student: ["), ("tiny-frac095", "- not a mapping")):  # by hand
+        _finished_run(runs, name, cfg, float(name[-3:]) / 100)
+        (runs / name / "student" / "config.yaml").write_text(damaged)
     summaries = fractions.finished_summaries(load_experiment(cfg))
     rows = fractions.fraction_rows(summaries, [("coarse/accuracy", "coarse acc")])
     assert rows == [{"fraction": 0.5, "model": "student", "coarse/accuracy": 0.5},
@@ -81,4 +86,8 @@ def test_the_fractions_table_keeps_earlier_fractions_and_leaves_out_other_config
         f"{runs / 'tiny-frac030'}: left out of the fractions table: trained with another config "
         "(student.kd.alpha); rerun that fraction to include it",
         f"{runs / 'tiny-frac070'}: left out of the fractions table: summary.json is unreadable; "
-        "rerun that fraction to include it"]
+        "rerun that fraction to include it",
+        f"{runs / 'tiny-frac080'}: left out of the fractions table: it has no saved student config "
+        "(config.yaml); rerun that fraction to include it",
+        *(f"{runs / name}: left out of the fractions table: its saved student config (config.yaml) is "
+          "unreadable; rerun that fraction to include it" for name in ("tiny-frac090", "tiny-frac095"))]

@@ -68,16 +68,18 @@ def shared_settings(config: dict) -> set[str]:
     return {line for line in flatten_mapping(config) if not line.startswith(PER_RUN_KEYS)}
 
 
-def differing_keys(run_config: Path, base: ExperimentConfig) -> list[str]:
-    """The settings in which a run's saved config differs from the experiment's (['config.yaml'] if unreadable)."""
+def config_mismatch(run_config: Path, base: ExperimentConfig) -> str | None:
+    """Why a run's saved student config keeps it out of the experiment's table (None: it matches)."""
+    if not run_config.exists():
+        return f"it has no saved student config ({run_config.name})"
     try:
         saved = yaml.safe_load(run_config.read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError):
-        return [run_config.name]
+        saved = None
     if not isinstance(saved, dict):
-        return [run_config.name]
-    changed = shared_settings(saved) ^ shared_settings(to_dict(base))
-    return sorted({line.split("=", 1)[0] for line in changed})
+        return f"its saved student config ({run_config.name}) is unreadable"
+    changed = sorted({line.split("=", 1)[0] for line in shared_settings(saved) ^ shared_settings(to_dict(base))})
+    return f"trained with another config ({', '.join(changed[:5])})" if changed else None
 
 
 def finished_summaries(base: ExperimentConfig) -> list[dict]:
@@ -91,16 +93,14 @@ def finished_summaries(base: ExperimentConfig) -> list[dict]:
         path = layout.summary("json")
         if not path.exists():  # not finished yet
             continue
-        changed = differing_keys(layout.resolved_config("student"), base)
+        why = config_mismatch(layout.resolved_config("student"), base)
         summary = _read_summary(path)
-        if changed:
-            why = f"trained with another config ({', '.join(changed[:5])})"
-        elif summary is None:
+        if why is None and summary is None:
             why = f"{path.name} is unreadable"
-        else:
+        if why is None:
             summaries.append(summary)
-            continue
-        print(f"{run}: left out of the fractions table: {why}; rerun that fraction to include it", flush=True)
+        else:
+            print(f"{run}: left out of the fractions table: {why}; rerun that fraction to include it", flush=True)
     return sorted(summaries, key=summary_fraction)
 
 
