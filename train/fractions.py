@@ -105,6 +105,7 @@ def finished_summaries(base: ExperimentConfig) -> list[dict]:
 
 
 def _read_summary(path: Path) -> dict | None:
+    """A run's summary.json, or None when it is not a summary (damaged, or without its rows)."""
     try:
         summary = json.loads(path.read_text())
     except (OSError, ValueError):
