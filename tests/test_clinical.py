@@ -250,6 +250,58 @@ def test_the_summary_keeps_intervals_and_clinical_numbers(trained_run):
     assert "95 % confidence intervals" in md and "Any disease vs `red`" in md
 
 
+def test_the_summary_compares_the_ensemble_with_the_teacher_validation_picks(trained_run):
+    """summary.json's validation_picks: per column the teacher best on validation (its kept checkpoint's
+    record), the ensemble minus it on test, and every negative gap split into behind / level."""
+    import json
+
+    from train.experiment import load_experiment as load
+    from train.experiment import teacher_specs
+    from train.history import kept_validation
+    from train.metrics import to_points
+
+    cfg = load(trained_run.config)
+    summary = json.loads(cfg.layout.summary("json").read_text())
+    rows, picks = summary["rows"], summary["validation_picks"]
+    teachers = [s.name for s in teacher_specs(cfg, [t["name"] for t in summary["tasks"]])]
+    validation = {t: kept_validation(cfg.layout.teacher_dir(t)) for t in teachers}
+    assert {"coarse/accuracy", "diagnosis/bleu"} <= set(picks)
+    for key, p in picks.items():
+        best = max(v[key] for v in validation.values() if key in v)
+        assert p["versus"] in p["teachers"] and validation[p["versus"]][key] == best
+        assert p["validation"] == pytest.approx(to_points(key, best))
+        assert p["ensemble_minus"] == pytest.approx(to_points(key, rows["ensemble"][key] - rows[p["versus"]][key]))
+    negative = {k for k, p in picks.items() if p["ensemble_minus"] < 0}
+    split = set(summary["ensemble_behind_validation_pick"]) | set(summary["ensemble_level_with_validation_pick"])
+    assert split == negative
+    assert "Ensemble against the teacher validation picks" in cfg.layout.summary("md").read_text()
+
+
+def test_the_validation_pick_follows_the_teachers_validation_records_not_test(trained_run, tmp_path):
+    """Rewrite each teacher's kept validation record so that validation ranks the teachers on coarse
+    accuracy against their order on test: the pick follows validation."""
+    import json
+
+    from train.experiment import load_experiment as load
+    from train.experiment import teacher_specs
+    from train.summary import versus_validation_picks
+
+    cfg = load(trained_run.copy(tmp_path))
+    summary = json.loads(cfg.layout.summary("json").read_text())
+    rows, tasks = summary["rows"], [TaskSpec.from_dict(t) for t in summary["tasks"]]
+    teachers = [s.name for s in teacher_specs(cfg, [t.name for t in tasks]) if "coarse" in s.tasks]
+    by_test = sorted(teachers, key=lambda t: rows[t]["coarse/accuracy"])  # worst first
+    for rank, name in enumerate(by_test):
+        sidecar = cfg.layout.teacher_dir(name) / "last.json"
+        meta = json.loads(sidecar.read_text())
+        for record in meta["history"]:
+            record["val/coarse/accuracy"] = (len(by_test) - rank) / 10  # the worst on test is best here
+        sidecar.write_text(json.dumps(meta))
+    picks = versus_validation_picks(cfg, rows, teachers, tasks, [])
+    assert picks["coarse/accuracy"]["teachers"] == [by_test[0]] and picks["coarse/accuracy"]["versus"] == by_test[0]
+    assert picks["coarse/accuracy"]["validation"] == pytest.approx(10.0 * len(by_test))
+
+
 def test_an_ensemble_gap_within_one_paired_error_is_level_and_a_large_one_is_behind(trained_run):
     """The ensemble-behind-a-teacher check uses the floors' tie rule: the named teacher is run on test and
     the paired error of ensemble minus teacher decides (train.summary.ensemble_gaps)."""

@@ -11,7 +11,14 @@ from tiny import make_tiny_dataset, write_tiny_config
 
 from deploy.contract import TaskSpec
 from train.probe import fit_logistic
-from train.summary import below_floors, comparison_lines, ensemble_behind_teachers, split_ties
+from train.summary import (
+    below_floors,
+    comparison_lines,
+    ensemble_behind_teachers,
+    ensemble_versus,
+    split_ties,
+    validation_picks,
+)
 
 
 def _blobs(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,6 +97,45 @@ def test_ensemble_behind_its_best_teacher_is_flagged_per_column():
             "ensemble": {"grade/accuracy": 0.72, "grade/balanced_accuracy": 0.65, "report/bleu": 40.0}}
     behind = ensemble_behind_teachers(rows, ["t_grade", "t_all"], tasks)
     assert behind == {"grade/accuracy": ("t_all", pytest.approx(-2.0))}  # a tie (BLEU) is not behind
+
+
+def test_the_ensemble_is_compared_with_the_teacher_validation_picks_not_the_best_on_test():
+    """Validation picks t_grade for grade accuracy (0.80 vs 0.75) although t_all is better on test: the
+    ensemble is +2 points against the pick and -2 against the best on test. A tie on validation keeps both
+    teachers and compares with the better of them on test; a teacher without validation numbers or
+    without the column is never picked."""
+    tasks = [TaskSpec("grade", "classification", tuple("abc")), TaskSpec("report", "text")]
+    rows = {"t_grade": {"grade/accuracy": 0.70, "grade/balanced_accuracy": 0.60},
+            "t_all": {"grade/accuracy": 0.74, "grade/balanced_accuracy": 0.66, "report/bleu": 40.0},
+            "t_new": {"grade/accuracy": 0.99, "report/bleu": 99.0},
+            "ensemble": {"grade/accuracy": 0.72, "grade/balanced_accuracy": 0.65, "report/bleu": 41.0}}
+    validation = {"t_grade": {"grade/accuracy": 0.80, "grade/balanced_accuracy": 0.70},
+                  "t_all": {"grade/accuracy": 0.75, "grade/balanced_accuracy": 0.70, "report/bleu": 30.0},
+                  "t_new": {}}
+    teachers = ["t_grade", "t_all", "t_new"]
+    picks = validation_picks(validation, teachers, tasks)
+    assert picks == {"grade/accuracy": ["t_grade"], "grade/balanced_accuracy": ["t_grade", "t_all"],
+                     "report/bleu": ["t_all"]}
+    versus = ensemble_versus(rows, picks)
+    assert versus == {"grade/accuracy": ("t_grade", pytest.approx(2.0)),
+                      "grade/balanced_accuracy": ("t_all", pytest.approx(-1.0)),
+                      "report/bleu": ("t_all", pytest.approx(1.0))}
+    assert ensemble_behind_teachers(rows, teachers, tasks)["grade/accuracy"] == ("t_new", pytest.approx(-27.0))
+
+
+def test_the_summary_lists_the_ensemble_against_each_validation_pick():
+    picks = {"a/accuracy": {"teachers": ["t1"], "validation": 80.0, "versus": "t1", "ensemble_minus": 2.0},
+             "b/accuracy": {"teachers": ["t1", "t2"], "validation": 70.0, "versus": "t2", "ensemble_minus": -0.5},
+             "c/bleu": {"teachers": ["t2"], "validation": 30.0, "versus": "t2", "ensemble_minus": -3.0}}
+    lines = comparison_lines({"deltas_points": {}, "below_floor": {}, "ensemble_behind_teacher": {},
+                              "validation_picks": picks, "ensemble_behind_validation_pick": {"c/bleu": ["t2", -3.0]},
+                              "ensemble_level_with_validation_pick": {"b/accuracy": {"t2": [-0.5, 0.8]}}})
+    assert "- a/accuracy: t1, validation 80.0: ensemble +2.0 points" in lines
+    assert ("- b/accuracy: t2 (t1 / t2 tie on validation; the better on test), validation 70.0: ensemble -0.5 "
+            "points, level: within one standard error (0.8) of the paired difference") in lines
+    assert "- ENSEMBLE BEHIND on c/bleu: t2, validation 30.0: ensemble -3.0 points" in lines
+    assert not any("validation picks" in line for line in comparison_lines(
+        {"deltas_points": {}, "below_floor": {}, "ensemble_behind_teacher": {}}))  # an older summary.json
 
 
 @pytest.mark.slow

@@ -349,3 +349,28 @@ def test_soft_target_cache_is_reused_for_the_same_key_only(tmp_path):
     hit = load_soft_targets(tmp_path / "cache.safetensors", key)  # tuples survive the JSON round trip
     assert hit is not None and torch.equal(hit.logits["coarse"], soft.logits["coarse"])
     assert load_soft_targets(tmp_path / "cache.safetensors", {**key, "teachers": {"t": "retrained"}}) is None
+
+
+def test_the_kept_record_is_the_best_score_and_a_tie_keeps_the_later_epoch():
+    from train.history import kept_record
+
+    history = [{"epoch": 1, "val/score": 0.5}, {"epoch": 2, "val/score": 0.7}, {"epoch": 3, "val/score": 0.7},
+               {"epoch": 4, "val/score": 0.6}, {"epoch": 5, "train/loss": 0.1}]
+    assert kept_record(history)["epoch"] == 3  # Trainer: score >= best keeps the later checkpoint
+    assert kept_record([{"epoch": 1, "train/loss": 0.1}]) == {} and kept_record([]) == {}
+
+
+def test_kept_validation_is_the_validation_record_of_each_teachers_kept_checkpoint(trained_run, tmp_path):
+    """What the summary's validation pick reads (train.history.kept_validation): the history record of
+    the epoch best.safetensors was saved at; {} for a run folder without the resume point's sidecar."""
+    from train.history import kept_validation
+
+    teachers = sorted((trained_run.root / "runs").glob("*/teachers/*/best.json"))
+    assert teachers
+    for best in teachers:
+        _, last = load_checkpoint(best.parent / "last.safetensors")
+        record = next(r for r in last["history"] if r["epoch"] == json.loads(best.read_text())["epoch"])
+        val = kept_validation(best.parent)
+        assert val and val == {k[4:]: v for k, v in record.items() if k.startswith("val/") and k != "val/score"}
+    (tmp_path / "last.json").write_text("{not json")
+    assert kept_validation(tmp_path) == {} and kept_validation(tmp_path / "missing") == {}

@@ -13,6 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from deploy.fileio import atomic_write  # noqa: E402
+from train.history import kept_record  # noqa: E402
 from train.metrics import LOWER_IS_BETTER, to_points  # noqa: E402
 
 
@@ -96,18 +97,12 @@ def curve_panels(history: list[dict]) -> list[Panel]:
     return [_loss_panel(history, tasks), *(_task_panel(history, t) for t in tasks)]
 
 
-def _best_epoch(history: list[dict]) -> int | None:
-    """The epoch whose checkpoint is kept (highest validation score; a tie keeps the later one)."""
-    scored = [(r["val/score"], r["epoch"]) for r in history if isinstance(r.get("val/score"), (int, float))]
-    return max(scored)[1] if scored else None
-
-
 def plot_curves(history: list[dict], path: str | Path, title: str = "") -> Path:
     """Training loss and each task's validation metrics per epoch, one panel each; the kept epoch dotted."""
     epochs = [r["epoch"] for r in history]
     panels = curve_panels(history)
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.2), squeeze=False)
-    best = _best_epoch(history)
+    best = kept_record(history).get("epoch")
     for ax, panel in zip(axes[0], panels):
         colours = plt.get_cmap("tab10" if len(panel.series) <= 10 else "tab20").colors
         for colour, (label, values) in zip(colours, panel.series.items()):

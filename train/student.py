@@ -187,13 +187,20 @@ def run(cfg: ExperimentConfig, info: DistInfo, device) -> dict:
     if cfg.student.baseline:
         budget = trainer.total_steps
         baseline, _ = fit_student(cfg, splits, "baseline", device, info, None, steps_budget=budget)
+    return summarize(cfg, splits, {"student": student, "baseline": baseline}, device, info)
+
+
+def summarize(cfg: ExperimentConfig, splits: Splits, models: dict[str, torch.nn.Module | None], device,
+              info: DistInfo) -> dict:
+    """Evaluate the trained student and baseline on test (and validation, for operating points), write
+    their final.json and the run's summary; -> their test metrics."""
     tasks = splits.data.spec.tasks
     spec = role_preprocessing(cfg, "student")
     test = image_set(splits, splits.test, tasks, spec)
     # Operating points of a declared normal class are chosen on validation (train/clinical.py).
     val = image_set(splits, splits.val, tasks, spec) if declares_normal(tasks) else None
     results, outputs = {}, {}
-    for role, model in (("student", student), ("baseline", baseline)):
+    for role, model in models.items():
         if model is not None:
             test_out, metrics = evaluate_outputs(model, test, tasks, device, 64, info)
             val_out = evaluate_outputs(model, val, tasks, device, 64, info)[0] if val is not None else None

@@ -1,6 +1,8 @@
 """The experiment's test-split summary: every teacher, the ensemble, the student, the baseline and the
 linear probe (train.probe), with a flag per column where the KD student is below a floor or the
 ensemble behind a teacher; a gap within one paired standard error on test is listed as level instead.
+The ensemble is compared twice: with the best teacher on test (chosen after seeing test, which favours
+it) and with the teacher validation picks (the one a user without the ensemble would deploy).
 
 Writes runs/<name>/summary.json and summary.md; the ensemble is evaluated here with the same metric code.
 From the kept per-image outputs it adds 95 % patient-bootstrap intervals of the headline columns
@@ -32,6 +34,7 @@ from train.evaluate import (
     score_outputs,
 )
 from train.experiment import ExperimentConfig, role_preprocessing, teacher_specs
+from train.history import kept_validation
 from train.layout import FINAL
 from train.metrics import headline, to_points
 from train.models.saved import load_model
@@ -43,8 +46,10 @@ from train.summary_rules import (  # noqa: F401 (re-exported)
     PROBE_ROW,
     below_floors,
     ensemble_behind_teachers,
+    ensemble_versus,
     split_ties,
     summary_columns,
+    validation_picks,
 )
 
 
@@ -118,6 +123,10 @@ def write_summary(cfg: ExperimentConfig, splits: Splits, results: dict[str, dict
     test, val = image_set(splits, splits.test, tasks, spec), image_set(splits, splits.val, tasks, spec)
     behind, ensemble_ties = ensemble_gaps(cfg, splits, ensemble_behind_teachers(rows, teachers, tasks, joint),
                                           outputs["ensemble"].test, test, device)
+    picks = versus_validation_picks(cfg, rows, teachers, tasks, joint)
+    pick_behind, pick_ties = ensemble_gaps(cfg, splits, {k: (p["versus"], p["ensemble_minus"])
+                                                         for k, p in picks.items() if p["ensemble_minus"] < 0},
+                                           outputs["ensemble"].test, test, device)
     ci95 = {row: headline_intervals(outputs[row].test, test, tasks, keys, cfg.clinical.bootstrap_resamples, cfg.seed)
             for row in CI_ROWS if row in outputs}
     paired_se = {floor: paired_standard_errors(outputs["student"].test, outputs[floor].test, test, tasks, keys,
@@ -131,7 +140,9 @@ def write_summary(cfg: ExperimentConfig, splits: Splits, results: dict[str, dict
                "test_images": len(splits.test), "tasks": [t.to_dict() for t in tasks],
                "joint": [list(g) for g in joint], "rows": rows, "deltas_points": deltas, "below_floor": below,
                "level_with_floor": ties, "paired_se_points": paired_se,
-               "ensemble_behind_teacher": behind, "ensemble_level_with_teacher": ensemble_ties, "ci95": ci95, "clinical": clinical,
+               "ensemble_behind_teacher": behind, "ensemble_level_with_teacher": ensemble_ties,
+               "validation_picks": picks, "ensemble_behind_validation_pick": pick_behind,
+               "ensemble_level_with_validation_pick": pick_ties, "ci95": ci95, "clinical": clinical,
                "written": time.strftime("%Y-%m-%dT%H:%M:%S")}
     atomic_write_text(cfg.layout.summary("json"), json.dumps(summary, indent=1))
     md = [f"# {cfg.name}: test split ({len(splits.test)} images), label fraction "
@@ -144,6 +155,20 @@ def write_summary(cfg: ExperimentConfig, splits: Splits, results: dict[str, dict
     atomic_write_text(cfg.layout.summary("md"), "\n".join(md) + "\n")
     print("\n".join(md), flush=True)
     return summary
+
+
+def versus_validation_picks(cfg: ExperimentConfig, rows: dict[str, dict], teachers: list[str],
+                            tasks: list[TaskSpec], joint) -> dict[str, dict]:
+    """Column -> the teachers validation picks for it (`validation_picks`, from each teacher's kept
+    checkpoint's validation record), their validation value (points), the one of them best on test
+    (`versus`) and the ensemble minus it on test (points)."""
+    validation = {name: kept_validation(cfg.layout.teacher_dir(name)) for name in teachers}
+    picks = validation_picks(validation, teachers, tasks, joint)
+    out = {}
+    for key, (name, gap) in ensemble_versus(rows, picks).items():
+        out[key] = {"teachers": picks[key], "validation": to_points(key, validation[name][key]),
+                    "versus": name, "ensemble_minus": gap}
+    return out
 
 
 @torch.no_grad()
@@ -187,6 +212,28 @@ def comparison_lines(summary: dict) -> list[str]:
            "of the paired difference on test"
            for key, teachers in summary.get("ensemble_level_with_teacher", {}).items()
            for teacher, (gap, se) in teachers.items()]
+    return md + validation_pick_lines(summary)
+
+
+def validation_pick_lines(summary: dict) -> list[str]:
+    """Markdown: per column, the ensemble against the teacher that validation picks (summary.json's
+    `validation_picks`; absent from summaries written before it)."""
+    picks = summary.get("validation_picks")
+    if not picks:
+        return []
+    behind = summary.get("ensemble_behind_validation_pick", {})
+    level = summary.get("ensemble_level_with_validation_pick", {})
+    md = ["", "Ensemble against the teacher validation picks per column (the one a user without the ensemble "
+          "would deploy; the best teacher on test, above, is chosen after seeing test, which favours it):", ""]
+    for key, p in picks.items():
+        tied = (f" ({' / '.join(p['teachers'])} tie on validation; the better on test)"
+                if len(p["teachers"]) > 1 else "")
+        line = f"{key}: {p['versus']}{tied}, validation {p['validation']:.1f}: ensemble {_pts(p['ensemble_minus'])} points"
+        if key in behind:
+            line = "ENSEMBLE BEHIND on " + line
+        elif key in level:
+            line += f", level: within one standard error ({level[key][p['versus']][1]:.1f}) of the paired difference"
+        md.append("- " + line)
     return md
 
 

@@ -5,6 +5,8 @@ that flag the KD student below a floor and the ensemble behind a teacher. train/
 
 from __future__ import annotations
 
+import math
+
 from deploy.contract import TaskSpec
 from train.metrics import joint_key, present_ks, primary_metric, to_points
 
@@ -67,15 +69,37 @@ def split_ties(gaps_by_key: dict[str, dict[str, float]], standard_errors: dict[s
     return gaps, ties
 
 
+def ensemble_versus(rows: dict[str, dict], candidates: dict[str, list[str]]) -> dict[str, tuple[str, float]]:
+    """Column -> (the candidate teacher best on test, ensemble minus it in points), for every column where
+    the ensemble and one of the column's candidate teachers have a value."""
+    versus: dict[str, tuple[str, float]] = {}
+    ensemble = rows.get("ensemble", {})
+    for key, names in candidates.items():
+        scored = [(rows[t][key], t) for t in names if rows.get(t, {}).get(key) is not None]
+        e = ensemble.get(key)
+        if scored and e is not None:
+            best, name = max(scored)
+            versus[key] = (name, to_points(key, e - best))
+    return versus
+
+
 def ensemble_behind_teachers(rows: dict[str, dict], teachers: list[str], tasks: list[TaskSpec],
                              joint: list[tuple[str, ...]] | tuple = ()) -> dict[str, tuple[str, float]]:
     """Column -> (best teacher, ensemble minus it in points) where a single teacher beats the ensemble."""
-    behind: dict[str, tuple[str, float]] = {}
-    ensemble = rows.get("ensemble", {})
+    everyone = {key: teachers for key, _ in summary_columns(tasks, joint)}
+    return {key: (name, gap) for key, (name, gap) in ensemble_versus(rows, everyone).items() if gap < 0}
+
+
+def validation_picks(validation: dict[str, dict], teachers: list[str], tasks: list[TaskSpec],
+                     joint: list[tuple[str, ...]] | tuple = ()) -> dict[str, list[str]]:
+    """Column -> the teachers best on it on validation (`validation`: teacher -> its kept checkpoint's
+    validation metrics): the one a user without the ensemble would deploy. A tie keeps every tied
+    teacher, since validation cannot choose between them. The best teacher on test is chosen after
+    seeing test, which favours it: the maximum of several noisy scores is above each one's true value."""
+    picks: dict[str, list[str]] = {}
     for key, _ in summary_columns(tasks, joint):
-        scored = [(rows[t][key], t) for t in teachers if rows[t].get(key) is not None]
-        e = ensemble.get(key)
-        if scored and e is not None and max(scored)[0] > e:
-            best, name = max(scored)
-            behind[key] = (name, to_points(key, e - best))
-    return behind
+        scored = {t: validation[t][key] for t in teachers if validation.get(t, {}).get(key) is not None}
+        if scored:
+            best = max(scored.values())
+            picks[key] = [t for t, v in scored.items() if math.isclose(v, best, rel_tol=1e-9, abs_tol=1e-12)]
+    return picks

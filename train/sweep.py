@@ -41,6 +41,7 @@ from train.experiment import (
     load_experiment,
     role_preprocessing,
 )
+from train.history import kept_record, validation_headline
 from train.metrics import to_points
 from train.stage import Splits, image_set, load_splits
 from train.student import fit_student, teacher_soft_targets
@@ -97,19 +98,14 @@ def budgeted(cfg: ExperimentConfig, steps: int | None) -> ExperimentConfig:
     return dataclasses.replace(cfg, student=dataclasses.replace(cfg.student, train=train))
 
 
-def _best_record(trainer) -> dict:
-    scored = [r for r in trainer.history if "val/score" in r]
-    return max(scored, key=lambda r: r["val/score"]) if scored else {}
-
-
 def run_point(cfg: ExperimentConfig, splits: Splits, soft: SoftTargets, role: str, device, info: DistInfo,
               steps_budget: int | None = None) -> dict:
     """Train one point (role student: KD from `soft`; baseline: labels only) and read its validation record."""
     t0 = time.perf_counter()
     _, trainer = fit_student(cfg, splits, role, device, info, soft if role == "student" else None, steps_budget)
-    best = _best_record(trainer)
+    best = kept_record(trainer.history)
     return {"val_score": trainer.best_score, "steps": trainer.total_steps, "best_epoch": best.get("epoch"),
-            "val": {k[4:]: v for k, v in best.items() if k.startswith("val/") and k != "val/score"},
+            "val": validation_headline(best),
             "seconds": round(time.perf_counter() - t0, 1)}
 
 
