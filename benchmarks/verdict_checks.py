@@ -236,23 +236,29 @@ def check_bench_floors(inputs: Inputs, cfg_floors: Sequence[str]) -> Check:
 
 def check_ensemble(inputs: Inputs, columns: list[tuple[str, str]]) -> Check:
     """The ensemble against the teacher validation picks per column (the one a user without the ensemble
-    would deploy); the best teacher on test, chosen after seeing test, is named beside it, not judged."""
+    would deploy); the best teacher on test, chosen after seeing test, is named beside it, and judges the
+    columns validation picks no teacher for (an older summary.json, teachers without a validation record)."""
     target = "teacher ensemble not behind the teacher validation picks"
     summary, titles = inputs.summary, dict(columns)
-    behind = summary.get("ensemble_behind_validation_pick")
-    if behind is None:
-        return Check(target, None, "summary.json has no validation picks (written by an older train.student: "
+    after_test = summary.get("ensemble_behind_teacher")
+    if after_test is None:
+        return Check(target, None, "summary.json has no ensemble comparison (written by an older train.student: "
                      "rerun `make student`, which keeps the trained models)")
-    after_test = summary.get("ensemble_behind_teacher") or {}
-    also = (f"; behind the best teacher on test (chosen after seeing test): {_gaps(after_test, titles)}"
-            if after_test else "")
+    picked = summary.get("ensemble_vs_validation_pick") or {}
+    unpicked = {k: v for k, v in after_test.items() if k not in picked}  # judged by the stricter comparison
+    behind = {**unpicked, **(summary.get("ensemble_behind_validation_pick") or {})}
+    also = {k: v for k, v in after_test.items() if k in picked}
+    notes = (f"; behind the best teacher on test (chosen after seeing test): {_gaps(also, titles)}" if also else "")
+    if unpicked:
+        notes += f"; no validation pick for {', '.join(titles.get(k, k) for k in unpicked)}: judged against the " \
+                 "best teacher on test"
     if behind:
-        return Check(target, False, _gaps(behind, titles) + also, "the ensemble is behind a teacher")
+        return Check(target, False, _gaps(behind, titles) + notes, "the ensemble is behind a teacher")
     level = [f"{titles.get(k, k)} {gap:+.1f} vs {teacher} (standard error {se:.1f})"
              for k, teachers in (summary.get("ensemble_level_with_validation_pick") or {}).items()
              for teacher, (gap, se) in teachers.items()]
     return Check(target, True, "at or above them on every column" +
-                 (f", or level within one paired standard error on test: {'; '.join(level)}" if level else "") + also)
+                 (f", or level within one paired standard error on test: {'; '.join(level)}" if level else "") + notes)
 
 
 def _gaps(behind: dict, titles: dict[str, str]) -> str:

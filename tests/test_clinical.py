@@ -262,7 +262,7 @@ def test_the_summary_compares_the_ensemble_with_the_teacher_validation_picks(tra
 
     cfg = load(trained_run.config)
     summary = json.loads(cfg.layout.summary("json").read_text())
-    rows, picks = summary["rows"], summary["validation_picks"]
+    rows, picks = summary["rows"], summary["ensemble_vs_validation_pick"]
     teachers = [s.name for s in teacher_specs(cfg, [t["name"] for t in summary["tasks"]])]
     validation = {t: kept_validation(cfg.layout.teacher_dir(t)) for t in teachers}
     assert {"coarse/accuracy", "diagnosis/bleu"} <= set(picks)
@@ -273,33 +273,66 @@ def test_the_summary_compares_the_ensemble_with_the_teacher_validation_picks(tra
         assert p["ensemble_minus"] == pytest.approx(to_points(key, rows["ensemble"][key] - rows[p["versus"]][key]))
     negative = {k for k, p in picks.items() if p["ensemble_minus"] < 0}
     split = set(summary["ensemble_behind_validation_pick"]) | set(summary["ensemble_level_with_validation_pick"])
-    assert split == negative
+    assert split == negative and summary["teachers_without_validation_record"] == []
     assert "Ensemble against the teacher validation picks" in cfg.layout.summary("md").read_text()
 
 
-def test_the_validation_pick_follows_the_teachers_validation_records_not_test(trained_run, tmp_path):
-    """Rewrite each teacher's kept validation record so that validation ranks the teachers on coarse
-    accuracy against their order on test: the pick follows validation."""
+def _rewrite_validation(cfg, name: str, values: dict[str, float]) -> None:
+    """Set `values` (validation metrics) in every history record of a teacher's resume-point sidecar."""
     import json
 
+    sidecar = cfg.layout.teacher_dir(name) / "last.json"
+    meta = json.loads(sidecar.read_text())
+    for record in meta["history"]:
+        record.update({f"val/{k}": v for k, v in values.items()})
+    sidecar.write_text(json.dumps(meta))
+
+
+def test_the_summary_follows_the_teachers_validation_records_not_test(trained_run, tmp_path):
+    """With the teachers' validation records rewritten (coarse accuracy ranked against their order on
+    test, fine accuracy tied), the rewritten summary compares the ensemble with the validation pick, the
+    better on test of the tied ones, and splits the gaps against those teachers; a teacher without a
+    validation record is left out of the picks and named."""
+    import json
+
+    import torch
+
+    from train.distributed import DistInfo
     from train.experiment import load_experiment as load
     from train.experiment import teacher_specs
+    from train.metrics import to_points
+    from train.models.saved import load_model
+    from train.stage import load_splits
+    from train.student import summarize
     from train.summary import versus_validation_picks
 
     cfg = load(trained_run.copy(tmp_path))
+    rows = json.loads(cfg.layout.summary("json").read_text())["rows"]
+    specs = teacher_specs(cfg, [t["name"] for t in json.loads(cfg.layout.summary("json").read_text())["tasks"]])
+    coarse = sorted((s.name for s in specs if "coarse" in s.tasks), key=lambda t: rows[t]["coarse/accuracy"])
+    fine = [s.name for s in specs if "fine" in s.tasks]
+    assert len(coarse) >= 2 and len(fine) >= 2
+    for rank, name in enumerate(coarse):  # the worst on test is the best on validation
+        _rewrite_validation(cfg, name, {"coarse/accuracy": (len(coarse) - rank) / 10})
+    for name in fine:
+        _rewrite_validation(cfg, name, {"fine/accuracy": 0.5})
+    models = {role: load_model(cfg.layout.checkpoint(role))[0].eval() for role in ("student", "baseline")}
+    summarize(cfg, load_splits(cfg), models, torch.device("cpu"), DistInfo())
     summary = json.loads(cfg.layout.summary("json").read_text())
-    rows, tasks = summary["rows"], [TaskSpec.from_dict(t) for t in summary["tasks"]]
-    teachers = [s.name for s in teacher_specs(cfg, [t.name for t in tasks]) if "coarse" in s.tasks]
-    by_test = sorted(teachers, key=lambda t: rows[t]["coarse/accuracy"])  # worst first
-    for rank, name in enumerate(by_test):
-        sidecar = cfg.layout.teacher_dir(name) / "last.json"
-        meta = json.loads(sidecar.read_text())
-        for record in meta["history"]:
-            record["val/coarse/accuracy"] = (len(by_test) - rank) / 10  # the worst on test is best here
-        sidecar.write_text(json.dumps(meta))
-    picks = versus_validation_picks(cfg, rows, teachers, tasks, [])
-    assert picks["coarse/accuracy"]["teachers"] == [by_test[0]] and picks["coarse/accuracy"]["versus"] == by_test[0]
-    assert picks["coarse/accuracy"]["validation"] == pytest.approx(10.0 * len(by_test))
+    picks, rows = summary["ensemble_vs_validation_pick"], summary["rows"]
+    assert picks["coarse/accuracy"]["teachers"] == [coarse[0]] and picks["coarse/accuracy"]["versus"] == coarse[0]
+    assert picks["coarse/accuracy"]["validation"] == pytest.approx(10.0 * len(coarse))
+    tied = picks["fine/accuracy"]
+    assert tied["teachers"] == fine and rows[tied["versus"]]["fine/accuracy"] == max(rows[t]["fine/accuracy"] for t in fine)
+    for key, p in picks.items():
+        assert p["ensemble_minus"] == pytest.approx(to_points(key, rows["ensemble"][key] - rows[p["versus"]][key]))
+        behind = summary["ensemble_behind_validation_pick"].get(key)
+        level = summary["ensemble_level_with_validation_pick"].get(key, {})
+        assert (behind is not None or bool(level)) == (p["ensemble_minus"] < 0)
+        assert (behind is None or behind[0] == p["versus"]) and set(level) <= {p["versus"]}
+    (cfg.layout.teacher_dir(coarse[0]) / "last.json").unlink()
+    picks, unrecorded = versus_validation_picks(cfg, rows, [s.name for s in specs], [], [])
+    assert unrecorded == [coarse[0]]
 
 
 def test_an_ensemble_gap_within_one_paired_error_is_level_and_a_large_one_is_behind(trained_run):

@@ -12,6 +12,7 @@ from tiny import make_tiny_dataset, write_tiny_config
 from deploy.contract import TaskSpec
 from train.probe import fit_logistic
 from train.summary import (
+    behind_only,
     below_floors,
     comparison_lines,
     ensemble_behind_teachers,
@@ -123,17 +124,40 @@ def test_the_ensemble_is_compared_with_the_teacher_validation_picks_not_the_best
     assert ensemble_behind_teachers(rows, teachers, tasks)["grade/accuracy"] == ("t_new", pytest.approx(-27.0))
 
 
+def test_validation_picks_cover_joint_columns_and_tie_only_on_equal_scores():
+    """Two teachers 0.1 point apart on validation are not tied (a tie is equal up to float rounding); a
+    joint column is picked like any other; NaN and missing values are never picked; the ensemble without
+    a column is not compared on it."""
+    tasks = [TaskSpec("grade", "classification", tuple("abc")), TaskSpec("risk", "classification", tuple("xy"))]
+    joint = [("grade", "risk")]
+    j = "grade+risk/joint_accuracy"
+    validation = {"t1": {"grade/accuracy": 0.801, j: 0.5, "risk/accuracy": float("nan")},
+                  "t2": {"grade/accuracy": 0.800, j: 0.6, "risk/accuracy": 0.7},
+                  "t3": {"grade/accuracy": 0.801 * (1 + 1e-12), j: None}}
+    picks = validation_picks(validation, ["t1", "t2", "t3"], tasks, joint)
+    assert picks["grade/accuracy"] == ["t1", "t3"] and picks[j] == ["t2"] and picks["risk/accuracy"] == ["t2"]
+    assert j not in validation_picks(validation, ["t1", "t2", "t3"], tasks)
+    rows = {"t1": {"grade/accuracy": 0.5}, "t2": {j: 0.4, "risk/accuracy": 0.9}, "t3": {"grade/accuracy": 0.6},
+            "ensemble": {"grade/accuracy": 0.55, j: 0.5}}
+    versus = ensemble_versus(rows, picks)
+    assert versus == {"grade/accuracy": ("t3", pytest.approx(-5.0)), j: ("t2", pytest.approx(10.0))}
+    assert behind_only(versus) == {"grade/accuracy": ("t3", pytest.approx(-5.0))}
+
+
 def test_the_summary_lists_the_ensemble_against_each_validation_pick():
     picks = {"a/accuracy": {"teachers": ["t1"], "validation": 80.0, "versus": "t1", "ensemble_minus": 2.0},
              "b/accuracy": {"teachers": ["t1", "t2"], "validation": 70.0, "versus": "t2", "ensemble_minus": -0.5},
              "c/bleu": {"teachers": ["t2"], "validation": 30.0, "versus": "t2", "ensemble_minus": -3.0}}
     lines = comparison_lines({"deltas_points": {}, "below_floor": {}, "ensemble_behind_teacher": {},
-                              "validation_picks": picks, "ensemble_behind_validation_pick": {"c/bleu": ["t2", -3.0]},
-                              "ensemble_level_with_validation_pick": {"b/accuracy": {"t2": [-0.5, 0.8]}}})
+                              "ensemble_vs_validation_pick": picks,
+                              "ensemble_behind_validation_pick": {"c/bleu": ["t2", -3.0]},
+                              "ensemble_level_with_validation_pick": {"b/accuracy": {"t2": [-0.5, 0.8]}},
+                              "teachers_without_validation_record": ["t3"]})
     assert "- a/accuracy: t1, validation 80.0: ensemble +2.0 points" in lines
     assert ("- b/accuracy: t2 (t1 / t2 tie on validation; the better on test), validation 70.0: ensemble -0.5 "
             "points, level: within one standard error (0.8) of the paired difference") in lines
     assert "- ENSEMBLE BEHIND on c/bleu: t2, validation 30.0: ensemble -3.0 points" in lines
+    assert "- left out of the picks, no validation record (last.json) in their folder: t3" in lines
     assert not any("validation picks" in line for line in comparison_lines(
         {"deltas_points": {}, "below_floor": {}, "ensemble_behind_teacher": {}}))  # an older summary.json
 
@@ -165,3 +189,32 @@ def test_probe_row_and_floor_flags_appear_in_a_tiny_runs_summary(tmp_path: Path)
             assert summary["rows"]["student"][key] < summary["rows"][floor][key]
     record = json.loads((cfg.run_dir / "probe" / "final.json").read_text())
     assert set(record["C"]) == {"coarse", "fine"} and record["image_size"] == 32
+
+
+def test_each_ensemble_comparison_keeps_its_own_gaps_and_the_teachers_run_once(monkeypatch):
+    """train.summary.ensemble_comparisons: the best teacher on test (t1) and the validation pick (t2)
+    are split into behind / level separately, with one cache of teacher outputs for both."""
+    from types import SimpleNamespace
+
+    import train.summary as summary_mod
+
+    tasks = [TaskSpec("grade", "classification", tuple("abc"))]
+    splits = SimpleNamespace(data=SimpleNamespace(spec=SimpleNamespace(tasks=tasks, joint=[])))
+    rows = {"t1": {"grade/accuracy": 0.90}, "t2": {"grade/accuracy": 0.85}, "ensemble": {"grade/accuracy": 0.80}}
+    pick = {"teachers": ["t2"], "validation": 95.0, "versus": "t2", "ensemble_minus": -5.0}
+    caches = []
+
+    def fake_gaps(cfg, splits, behind, ensemble_test, test, device, cache):
+        caches.append(cache)
+        (key, (teacher, gap)), = behind.items()
+        return ({}, {key: {teacher: [gap, 99.0]}}) if teacher == "t2" else ({key: (teacher, gap)}, {})
+
+    monkeypatch.setattr(summary_mod, "ensemble_gaps", fake_gaps)
+    monkeypatch.setattr(summary_mod, "versus_validation_picks", lambda *a: ({"grade/accuracy": pick}, ["t3"]))
+    out = summary_mod.ensemble_comparisons(None, splits, rows, ["t1", "t2"], {}, None, "cpu")
+    assert out["ensemble_behind_teacher"] == {"grade/accuracy": ("t1", pytest.approx(-10.0))}
+    assert out["ensemble_level_with_teacher"] == {} and out["ensemble_behind_validation_pick"] == {}
+    assert out["ensemble_level_with_validation_pick"] == {"grade/accuracy": {"t2": [-5.0, 99.0]}}
+    assert out["ensemble_vs_validation_pick"] == {"grade/accuracy": pick}
+    assert out["teachers_without_validation_record"] == ["t3"]
+    assert len(caches) == 2 and caches[0] is caches[1]

@@ -357,6 +357,7 @@ def test_the_kept_record_is_the_best_score_and_a_tie_keeps_the_later_epoch():
     history = [{"epoch": 1, "val/score": 0.5}, {"epoch": 2, "val/score": 0.7}, {"epoch": 3, "val/score": 0.7},
                {"epoch": 4, "val/score": 0.6}, {"epoch": 5, "train/loss": 0.1}]
     assert kept_record(history)["epoch"] == 3  # Trainer: score >= best keeps the later checkpoint
+    assert kept_record([{"epoch": 1, "val/score": float("nan")}, *history])["epoch"] == 3  # NaN is never kept
     assert kept_record([{"epoch": 1, "train/loss": 0.1}]) == {} and kept_record([]) == {}
 
 

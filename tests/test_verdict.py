@@ -40,12 +40,16 @@ def record(name: str, level: float | None, ms: float, status: str = "passed") ->
             "latency": {"1": {"per_image_ms": ms, "rounds_ms": [ms * 0.98, ms, ms * 1.02]}}}
 
 
+PICK = {"teachers": ["teacher_a"], "validation": 90.0, "versus": "teacher_a", "ensemble_minus": 0.5}
+
+
 def files() -> dict:
     """A run that passes every target."""
     summary = {"experiment": "t", "rows": {"teacher_a": heads(0.80), "ensemble": heads(0.85),
                                            "student": heads(0.80), "baseline": heads(0.70),
                                            "linear probe": heads(0.50)},
-               "ensemble_behind_teacher": {}, "ensemble_behind_validation_pick": {}}
+               "ensemble_behind_teacher": {}, "ensemble_vs_validation_pick": {"fine/top5": PICK},
+               "ensemble_behind_validation_pick": {}}
     guard = {"path": "x", "status": "passed", "limits": {"coarse/balanced_accuracy": 2.0, "fine/top5": 2.0},
              "kept": {"step": "default", "method": "minmax", "images": 64,
                       "drops": {"coarse/balanced_accuracy": 0.5, "fine/top5": -0.3}}}
@@ -144,6 +148,7 @@ def _unmatched_floor(c):
 
 
 def _ensemble_behind(c):
+    c["summary"]["ensemble_vs_validation_pick"]["fine/top5"] = {**PICK, "ensemble_minus": -1.5}
     c["summary"]["ensemble_behind_validation_pick"] = {"fine/top5": ["teacher_a", -1.5]}
 
 
@@ -179,18 +184,37 @@ def test_an_ensemble_level_with_a_teacher_passes_and_says_so(run):
 
 
 def test_an_ensemble_behind_only_the_best_teacher_on_test_passes_and_names_it(run):
-    """The best teacher on test is chosen after seeing test: named on the line, not judged."""
+    """The best teacher on test is chosen after seeing test: named on the line, not judged, where
+    validation picked a teacher for the column; on a failing line too."""
     content = files()
     content["summary"]["ensemble_behind_teacher"] = {"fine/top5": ["teacher_b", -1.5]}
     text, ready = verdict_of(run, content)
     line = next(ln for ln in text.splitlines() if "validation picks" in ln)
-    assert ready and line.startswith("- **PASS**")
-    assert "behind the best teacher on test (chosen after seeing test): fine top-5: -1.5 points vs teacher_b" in line
+    named = "behind the best teacher on test (chosen after seeing test): fine top-5: -1.5 points vs teacher_b"
+    assert ready and line.startswith("- **PASS**") and named in line
+    _ensemble_behind(content)
+    text, ready = verdict_of(run, content)
+    line = next(ln for ln in text.splitlines() if "validation picks" in ln)
+    assert not ready and line.startswith("- **FAIL** ") and "fine top-5: -1.5 points vs teacher_a" in line
+    assert named in line
 
 
-def test_a_summary_without_validation_picks_cannot_judge_the_ensemble(run):
+@pytest.mark.parametrize("picks", [None, {}], ids=["older summary", "no validation records"])
+def test_a_column_without_a_validation_pick_is_judged_against_the_best_teacher_on_test(run, picks):
     content = files()
-    del content["summary"]["ensemble_behind_validation_pick"]
+    content["summary"]["ensemble_behind_teacher"] = {"fine/top5": ["teacher_b", -1.5]}
+    content["summary"]["ensemble_vs_validation_pick"] = picks
+    text, ready = verdict_of(run, content)
+    line = next(ln for ln in text.splitlines() if "validation picks" in ln)
+    assert not ready
+    assert line.startswith("- **FAIL** teacher ensemble not behind the teacher validation picks: fine top-5: "
+                           "-1.5 points vs teacher_b")
+    assert "no validation pick for fine top-5: judged against the best teacher on test" in line
+
+
+def test_a_summary_without_an_ensemble_comparison_cannot_judge_the_ensemble(run):
+    content = files()
+    del content["summary"]["ensemble_behind_teacher"]
     text, ready = verdict_of(run, content)
     line = next(ln for ln in text.splitlines() if "validation picks" in ln)
     assert ready and line.startswith("- **n/a**") and "rerun `make student`" in line

@@ -26,6 +26,7 @@ from torch import Tensor
 
 from deploy.errors import UserError, cli
 from deploy.fileio import atomic_write_bytes, atomic_write_text
+from train.layout import meta_sidecar
 
 META_KEY = "fundus_mtkd.meta"
 _TAGS = ("__tensor__", "__dict__", "__items__", "__tuple__")
@@ -121,7 +122,7 @@ def save_checkpoint(path: str | Path, tensors: dict[str, Tensor], meta: dict) ->
     # which a kill would orphan where nothing cleans it; atomic_write's temporary files are cleaned.
     data = save(_prepare(tensors), metadata={META_KEY: meta_json})
     atomic_write_bytes(path, data)
-    atomic_write_text(path.with_suffix(".json"), json.dumps(meta, indent=1))
+    atomic_write_text(meta_sidecar(path), json.dumps(meta, indent=1))
     return path
 
 
@@ -175,7 +176,7 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict]:
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{path}: metadata {META_KEY!r} is not valid JSON ({exc})") from exc
     if raw_meta:
-        _repair_sidecar(path.with_suffix(".json"), meta)
+        _repair_sidecar(meta_sidecar(path), meta)
     return tensors, meta
 
 

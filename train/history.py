@@ -7,15 +7,17 @@ summary's validation pick of a teacher (train/summary.py). Torch-free.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
-from train.layout import LAST_CHECKPOINT
+from train.layout import LAST_CHECKPOINT, meta_sidecar
 
 
 def kept_record(history: list[dict]) -> dict:
     """The record of the kept checkpoint: the highest validation score, a tie keeping the later epoch
-    (Trainer's rule: a later checkpoint has trained longer). {} when no record has a score."""
-    scored = [r for r in history if isinstance(r.get("val/score"), (int, float))]
+    (Trainer's rule: a later checkpoint has trained longer; a NaN score is never kept). {} when no record
+    has a score."""
+    scored = [r for r in history if isinstance(r.get("val/score"), (int, float)) and math.isfinite(r["val/score"])]
     return max(scored, key=lambda r: (r["val/score"], r["epoch"])) if scored else {}
 
 
@@ -27,7 +29,7 @@ def validation_headline(record: dict) -> dict[str, float]:
 def kept_validation(model_dir: Path) -> dict[str, float]:
     """The validation metrics of a trained model's kept checkpoint, read from the history in its resume
     point's JSON sidecar ({} when the run folder has none, e.g. copied without it)."""
-    sidecar = (Path(model_dir) / LAST_CHECKPOINT).with_suffix(".json")
+    sidecar = meta_sidecar(Path(model_dir) / LAST_CHECKPOINT)
     try:
         meta = json.loads(sidecar.read_text(encoding="utf-8"))
     except (OSError, ValueError):

@@ -26,6 +26,12 @@ FINAL = "final.json"  # a finished model's test metrics (its presence means "tra
 RESOLVED_CONFIG = "config.yaml"  # the resolved experiment config, next to every trained model
 BENCH_REPORT = "report"  # bench/report.json and report.md (in --out when the benchmark was sent elsewhere)
 
+
+def meta_sidecar(checkpoint: str | Path) -> Path:
+    """The JSON copy of a checkpoint's meta, next to it (run/last.safetensors -> run/last.json)."""
+    return Path(checkpoint).with_suffix(".json")
+
+
 # What each top-level entry of a run folder is: the index of the verdict (runs/<name>/README.md).
 RUN_FOLDER_INDEX: dict[str, str] = {
     "README.md": "this verdict (python -m benchmarks.verdict)",

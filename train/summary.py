@@ -44,6 +44,7 @@ from train.stage import Splits, image_set, write_final
 from train.summary_rules import (  # noqa: F401 (re-exported)
     FLOOR_ROWS,
     PROBE_ROW,
+    behind_only,
     below_floors,
     ensemble_behind_teachers,
     ensemble_versus,
@@ -121,12 +122,7 @@ def write_summary(cfg: ExperimentConfig, splits: Splits, results: dict[str, dict
     keys = [k for k, _ in summary_columns(tasks, joint)]
     spec = role_preprocessing(cfg, "student")  # only the labels and patients are read, never the pixels
     test, val = image_set(splits, splits.test, tasks, spec), image_set(splits, splits.val, tasks, spec)
-    behind, ensemble_ties = ensemble_gaps(cfg, splits, ensemble_behind_teachers(rows, teachers, tasks, joint),
-                                          outputs["ensemble"].test, test, device)
-    picks = versus_validation_picks(cfg, rows, teachers, tasks, joint)
-    pick_behind, pick_ties = ensemble_gaps(cfg, splits, {k: (p["versus"], p["ensemble_minus"])
-                                                         for k, p in picks.items() if p["ensemble_minus"] < 0},
-                                           outputs["ensemble"].test, test, device)
+    versus_teachers = ensemble_comparisons(cfg, splits, rows, teachers, outputs["ensemble"].test, test, device)
     ci95 = {row: headline_intervals(outputs[row].test, test, tasks, keys, cfg.clinical.bootstrap_resamples, cfg.seed)
             for row in CI_ROWS if row in outputs}
     paired_se = {floor: paired_standard_errors(outputs["student"].test, outputs[floor].test, test, tasks, keys,
@@ -140,9 +136,7 @@ def write_summary(cfg: ExperimentConfig, splits: Splits, results: dict[str, dict
                "test_images": len(splits.test), "tasks": [t.to_dict() for t in tasks],
                "joint": [list(g) for g in joint], "rows": rows, "deltas_points": deltas, "below_floor": below,
                "level_with_floor": ties, "paired_se_points": paired_se,
-               "ensemble_behind_teacher": behind, "ensemble_level_with_teacher": ensemble_ties,
-               "validation_picks": picks, "ensemble_behind_validation_pick": pick_behind,
-               "ensemble_level_with_validation_pick": pick_ties, "ci95": ci95, "clinical": clinical,
+               **versus_teachers, "ci95": ci95, "clinical": clinical,
                "written": time.strftime("%Y-%m-%dT%H:%M:%S")}
     atomic_write_text(cfg.layout.summary("json"), json.dumps(summary, indent=1))
     md = [f"# {cfg.name}: test split ({len(splits.test)} images), label fraction "
@@ -157,34 +151,56 @@ def write_summary(cfg: ExperimentConfig, splits: Splits, results: dict[str, dict
     return summary
 
 
+def ensemble_comparisons(cfg: ExperimentConfig, splits: Splits, rows: dict[str, dict], teachers: list[str],
+                         ensemble_test: dict[str, np.ndarray], test: FundusImages, device) -> dict:
+    """summary.json's comparisons of the ensemble with single teachers, each negative gap split into
+    behind / level (`ensemble_gaps`): with the best teacher on test per column, and with the teacher
+    validation picks (`versus_validation_picks`)."""
+    tasks, joint = splits.data.spec.tasks, splits.data.spec.joint
+    cache: dict[str, dict[str, np.ndarray]] = {}
+    behind, level = ensemble_gaps(cfg, splits, ensemble_behind_teachers(rows, teachers, tasks, joint),
+                                  ensemble_test, test, device, cache)
+    versus, unrecorded = versus_validation_picks(cfg, rows, teachers, tasks, joint)
+    gaps = behind_only({key: (p["versus"], p["ensemble_minus"]) for key, p in versus.items()})
+    pick_behind, pick_level = ensemble_gaps(cfg, splits, gaps, ensemble_test, test, device, cache)
+    return {"ensemble_behind_teacher": behind, "ensemble_level_with_teacher": level,
+            "ensemble_vs_validation_pick": versus, "ensemble_behind_validation_pick": pick_behind,
+            "ensemble_level_with_validation_pick": pick_level, "teachers_without_validation_record": unrecorded}
+
+
 def versus_validation_picks(cfg: ExperimentConfig, rows: dict[str, dict], teachers: list[str],
-                            tasks: list[TaskSpec], joint) -> dict[str, dict]:
-    """Column -> the teachers validation picks for it (`validation_picks`, from each teacher's kept
+                            tasks: list[TaskSpec], joint) -> tuple[dict[str, dict], list[str]]:
+    """(column -> the teachers that validation picks for it (`validation_picks`, from each teacher's kept
     checkpoint's validation record), their validation value (points), the one of them best on test
-    (`versus`) and the ensemble minus it on test (points)."""
+    (`versus`) and the ensemble minus it on test (points); the teachers without a validation record,
+    left out of the picks)."""
     validation = {name: kept_validation(cfg.layout.teacher_dir(name)) for name in teachers}
     picks = validation_picks(validation, teachers, tasks, joint)
     out = {}
     for key, (name, gap) in ensemble_versus(rows, picks).items():
         out[key] = {"teachers": picks[key], "validation": to_points(key, validation[name][key]),
                     "versus": name, "ensemble_minus": gap}
-    return out
+    return out, [name for name in teachers if not validation[name]]
 
 
 @torch.no_grad()
 def ensemble_gaps(cfg: ExperimentConfig, splits: Splits, behind: dict[str, tuple[str, float]],
-                  ensemble_test: dict[str, np.ndarray], test: FundusImages, device
+                  ensemble_test: dict[str, np.ndarray], test: FundusImages, device,
+                  cache: dict[str, dict[str, np.ndarray]] | None = None
                   ) -> tuple[dict[str, tuple[str, float]], dict[str, dict[str, list[float]]]]:
-    """(real gaps, ties) of `ensemble_behind_teachers`' result, by the floors' rule (`split_ties`): the
-    teachers it names are run on test again for their per-image outputs."""
+    """(real gaps, ties) of the columns where the ensemble is behind a teacher ({column: (teacher, gap)}),
+    by the floors' rule (`split_ties`): the teachers named are run on test for their per-image outputs,
+    kept in `cache` so that a second comparison does not run them again."""
     tasks = splits.data.spec.tasks
     pixels, batch = role_preprocessing(cfg, "teachers"), cfg.teachers.train.eval_batch_size
     images = image_set(splits, splits.test, tasks, pixels)
+    cache = {} if cache is None else cache
     errors = {}
     for name in sorted({teacher for teacher, _ in behind.values()}):
-        model, _ = load_model(cfg.layout.teacher_checkpoint(name))
-        teacher_test = collect_outputs(model_predict(model.to(device).eval()), images, device, batch)
-        errors[name] = paired_standard_errors(ensemble_test, teacher_test, test, tasks, list(behind),
+        if name not in cache:
+            model, _ = load_model(cfg.layout.teacher_checkpoint(name))
+            cache[name] = collect_outputs(model_predict(model.to(device).eval()), images, device, batch)
+        errors[name] = paired_standard_errors(ensemble_test, cache[name], test, tasks, list(behind),
                                               cfg.clinical.bootstrap_resamples, cfg.seed)
     gaps, ties = split_ties({key: {teacher: gap} for key, (teacher, gap) in behind.items()}, errors)
     return {key: next(iter(d.items())) for key, d in gaps.items()}, ties
@@ -192,7 +208,8 @@ def ensemble_gaps(cfg: ExperimentConfig, splits: Splits, behind: dict[str, tuple
 
 def comparison_lines(summary: dict) -> list[str]:
     """Markdown lines of summary.json's comparisons: student minus ensemble / baseline per column, the
-    floors the KD student is below, the columns where a single teacher beats the ensemble."""
+    floors the KD student is below, the columns where the best teacher on test beats the ensemble, and
+    the ensemble against the teacher validation picks."""
     md = ["Student minus ensemble / minus baseline (points):", ""]
     for key, d in summary["deltas_points"].items():
         md.append(f"- {key}: {_pts(d['student_minus_ensemble'])} / {_pts(d['student_minus_baseline'])}")
@@ -217,15 +234,16 @@ def comparison_lines(summary: dict) -> list[str]:
 
 def validation_pick_lines(summary: dict) -> list[str]:
     """Markdown: per column, the ensemble against the teacher that validation picks (summary.json's
-    `validation_picks`; absent from summaries written before it)."""
-    picks = summary.get("validation_picks")
-    if not picks:
+    `ensemble_vs_validation_pick`; absent from summaries written before it)."""
+    picks = summary.get("ensemble_vs_validation_pick")
+    unrecorded = summary.get("teachers_without_validation_record") or []
+    if not picks and not unrecorded:
         return []
     behind = summary.get("ensemble_behind_validation_pick", {})
     level = summary.get("ensemble_level_with_validation_pick", {})
     md = ["", "Ensemble against the teacher validation picks per column (the one a user without the ensemble "
           "would deploy; the best teacher on test, above, is chosen after seeing test, which favours it):", ""]
-    for key, p in picks.items():
+    for key, p in (picks or {}).items():
         tied = (f" ({' / '.join(p['teachers'])} tie on validation; the better on test)"
                 if len(p["teachers"]) > 1 else "")
         line = f"{key}: {p['versus']}{tied}, validation {p['validation']:.1f}: ensemble {_pts(p['ensemble_minus'])} points"
@@ -234,6 +252,8 @@ def validation_pick_lines(summary: dict) -> list[str]:
         elif key in level:
             line += f", level: within one standard error ({level[key][p['versus']][1]:.1f}) of the paired difference"
         md.append("- " + line)
+    if unrecorded:
+        md.append(f"- left out of the picks, no validation record (last.json) in their folder: {', '.join(unrecorded)}")
     return md
 
 

@@ -87,7 +87,12 @@ def ensemble_behind_teachers(rows: dict[str, dict], teachers: list[str], tasks: 
                              joint: list[tuple[str, ...]] | tuple = ()) -> dict[str, tuple[str, float]]:
     """Column -> (best teacher, ensemble minus it in points) where a single teacher beats the ensemble."""
     everyone = {key: teachers for key, _ in summary_columns(tasks, joint)}
-    return {key: (name, gap) for key, (name, gap) in ensemble_versus(rows, everyone).items() if gap < 0}
+    return behind_only(ensemble_versus(rows, everyone))
+
+
+def behind_only(versus: dict[str, tuple[str, float]]) -> dict[str, tuple[str, float]]:
+    """The columns of `ensemble_versus`' result where the ensemble is behind (a negative gap)."""
+    return {key: (name, gap) for key, (name, gap) in versus.items() if gap < 0}
 
 
 def validation_picks(validation: dict[str, dict], teachers: list[str], tasks: list[TaskSpec],
@@ -98,7 +103,8 @@ def validation_picks(validation: dict[str, dict], teachers: list[str], tasks: li
     seeing test, which favours it: the maximum of several noisy scores is above each one's true value."""
     picks: dict[str, list[str]] = {}
     for key, _ in summary_columns(tasks, joint):
-        scored = {t: validation[t][key] for t in teachers if validation.get(t, {}).get(key) is not None}
+        values = {t: validation.get(t, {}).get(key) for t in teachers}
+        scored = {t: v for t, v in values.items() if isinstance(v, (int, float)) and math.isfinite(v)}
         if scored:
             best = max(scored.values())
             picks[key] = [t for t, v in scored.items() if math.isclose(v, best, rel_tol=1e-9, abs_tol=1e-12)]

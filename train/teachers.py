@@ -36,7 +36,7 @@ from train.experiment import (
     teacher_specs,
 )
 from train.fit_check import check_preprocessing, dataset_fingerprint
-from train.layout import FINAL
+from train.layout import FINAL, LAST_CHECKPOINT, meta_sidecar
 from train.loop import EpochPlan, Trainer, config_fingerprint, seed_everything
 from train.losses import MultiTaskLoss
 from train.metrics import headline
@@ -71,7 +71,7 @@ def supervised_step(loss_fn: MultiTaskLoss, text_task: str | None):
 
 def ensure_same_config(out_dir: Path, meta: dict) -> None:
     """A finished run is reused only if it was trained with the same config; else say how to redo it."""
-    sidecar = out_dir / "last.json"
+    sidecar = meta_sidecar(out_dir / LAST_CHECKPOINT)
     recorded = json.loads(sidecar.read_text()).get("fingerprint") if sidecar.exists() else None
     if recorded != config_fingerprint(meta):
         raise ConfigError(f"{out_dir} was trained with a different config; delete it to retrain, or use "
