@@ -250,8 +250,8 @@ def check_ensemble(inputs: Inputs, columns: list[tuple[str, str]]) -> Check:
     also = {k: v for k, v in after_test.items() if k in picked}
     notes = (f"; behind the best teacher on test (chosen after seeing test): {_gaps(also, titles)}" if also else "")
     if unpicked:
-        notes += f"; no validation pick for {', '.join(titles.get(k, k) for k in unpicked)}: judged against the " \
-                 "best teacher on test"
+        names = ", ".join(titles.get(k, k) for k in unpicked)
+        notes += f"; no validation pick for {names}: judged against the best teacher on test"
     if behind:
         return Check(target, False, _gaps(behind, titles) + notes, "the ensemble is behind a teacher")
     level = [f"{titles.get(k, k)} {gap:+.1f} vs {teacher} (standard error {se:.1f})"

@@ -251,7 +251,7 @@ def test_the_summary_keeps_intervals_and_clinical_numbers(trained_run):
 
 
 def test_the_summary_compares_the_ensemble_with_the_teacher_validation_picks(trained_run):
-    """summary.json's validation_picks: per column the teacher best on validation (its kept checkpoint's
+    """summary.json's ensemble_vs_validation_pick: per column the teacher best on validation (its kept checkpoint's
     record), the ensemble minus it on test, and every negative gap split into behind / level."""
     import json
 
@@ -281,7 +281,9 @@ def _rewrite_validation(cfg, name: str, values: dict[str, float]) -> None:
     """Set `values` (validation metrics) in every history record of a teacher's resume-point sidecar."""
     import json
 
-    sidecar = cfg.layout.teacher_dir(name) / "last.json"
+    from train.layout import LAST_CHECKPOINT, meta_sidecar
+
+    sidecar = meta_sidecar(cfg.layout.teacher_dir(name) / LAST_CHECKPOINT)
     meta = json.loads(sidecar.read_text())
     for record in meta["history"]:
         record.update({f"val/{k}": v for k, v in values.items()})
@@ -300,6 +302,7 @@ def test_the_summary_follows_the_teachers_validation_records_not_test(trained_ru
     from train.distributed import DistInfo
     from train.experiment import load_experiment as load
     from train.experiment import teacher_specs
+    from train.layout import LAST_CHECKPOINT, meta_sidecar
     from train.metrics import to_points
     from train.models.saved import load_model
     from train.stage import load_splits
@@ -307,8 +310,8 @@ def test_the_summary_follows_the_teachers_validation_records_not_test(trained_ru
     from train.summary import versus_validation_picks
 
     cfg = load(trained_run.copy(tmp_path))
-    rows = json.loads(cfg.layout.summary("json").read_text())["rows"]
-    specs = teacher_specs(cfg, [t["name"] for t in json.loads(cfg.layout.summary("json").read_text())["tasks"]])
+    before = json.loads(cfg.layout.summary("json").read_text())
+    rows, specs = before["rows"], teacher_specs(cfg, [t["name"] for t in before["tasks"]])
     coarse = sorted((s.name for s in specs if "coarse" in s.tasks), key=lambda t: rows[t]["coarse/accuracy"])
     fine = [s.name for s in specs if "fine" in s.tasks]
     assert len(coarse) >= 2 and len(fine) >= 2
@@ -330,7 +333,7 @@ def test_the_summary_follows_the_teachers_validation_records_not_test(trained_ru
         level = summary["ensemble_level_with_validation_pick"].get(key, {})
         assert (behind is not None or bool(level)) == (p["ensemble_minus"] < 0)
         assert (behind is None or behind[0] == p["versus"]) and set(level) <= {p["versus"]}
-    (cfg.layout.teacher_dir(coarse[0]) / "last.json").unlink()
+    meta_sidecar(cfg.layout.teacher_dir(coarse[0]) / LAST_CHECKPOINT).unlink()
     picks, unrecorded = versus_validation_picks(cfg, rows, [s.name for s in specs], [], [])
     assert unrecorded == [coarse[0]]
 

@@ -35,7 +35,7 @@ from train.evaluate import (
 )
 from train.experiment import ExperimentConfig, role_preprocessing, teacher_specs
 from train.history import kept_validation
-from train.layout import FINAL
+from train.layout import FINAL, LAST_CHECKPOINT, meta_sidecar
 from train.metrics import headline, to_points
 from train.models.saved import load_model
 from train.plots import plot_confusion_matrix
@@ -253,7 +253,8 @@ def validation_pick_lines(summary: dict) -> list[str]:
             line += f", level: within one standard error ({level[key][p['versus']][1]:.1f}) of the paired difference"
         md.append("- " + line)
     if unrecorded:
-        md.append(f"- left out of the picks, no validation record (last.json) in their folder: {', '.join(unrecorded)}")
+        sidecar = meta_sidecar(LAST_CHECKPOINT).name
+        md.append(f"- left out of the picks, no validation record ({sidecar}) in their folder: {', '.join(unrecorded)}")
     return md
 
 
