@@ -153,9 +153,9 @@ device-deps: $(STAMP)  ## CI: the device install resolves for JetPack 6 / x86-64
 # --- KD recipe sweep (issue 9) --------------------------------------------------------------------
 # Needs trained teachers (`make teachers`). Each grid point trains the student from the cached soft
 # targets for the student's own budget (SWEEP_STEPS=N for a shorter one) and is scored on the
-# validation split: runs/<name>/sweep/. The default grid (8 points + the baseline, 382 steps each) takes
-# about 40 min on 2 cores (README: KD sweep); widen it with
-# SWEEP_ARGS="--temperature 1 2 4 ...".
+# validation split: runs/<name>/sweep/. Each point trains as long as `make student`'s student (the
+# README's weighting sweep: 3 points in 9.9 min on 2 cores); widen the grid with
+# SWEEP_ARGS="--temperature 1 2 4 ...", repeat it per training seed with SWEEP_ARGS="--seeds 0 1 2".
 SWEEP_STEPS ?=
 SWEEP_ARGS ?= --alpha 0.5 0.9 --weighting mean quality_weighted --labelled-share natural 0.5
 .PHONY: sweep-kd probe

@@ -13,6 +13,7 @@ from tiny import make_tiny_dataset, write_tiny_config
 import train.sweep as sweep_mod
 from deploy.errors import cli
 from train.experiment import load_experiment
+from train.seed_spread import seed_tables
 from train.sweep import Point, grid
 
 
@@ -60,6 +61,63 @@ def test_each_training_length_gets_a_step_matched_baseline(trained, monkeypatch)
     records = json.loads((trained.parent / "runs" / "tiny" / "sweep" / "sweep.json").read_text())
     assert {r["point"] for r in records} == {"a0.9-Tconfig-joint-mean-E1", "a0.9-Tconfig-joint-mean-E2",
                                              "labels-only baseline (3 steps)", "labels-only baseline (6 steps)"}
+
+
+def test_each_seed_gets_its_own_baseline_and_the_spread_over_seeds(trained, monkeypatch):
+    """--seeds repeats every point and its step-matched baseline per seed (training faked: the score
+    depends on role and seed); sweep.md pairs each student with the baseline of its own seed."""
+    calls = []
+
+    def fake_run_point(cfg, splits, soft, role, device, info, steps_budget=None):
+        steps = steps_budget or 3 * cfg.student.train.epochs
+        calls.append((role, steps, cfg.seed))
+        score = (0.5 + 0.1 * cfg.seed) if role == "student" else (0.4 + 0.05 * cfg.seed)
+        return {"val_score": score, "steps": steps, "best_epoch": 1, "val": {"coarse/accuracy": score}, "seconds": 0.0}
+
+    monkeypatch.setattr(sweep_mod, "run_point", fake_run_point)
+    assert cli(sweep_mod.main, ["--config", str(trained), "--epochs", "1", "2", "--seeds", "3", "4"]) == 0
+    assert sorted(calls) == sorted([("student", s, sd) for s in (3, 6) for sd in (3, 4)]
+                                   + [("baseline", s, sd) for s in (3, 6) for sd in (3, 4)])
+    out = trained.parent / "runs" / "tiny" / "sweep"
+    records = {r["point"]: r for r in json.loads((out / "sweep.json").read_text())}
+    assert records["a0.9-Tconfig-joint-mean-E2-S4"]["baseline"] == "labels-only baseline (6 steps, seed 4)"
+    assert records["labels-only baseline (3 steps, seed 3)"]["group"] == "labels-only baseline (3 steps)"
+    md = (out / "sweep.md").read_text()
+    # Seed 3: student 0.8 vs baseline 0.55, seed 4: 0.9 vs 0.6 -> differences 0.25 and 0.30.
+    assert "| a0.9-Tconfig-joint-mean-E1 | 3, 4 | 0.8500 ± 0.0707 | 85.0 ± 7.1 |" in md
+    assert "| labels-only baseline (3 steps) | 3, 4 | 0.5750 ± 0.0354 | 57.5 ± 3.5 |" in md
+    assert "| a0.9-Tconfig-joint-mean-E2 | 3, 4 | +0.2750 ± 0.0354 | +27.5 ± 3.5 |" in md
+    assert "- a0.9-Tconfig-joint-mean-E1: above its baseline on the score with 2 of 2 seeds" in md
+    for bad in (["1", "1"], ["-1"]):
+        with pytest.raises(SystemExit) as exc:
+            cli(sweep_mod.main, ["--config", str(trained), "--seeds", *bad])
+        assert exc.value.code == 2
+
+
+def test_a_tie_with_the_baseline_is_not_counted_above():
+    """The seed tables from records alone: a student level with its seed's baseline is not 'above'."""
+    def rec(point, group, seed, score, baseline=None):
+        return {"point": point, "group": group, "seed": seed, "val_score": score, "baseline": baseline,
+                "val": {"diagnosis/bleu": 100 * score}}
+
+    records = [rec("s-S0", "s", 0, 0.7, "b-S0"), rec("s-S1", "s", 1, 0.6, "b-S1"),
+               rec("b-S0", "b", 0, 0.5), rec("b-S1", "b", 1, 0.6)]
+    text = seed_tables(records, [("diagnosis/bleu", "BLEU")])
+    assert "| s | 0, 1 | +0.1000 ± 0.1414 | +10.0 ± 14.1 |" in text  # BLEU stays on its 0-100 scale
+    assert "- s: above its baseline on the score with 1 of 2 seeds" in text
+
+
+def test_one_seed_or_none_adds_no_seed_tables(trained, monkeypatch):
+    def fake_run_point(cfg, splits, soft, role, device, info, steps_budget=None):
+        return {"val_score": 0.5, "steps": 3, "best_epoch": 1, "val": {}, "seconds": 0.0}
+
+    monkeypatch.setattr(sweep_mod, "run_point", fake_run_point)
+    out = trained.parent / "runs" / "tiny" / "sweep"
+    assert cli(sweep_mod.main, ["--config", str(trained), "--seeds", "2"]) == 0
+    md = (out / "sweep.md").read_text()
+    assert "| seed |" in md and "labels-only baseline (seed 2)" in md and "Over the seeds" not in md
+    assert cli(sweep_mod.main, ["--config", str(trained)]) == 0
+    assert "| seed |" not in (out / "sweep.md").read_text()
 
 
 def test_sweep_trains_every_point_and_sorts_by_validation(trained, monkeypatch):

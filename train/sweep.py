@@ -11,8 +11,11 @@ touched, so the winner can become the config's default without fitting the test 
 baseline with the same budget is the reference row. `--temperature T` sets every task's temperature
 to T ("config" keeps the configured ones); `--epochs E ...` sets the student's training length, and each
 length gets a labels-only baseline with the same optimizer steps (distillation from a large pool may
-need longer training than labels alone, so lengths are compared step for step). The other axes
-default to the configured value.
+need longer training than labels alone, so lengths are compared step for step). `--seeds S ...` repeats
+every point, and its baseline, with each training seed (initialisation, batch order, augmentation; the
+teachers and the labelled subset stay the run's): sweep.md then adds each point's mean and spread over
+the seeds and the student minus its baseline seed by seed, because a margin smaller than what the seed
+moves is not a margin (train/seed_spread.py). The other axes default to the configured value.
 
 Writes runs/<name>/sweep/sweep.{json,md}, best first. Points are ordinary runs under
 runs/<name>/sweep/<teachers digest>/<point>/, so an interrupted sweep resumes, and retrained teachers
@@ -43,6 +46,7 @@ from train.experiment import (
 )
 from train.history import kept_record, validation_headline
 from train.metrics import to_points
+from train.seed_spread import seed_tables
 from train.stage import Splits, image_set, load_splits
 from train.student import fit_student, teacher_soft_targets
 from train.summary import summary_columns
@@ -58,13 +62,14 @@ class Point:
     weighting: str
     labelled_share: float | None = None  # None: the natural mix of labelled and unlabelled images
     epochs: int | None = None  # None: the configured student.train.epochs (the training length)
+    seed: int | None = None  # None: the configured seed
 
     @property
     def name(self) -> str:
         temp = CONFIGURED if self.temperature is None else f"{self.temperature:g}"
         share = "" if self.labelled_share is None else f"-L{self.labelled_share:g}"
         epochs = "" if self.epochs is None else f"-E{self.epochs}"
-        return f"a{self.alpha:g}-T{temp}-{self.schedule}-{self.weighting}{share}{epochs}"
+        return f"a{self.alpha:g}-T{temp}-{self.schedule}-{self.weighting}{share}{epochs}{seed_suffix(self.seed)}"
 
     def overrides(self) -> list[str]:
         share = "null" if self.labelled_share is None else self.labelled_share
@@ -74,19 +79,28 @@ class Point:
             out += ["student.kd.temperatures={}", f"student.kd.default_temperature={self.temperature}"]
         if self.epochs is not None:
             out.append(f"student.train.epochs={self.epochs}")
-        return out
+        return out + seed_overrides(self.seed)
+
+
+def seed_suffix(seed: int | None) -> str:
+    """The run-name suffix of a seeded point or baseline ("" for the configured seed)."""
+    return "" if seed is None else f"-S{seed}"
+
+
+def seed_overrides(seed: int | None) -> list[str]:
+    return [] if seed is None else [f"seed={seed}"]
 
 
 def grid(cfg: ExperimentConfig, alphas: list[float] | None, temperatures: list[str] | None,
          schedules: list[str] | None, weightings: list[str] | None, shares: list[str] | None = None,
-         epochs: list[int] | None = None) -> list[Point]:
+         epochs: list[int] | None = None, seeds: list[int] | None = None) -> list[Point]:
     """Every combination of the given axes; an axis not given is the configured value."""
     temps = [None if t == CONFIGURED else float(t) for t in (temperatures or [CONFIGURED])]
     kd = cfg.student.kd
     mixes = [None if m == "natural" else float(m) for m in shares] if shares else [kd.labelled_share]
-    return [Point(a, t, s, w, m, e) for a in (alphas or [kd.alpha]) for t in temps
+    return [Point(a, t, s, w, m, e, sd) for a in (alphas or [kd.alpha]) for t in temps
             for s in (schedules or [kd.schedule]) for w in (weightings or [cfg.teachers.ensemble_weighting])
-            for m in mixes for e in (epochs or [None])]
+            for m in mixes for e in (epochs or [None]) for sd in (seeds or [None])]
 
 
 def budgeted(cfg: ExperimentConfig, steps: int | None) -> ExperimentConfig:
@@ -136,37 +150,58 @@ def sweep(config: str | None, overrides: list[str], points: list[Point], steps: 
         point_soft = dataclasses.replace(soft, combination=combos[point.weighting])
         cfg = dataclasses.replace(cfg, runs_root=str(root), name=point.name)
         print(f"=== sweep point {point.name} ===", flush=True)
-        records.append({"point": point.name, **dataclasses.asdict(point),
-                        **run_point(cfg, splits, point_soft, "student", device, info)})
-    longest: dict = {}  # training length -> the most steps a point of that length took
-    for r in records:
-        longest[r["epochs"]] = max(longest.get(r["epochs"], 0), r["steps"])
-    budgets = sorted(set(longest.values())) if baseline else []
-    for budget in budgets:  # one reference per training length, with the same optimizer steps
-        cfg = dataclasses.replace(budgeted(base, steps), runs_root=str(root), name=f"baseline-{budget}steps")
-        print(f"=== sweep reference: labels-only baseline, {budget} steps ===", flush=True)
-        name = "labels-only baseline" + (f" ({budget} steps)" if len(budgets) > 1 else "")
-        records.append({"point": name, "alpha": None, "temperature": None, "schedule": None, "weighting": None,
-                        "labelled_share": None, "epochs": None,
-                        **run_point(cfg, splits, soft, "baseline", device, info, budget)})
+        records.append({"point": point.name, "group": dataclasses.replace(point, seed=None).name,
+                        **dataclasses.asdict(point), **run_point(cfg, splits, point_soft, "student", device, info)})
+    if baseline:
+        records += baselines(config, overrides, records, steps, root, splits, soft, device, info)
     return sorted(records, key=lambda r: -r["val_score"])
 
 
+def baselines(config: str | None, overrides: list[str], students: list[dict], steps: int | None, root,
+              splits: Splits, soft: SoftTargets, device, info: DistInfo) -> list[dict]:
+    """One labels-only reference per training length and seed, with the same optimizer steps as the
+    longest student point of that length; each student record is told its reference's name."""
+    longest: dict = {}  # training length -> the most steps a point of that length took
+    for r in students:
+        longest[r["epochs"]] = max(longest.get(r["epochs"], 0), r["steps"])
+    budgets = sorted(set(longest.values()))
+    seeds = sorted({r["seed"] for r in students}, key=lambda sd: -1 if sd is None else sd)
+    refs = {}
+    for budget in budgets:
+        for seed in seeds:
+            base = budgeted(load_experiment(config, [*overrides, *seed_overrides(seed)]), steps)
+            cfg = dataclasses.replace(base, runs_root=str(root), name=f"baseline-{budget}steps{seed_suffix(seed)}")
+            print(f"=== sweep reference: labels-only baseline, {budget} steps{seed_suffix(seed)} ===", flush=True)
+            notes = [f"{budget} steps"] * (len(budgets) > 1)
+            group = "labels-only baseline" + (f" ({notes[0]})" if notes else "")
+            notes += [f"seed {seed}"] * (seed is not None)
+            name = "labels-only baseline" + (f" ({', '.join(notes)})" if notes else "")
+            refs[budget, seed] = {"point": name, "group": group, "alpha": None, "temperature": None, "schedule": None,
+                                  "weighting": None, "labelled_share": None, "epochs": None, "seed": seed,
+                                  **run_point(cfg, splits, soft, "baseline", device, info, budget)}
+    for r in students:
+        r["baseline"] = refs[longest[r["epochs"]], r["seed"]]["point"]
+    return list(refs.values())
+
+
 def markdown(records: list[dict], columns: list[tuple[str, str]], title: str) -> str:
-    """The sweep table, best first: the parameters, the selection score and the headline metrics."""
-    head = ["point", "alpha", "temperature", "schedule", "weighting", "labelled share", "val score", *[c for _, c in columns], "steps"]
+    """The sweep table, best first: the parameters, the selection score and the headline metrics; with
+    more than one seed, a seed column and the tables over the seeds (train/seed_spread.py)."""
+    seeded = any(r.get("seed") is not None for r in records)  # older sweep.json files have no seeds
+    head = ["point", "alpha", "temperature", "schedule", "weighting", "labelled share", *["seed"] * seeded,
+            "val score", *[c for _, c in columns], "steps"]
     lines = [title, "", "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for r in records:
         temp = CONFIGURED if r["temperature"] is None and r["alpha"] is not None else r["temperature"]
         share = r.get("labelled_share") or ("natural" if r["alpha"] is not None else None)
-        cells = [r["point"], *("—" if v is None else f"{v:g}" if isinstance(v, float) else str(v)
-                               for v in (r["alpha"], temp, r["schedule"], r["weighting"], share)),
+        params = (r["alpha"], temp, r["schedule"], r["weighting"], share, *[r.get("seed")] * seeded)
+        cells = [r["point"], *("—" if v is None else f"{v:g}" if isinstance(v, float) else str(v) for v in params),
                  f"{r['val_score']:.4f}"]
         for key, _ in columns:
             v = r["val"].get(key)
             cells.append("—" if v is None else f"{to_points(key, v):.1f}")
         lines.append("| " + " | ".join([*cells, str(r["steps"])]) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + seed_tables(records, columns)
 
 
 def _positive(text: str) -> bool:
@@ -188,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="share of labelled images in each joint epoch (student.kd.labelled_share)")
     parser.add_argument("--epochs", type=int, nargs="+", help="student training lengths (student.train.epochs); "
                         "each length gets its own step-matched baseline")
+    parser.add_argument("--seeds", type=int, nargs="+", help="training seeds: every point and its baseline "
+                        "once per seed, with the spread over the seeds in sweep.md")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per point (default: the config's)")
     parser.add_argument("--no-baseline", action="store_true", help="skip the labels-only reference row")
     args = parser.parse_args(argv)
@@ -197,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     for e in args.epochs or []:
         if e < 1:
             parser.error(f"--epochs {e}: give whole numbers of at least 1")
+    if args.seeds and (min(args.seeds) < 0 or len(set(args.seeds)) < len(args.seeds)):
+        parser.error(f"--seeds {' '.join(map(str, args.seeds))}: give distinct whole numbers of at least 0")
     for m in args.labelled_share or []:
         if m != "natural" and not (_positive(m) and float(m) <= 1):
             parser.error(f"--labelled-share {m!r}: give shares in (0, 1] or 'natural'")
@@ -204,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         base = load_experiment(args.config, config_overrides(args))
         info, device = init_distributed(base.device)
         points = grid(base, args.alpha, args.temperature, args.schedule, args.weighting, args.labelled_share,
-                      args.epochs)
+                      args.epochs, args.seeds)
         records = sweep(args.config, config_overrides(args), points, args.steps, not args.no_baseline, device, info)
         tasks = load_splits(base).data.spec.tasks
         title = (f"# KD sweep ({base.name}): validation split, {len(points)} points, best first\n\n"
