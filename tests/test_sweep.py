@@ -105,6 +105,9 @@ def test_a_tie_with_the_baseline_is_not_counted_above():
     text = seed_tables(records, [("diagnosis/bleu", "BLEU")])
     assert "| s | 0, 1 | +0.1000 ± 0.1414 | +10.0 ± 14.1 |" in text  # BLEU stays on its 0-100 scale
     assert "- s: above its baseline on the score with 1 of 2 seeds" in text
+    # Without baselines (--no-baseline) the spread stays and no empty difference table is written.
+    alone = seed_tables([dict(r, baseline=None) for r in records[:2]], [("diagnosis/bleu", "BLEU")])
+    assert "| s | 0, 1 | 0.6500 ± 0.0707 | 65.0 ± 7.1 |" in alone and "minus" not in alone
 
 
 def test_one_seed_or_none_adds_no_seed_tables(trained, monkeypatch):

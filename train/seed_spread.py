@@ -76,6 +76,8 @@ def seed_tables(records: list[dict], columns: list[tuple[str, str]]) -> str:
                          lambda key, rs=rs: [_values(r, key) for r in rs], signed=False)
                     for name, rs in _groups(records).items()])
     diffs = _groups(over_seeds(records, columns))
+    if not diffs:  # --no-baseline: nothing to subtract
+        return "\n".join(lines) + "\n"
     rows = [_row(name, rs, columns, [r["val_score"] for r in rs],
                  lambda key, rs=rs: [r["val"][key] for r in rs], signed=True) for name, rs in diffs.items()]
     above = [f"- {name}: above its baseline on the score with {sum(r['val_score'] > 0 for r in rs)} of "
