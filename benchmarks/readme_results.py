@@ -119,8 +119,13 @@ def render_fractions(rows: list, layout: RunLayout) -> str:
     return fractions_markdown(rows, fraction_columns(_tasks(layout)[0]))
 
 
-def render_sweep(records: list, layout: RunLayout) -> str:
-    return sweep_markdown(records, summary_columns(_tasks(layout)[0]), "").strip("\n")
+def render_sweep(report: dict | list, layout: RunLayout) -> str:
+    """sweep.json names its tasks; an older one is a bare list of records, scored on the run's tasks."""
+    if isinstance(report, list):
+        records, tasks = report, _tasks(layout)[0]
+    else:
+        records, tasks = report["records"], [TaskSpec.from_dict(t) for t in report["tasks"]]
+    return sweep_markdown(records, summary_columns(tasks), "").strip("\n")
 
 
 KINDS: dict[str, Kind] = {

@@ -130,6 +130,19 @@ def test_fractions_and_sweep_blocks_use_their_stages_tables(cfg):
     assert "| a0.9 | 0.9 | config | joint | mean | natural | 0.8000 | 90.0 |" in new
 
 
+def test_a_run_that_only_swept_gets_its_sweep_block_from_sweep_json_alone(cfg):
+    """No summary.json nor bench report: the sweep's own file names the tasks (an older bare list
+    of records needs the run's summary.json, and says so)."""
+    records = [{"point": "a0.9-S0", "alpha": 0.9, "temperature": None, "schedule": "joint", "weighting": "mean",
+                "labelled_share": None, "seed": 0, "val_score": 0.8, "val": {"coarse/accuracy": 0.9}, "steps": 10}]
+    _write(cfg.layout.sweep_dir / "sweep.json", {"tasks": [t.to_dict() for t in TASKS], "records": records})
+    new, changed, _ = rr.regenerate("<!-- results:sweep -->\n<!-- /results -->\n", cfg)
+    assert changed == ["results:sweep"] and "| a0.9-S0 | 0.9 | config | joint | mean | natural | 0 | 0.8000 | 90.0 |" in new
+    _write(cfg.layout.sweep_dir / "sweep.json", records)
+    with pytest.raises(rr.BlockError, match="summary.json"):
+        rr.regenerate("<!-- results:sweep -->\n<!-- /results -->\n", cfg)
+
+
 def test_the_fractions_plot_is_copied_next_to_the_readme_and_shown(tmp_path, cfg):
     _write(cfg.layout.summary("json"), _summary())
     _write(cfg.layout.fractions_dir / "fractions.json", [{"fraction": 0.15, "model": "student", "coarse/accuracy": 0.8}])

@@ -58,7 +58,7 @@ def test_each_training_length_gets_a_step_matched_baseline(trained, monkeypatch)
     monkeypatch.setattr(sweep_mod, "run_point", fake_run_point)
     assert cli(sweep_mod.main, ["--config", str(trained), "--epochs", "1", "2"]) == 0
     assert calls == [("student", 3), ("student", 6), ("baseline", 3), ("baseline", 6)]
-    records = json.loads((trained.parent / "runs" / "tiny" / "sweep" / "sweep.json").read_text())
+    records = json.loads((trained.parent / "runs" / "tiny" / "sweep" / "sweep.json").read_text())["records"]
     assert {r["point"] for r in records} == {"a0.9-Tconfig-joint-mean-E1", "a0.9-Tconfig-joint-mean-E2",
                                              "labels-only baseline (3 steps)", "labels-only baseline (6 steps)"}
 
@@ -79,7 +79,7 @@ def test_each_seed_gets_its_own_baseline_and_the_spread_over_seeds(trained, monk
     assert sorted(calls) == sorted([("student", s, sd) for s in (3, 6) for sd in (3, 4)]
                                    + [("baseline", s, sd) for s in (3, 6) for sd in (3, 4)])
     out = trained.parent / "runs" / "tiny" / "sweep"
-    records = {r["point"]: r for r in json.loads((out / "sweep.json").read_text())}
+    records = {r["point"]: r for r in json.loads((out / "sweep.json").read_text())["records"]}
     assert records["a0.9-Tconfig-joint-mean-E2-S4"]["baseline"] == "labels-only baseline (6 steps, seed 4)"
     assert records["labels-only baseline (3 steps, seed 3)"]["group"] == "labels-only baseline (3 steps)"
     md = (out / "sweep.md").read_text()
@@ -137,7 +137,9 @@ def test_sweep_trains_every_point_and_sorts_by_validation(trained, monkeypatch):
             "quality_weighted", "--steps", "2"]
     assert cli(sweep_mod.main, args) == 0
     out = trained.parent / "runs" / "tiny" / "sweep"
-    records = json.loads((out / "sweep.json").read_text())
+    report = json.loads((out / "sweep.json").read_text())
+    assert [t["name"] for t in report["tasks"]] == ["coarse", "fine", "diagnosis"]  # the table needs no other file
+    records = report["records"]
     scores = [r["val_score"] for r in records]
     assert scores == sorted(scores, reverse=True) and len(records) == 5
     assert "labels-only baseline" in {r["point"] for r in records}

@@ -83,5 +83,6 @@ def seed_tables(records: list[dict], columns: list[tuple[str, str]]) -> str:
     above = [f"- {name}: above its baseline on the score with {sum(r['val_score'] > 0 for r in rs)} of "
              f"{len(rs)} seeds" for name, rs in diffs.items()]
     lines += _table("Student minus the labels-only baseline of the same seed and optimizer steps (mean ± sd of "
-                    "the per-seed differences, in points):", "configuration", columns, rows)
+                    "the per-seed differences; the score on its 0-1 scale, accuracies in points, BLEU 0-100):",
+                    "configuration", columns, rows)
     return "\n".join([*lines, "", *above]) + "\n"

@@ -249,7 +249,10 @@ def main(argv: list[str] | None = None) -> int:
         title = (f"# KD sweep ({base.name}): validation split, {len(points)} points, best first\n\n"
                  f"Selection score = the checkpoint-selection metric on validation; accuracies in %, BLEU 0-100.")
         md = markdown(records, summary_columns(tasks), title)
-        atomic_write_text(base.layout.sweep_report("json"), json.dumps(records, indent=1))
+        # The tasks go with the records, so the table can be drawn from this file alone (a run that only
+        # swept has no summary.json to name them).
+        report = {"tasks": [t.to_dict() for t in tasks], "records": records}
+        atomic_write_text(base.layout.sweep_report("json"), json.dumps(report, indent=1))
         atomic_write_text(base.layout.sweep_report("md"), md)
         print(md, flush=True)
     finally:
