@@ -159,7 +159,7 @@ device-deps: $(STAMP)  ## CI: the device install resolves for JetPack 6 / x86-64
 SWEEP_STEPS ?=
 SWEEP_ARGS ?= --alpha 0.5 0.9 --weighting mean quality_weighted --labelled-share natural 0.5
 .PHONY: sweep-kd probe
-sweep-kd: $(STAMP)  ## KD sweep (alpha, temperature, schedule, weighting, labelled share) on validation: sweep.md
+sweep-kd: $(STAMP)  ## KD sweep (alpha, temperature, schedule, weighting, labelled share, length, seeds) on validation: sweep.md
 	$(PYTHON) -m train.sweep $(STAGE_ARGS) $(if $(SWEEP_STEPS),--steps $(SWEEP_STEPS)) $(SWEEP_ARGS)
 
 probe: $(STAMP)  ## linear probe floor: frozen student backbone + logistic regression, test split

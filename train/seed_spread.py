@@ -1,9 +1,8 @@
 """How far a KD sweep point moves with the training seed (`python -m train.sweep --seeds 0 1 2`).
 
 A student's margin over its labels-only baseline means something only when it is larger than what the
-seed alone moves: on the default config at 100 % labels one seed put the KD student 3.9 fine
-balanced-accuracy points above the baseline on test and another 2.9 below (README: "A second seed at
-100 % labels"). With more than one seed in a sweep, sweep.md gains two tables, both on validation:
+seed alone moves: on the default config at 100 % labels one seed put the KD student above the baseline
+on fine balanced accuracy and another below it (README: "A second seed at 100 % labels"). With more than one seed in a sweep, sweep.md gains two tables, both on validation:
 each configuration's mean and spread over the seeds, and each student point minus the baseline of the
 same seed and optimizer steps, seed by seed. The spread is the sample standard deviation over seeds.
 """

@@ -88,6 +88,7 @@ def seed_suffix(seed: int | None) -> str:
 
 
 def seed_overrides(seed: int | None) -> list[str]:
+    """The config override of a seeded point or baseline (none for the configured seed)."""
     return [] if seed is None else [f"seed={seed}"]
 
 
