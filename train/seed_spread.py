@@ -56,7 +56,7 @@ def over_seeds(records: list[dict], columns: list[tuple[str, str]]) -> list[dict
     out = []
     for r in records:
         ref = by_point.get(r.get("baseline"))
-        if r.get("seed") is None or ref is None:
+        if ref is None:  # a baseline itself, or a student swept without one
             continue
         diff = {key: None if _values(r, key) is None or _values(ref, key) is None
                 else _values(r, key) - _values(ref, key) for key, _ in columns}
