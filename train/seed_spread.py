@@ -2,9 +2,10 @@
 
 A student's margin over its labels-only baseline means something only when it is larger than what the
 seed alone moves: on the default config at 100 % labels one seed put the KD student above the baseline
-on fine balanced accuracy and another below it (README: "A second seed at 100 % labels"). With more than one seed in a sweep, sweep.md gains two tables, both on validation:
-each configuration's mean and spread over the seeds, and each student point minus the baseline of the
-same seed and optimizer steps, seed by seed. The spread is the sample standard deviation over seeds.
+on fine balanced accuracy and another below it (README: "A second seed at 100 % labels"). With more
+than one seed in a sweep, sweep.md gains two tables, both on validation: each configuration's mean and
+spread over the seeds, and each student point minus the baseline of the same seed and optimizer steps,
+seed by seed. The spread is the sample standard deviation over seeds.
 """
 
 from __future__ import annotations
@@ -36,9 +37,9 @@ def _values(r: dict, key: str) -> float | None:
     return None if v is None else to_points(key, v)
 
 
-def _row(name: str, rs: list[dict], columns: list[tuple[str, str]], score: list[float],
-         per_column, signed: bool) -> str:
-    cells = [name, ", ".join(str(r["seed"]) for r in rs), _spread(score, 4, signed)]
+def _row(name: str, rs: list[dict], columns: list[tuple[str, str]], per_column, signed: bool) -> str:
+    """One configuration: its seeds, the score's and each column's spread (per_column(key) -> values)."""
+    cells = [name, ", ".join(str(r["seed"]) for r in rs), _spread([r["val_score"] for r in rs], 4, signed)]
     for key, _ in columns:
         vals = [v for v in per_column(key) if v is not None]
         cells.append(_spread(vals, 1, signed) if vals else "—")
@@ -71,14 +72,13 @@ def seed_tables(records: list[dict], columns: list[tuple[str, str]]) -> str:
         return ""
     lines = _table("Over the seeds (validation, mean ± sd over the seeds; accuracies in %, BLEU 0-100):",
                    "configuration", columns,
-                   [_row(name, rs, columns, [r["val_score"] for r in rs],
-                         lambda key, rs=rs: [_values(r, key) for r in rs], signed=False)
+                   [_row(name, rs, columns, lambda key, rs=rs: [_values(r, key) for r in rs], signed=False)
                     for name, rs in _groups(records).items()])
     diffs = _groups(over_seeds(records, columns))
     if not diffs:  # --no-baseline: nothing to subtract
         return "\n".join(lines) + "\n"
-    rows = [_row(name, rs, columns, [r["val_score"] for r in rs],
-                 lambda key, rs=rs: [r["val"][key] for r in rs], signed=True) for name, rs in diffs.items()]
+    rows = [_row(name, rs, columns, lambda key, rs=rs: [r["val"][key] for r in rs], signed=True)
+            for name, rs in diffs.items()]
     above = [f"- {name}: above its baseline on the score with {sum(r['val_score'] > 0 for r in rs)} of "
              f"{len(rs)} seeds" for name, rs in diffs.items()]
     lines += _table("Student minus the labels-only baseline of the same seed and optimizer steps (mean ± sd of "
