@@ -138,6 +138,8 @@ def test_a_run_that_only_swept_gets_its_sweep_block_from_sweep_json_alone(cfg):
     _write(cfg.layout.sweep_dir / "sweep.json", {"tasks": [t.to_dict() for t in TASKS], "records": records})
     new, changed, _ = rr.regenerate("<!-- results:sweep -->\n<!-- /results -->\n", cfg)
     assert changed == ["results:sweep"] and "| a0.9-S0 | 0.9 | config | joint | mean | natural | 0 | 0.8000 | 90.0 |" in new
+    header = next(line for line in new.splitlines() if line.startswith("| point |"))
+    assert header.endswith("| val score | coarse acc | coarse bal. acc | coarse macro-F1 | diagnosis BLEU | steps |")
     _write(cfg.layout.sweep_dir / "sweep.json", records)
     with pytest.raises(rr.BlockError, match="summary.json"):
         rr.regenerate("<!-- results:sweep -->\n<!-- /results -->\n", cfg)

@@ -110,6 +110,32 @@ def test_a_tie_with_the_baseline_is_not_counted_above():
     assert "| s | 0, 1 | 0.6500 ± 0.0707 | 65.0 ± 7.1 |" in alone and "minus" not in alone
 
 
+def test_seed_zero_is_a_seed_and_one_length_pools_the_baselines(trained, monkeypatch):
+    """With the config's seed elsewhere (5), --seeds 0 1 trains seed 0 for real (its own -S0 point);
+    one training length gives the baselines one configuration; the tables are well formed, best first."""
+    calls = []
+
+    def fake_run_point(cfg, splits, soft, role, device, info, steps_budget=None):
+        calls.append((role, cfg.seed, cfg.name))
+        score = (0.5 + 0.1 * cfg.seed) if role == "student" else 0.45
+        return {"val_score": score, "steps": 3, "best_epoch": 1, "val": {"coarse/accuracy": score}, "seconds": 0.0}
+
+    monkeypatch.setattr(sweep_mod, "run_point", fake_run_point)
+    assert cli(sweep_mod.main, ["--config", str(trained), "seed=5", "--seeds", "0", "1"]) == 0
+    assert sorted((role, seed) for role, seed, _ in calls) == [("baseline", 0), ("baseline", 1),
+                                                               ("student", 0), ("student", 1)]
+    assert "a0.9-Tconfig-joint-mean-S0" in {name for _, _, name in calls}
+    out = trained.parent / "runs" / "tiny" / "sweep"
+    records = {r["point"]: r for r in json.loads((out / "sweep.json").read_text())["records"]}
+    assert records["labels-only baseline (seed 0)"]["group"] == "labels-only baseline"
+    md = (out / "sweep.md").read_text()
+    assert md.index("| a0.9-Tconfig-joint-mean | 0, 1 |") < md.index("| labels-only baseline | 0, 1 |")
+    lines = md.splitlines()
+    for i, line in enumerate(lines):  # every table's separator has one cell per header cell
+        if line.startswith("|---"):
+            assert line.count("|") == lines[i - 1].count("|"), lines[i - 1]
+
+
 def test_one_seed_or_none_adds_no_seed_tables(trained, monkeypatch):
     def fake_run_point(cfg, splits, soft, role, device, info, steps_budget=None):
         return {"val_score": 0.5, "steps": 3, "best_epoch": 1, "val": {}, "seconds": 0.0}
