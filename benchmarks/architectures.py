@@ -33,6 +33,7 @@ from benchmarks.interleave import interleaved_times, ratio_over_rounds, round_me
 from benchmarks.machine import describe_machine, pinned_cores, usable_cores
 from deploy.errors import cli
 from deploy.fileio import atomic_write_text
+from deploy.markdown import table_lines, table_row
 from deploy.preprocess import PreprocessSpec
 from deploy.runtime import session_options
 from train.config import ConfigError
@@ -187,11 +188,11 @@ def render(report: dict) -> str:
              f"student INT8: {_ratio_text(s['ensemble_over_student_int8'])}",
              f"- ensemble FP32 / student FP32: {_ratio_text(s['ensemble_over_student_fp32'])}",
              f"- student FP32 / student INT8: {_ratio_text(s['student_fp32_over_int8'])}", "",
-             "## Models", "", "| Model | Role | Backbone | Input (px) | ms (batch 1, median of rounds) |",
-             "|---|---|---|---|---|"]
-    lines += [f"| {name} | {v['role']} | {v['backbone']} | {v['image_size']} | {v['ms']:.2f} |"
-              for name, v in s["models"].items()]
-    lines += [f"| ensemble (sum) | teachers | | | {s['ensemble_ms']:.2f} |", ""]
+             "## Models", "",
+             *table_lines(["Model", "Role", "Backbone", "Input (px)", "ms (batch 1, median of rounds)"],
+                          ([name, v["role"], v["backbone"], v["image_size"], f"{v['ms']:.2f}"]
+                           for name, v in s["models"].items()))]
+    lines += [table_row(["ensemble (sum)", "teachers", "", "", f"{s['ensemble_ms']:.2f}"]), ""]
     return "\n".join(lines)
 
 

@@ -24,6 +24,7 @@ from benchmarks.latency import measure
 from benchmarks.machine import PowerMeter, describe_machine
 from deploy.errors import UserError, cli
 from deploy.fileio import atomic_write_text
+from deploy.markdown import table_head, table_row
 from deploy.predictor import Predictor
 from deploy.preprocess import preprocess_file
 
@@ -60,12 +61,12 @@ def bench_model(path: Path, images: list[Path], meter: PowerMeter, min_duration_
 
 def to_markdown(rows: list[dict], machine: dict) -> str:
     lines = [f"# Device benchmark: {machine.get('jetson') or machine.get('gpu') or machine.get('cpu')}", "",
-             "| model | backend | p50 ms | p90 ms | img/s | GPU MB | mJ/image |", "|---|---|---|---|---|---|---|"]
+             *table_head(["model", "backend", "p50 ms", "p90 ms", "img/s", "GPU MB", "mJ/image"])]
     for r in rows:
         gpu = "" if r["gpu_memory_mb"] is None else f"{r['gpu_memory_mb']:.1f}"
         energy = f"{r['energy_mj_per_image']:.2f}" if r["energy_mj_per_image"] is not None else r["energy_note"]
-        lines.append(f"| {r['model']} | {r['backend']} | {r['p50_ms']:.2f} | {r['p90_ms']:.2f} | "
-                     f"{r['images_per_s']:.1f} | {gpu} | {energy} |")
+        lines.append(table_row([r["model"], r["backend"], f"{r['p50_ms']:.2f}", f"{r['p90_ms']:.2f}",
+                                f"{r['images_per_s']:.1f}", gpu, energy]))
     return "\n".join(lines) + "\n"
 
 

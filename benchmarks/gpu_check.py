@@ -28,6 +28,7 @@ from benchmarks.machine import describe_machine
 from deploy.contract import read_sidecar
 from deploy.errors import UserError, cli
 from deploy.fileio import atomic_write_text
+from deploy.markdown import table_lines
 from train.layout import CHECKPOINT, RunLayout
 
 TOP1_FLOOR = {"fp16": 0.99, "int8": 0.98}
@@ -245,8 +246,9 @@ def check_ort_cuda(run: Path, batch: np.ndarray) -> list[dict]:
 
 def to_markdown(report: dict) -> str:
     words = {True: "pass", False: "FAIL", None: "skipped"}
-    lines = [f"# GPU check: {report['machine'].get('gpu')}", "", "| check | result | detail |", "|---|---|---|"]
-    lines += [f"| {c['name']} | {words[c['ok']]} | {c['detail']} |" for c in report["checks"]]
+    lines = [f"# GPU check: {report['machine'].get('gpu')}", "",
+             *table_lines(["check", "result", "detail"],
+                          ([c["name"], words[c["ok"]], c["detail"]] for c in report["checks"]))]
     return "\n".join(lines) + "\n"
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from benchmarks.interleave import ratio_over_rounds
 from deploy.contract import TaskSpec
 from deploy.fileio import atomic_write, atomic_write_text
+from deploy.markdown import table_head, table_lines, table_row
 from train.layout import BENCH_REPORT
 from train.metrics import points_label, primary_metric, to_points
 from train.plots import plot_confusion_matrix, plt, save_figure
@@ -229,9 +230,7 @@ def cell(record: dict, path: str) -> str:
 
 
 def markdown_table(records: list[dict], columns: list[tuple[str, str]]) -> str:
-    lines = ["| " + " | ".join(t for t, _ in columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(cell(r, p) for _, p in columns) + " |" for r in records]
-    return "\n".join(lines)
+    return "\n".join(table_lines([t for t, _ in columns], ([cell(r, p) for _, p in columns] for r in records)))
 
 
 def interval_table(records: list[dict], tasks: Sequence[TaskSpec]) -> list[str]:
@@ -243,13 +242,13 @@ def interval_table(records: list[dict], tasks: Sequence[TaskSpec]) -> list[str]:
     cols = summary_columns(list(tasks))
     lines = ["Accuracy with its 95 % interval (patient bootstrap over the test images: patients drawn with "
              "replacement, all their images with them; %, BLEU 0-100):", "",
-             "| Artifact | " + " | ".join(t for _, t in cols) + " |", "|" + "---|" * (len(cols) + 1)]
+             *table_head(["Artifact", *(t for _, t in cols)])]
     for r in ran:
         cells = []
         for key, _ in cols:
             ci, value = r["ci95"].get(key), r["metrics"].get(key)
             cells.append(metric_cell(key, value) + (f" ({ci[0]:.1f}–{ci[1]:.1f})" if ci else ""))
-        lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
+        lines.append(table_row([r["name"], *cells]))
     return [*lines, ""]
 
 

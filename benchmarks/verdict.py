@@ -39,6 +39,7 @@ from deploy.build_engine import default_engine_path
 from deploy.contract import sidecar_path
 from deploy.errors import EXIT_FAILED, EXIT_OK, cli
 from deploy.fileio import atomic_write_text
+from deploy.markdown import table_lines
 from train.experiment import add_config_args, config_overrides, load_experiment
 from train.layout import RUN_FOLDER_INDEX, RunLayout
 from train.metrics import to_points
@@ -56,10 +57,8 @@ def cell(key: str, value: float | None, ci: tuple[float, float] | None) -> str:
 
 
 def comparison_table(rows: dict[str, Row], columns: list[tuple[str, str]]) -> str:
-    lines = ["| model | " + " | ".join(title for _, title in columns) + " |", "|---" * (len(columns) + 1) + "|"]
-    for row in rows.values():
-        lines.append(f"| {row.label} | " + " | ".join(cell(k, row.get(k), row.ci(k)) for k, _ in columns) + " |")
-    return "\n".join(lines)
+    body = ([row.label, *(cell(k, row.get(k), row.ci(k)) for k, _ in columns)] for row in rows.values())
+    return "\n".join(table_lines(["model", *(title for _, title in columns)], body))
 
 
 # --- the device, the stage times, the index -------------------------------------------------------

@@ -32,6 +32,7 @@ from compress.trt_check import check_model, check_qdq_for_tensorrt
 from deploy.contract import Contract, read_sidecar, sidecar_path, write_metadata, write_sidecar
 from deploy.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, MissingInput, UserError
 from deploy.fileio import atomic_write, atomic_write_text, sha256_file
+from deploy.markdown import escape_cell, table_head, table_row
 from train.datasets import FundusImages
 from train.experiment import add_config_args, config_overrides, load_experiment
 from train.fit_check import check_tasks, vocabulary_sha256
@@ -156,11 +157,11 @@ def markdown(reports: dict) -> str:
              "Each drop is shown with its limit. A drop over its limit also shows the paired patient-bootstrap "
              "95 % interval of the drop; it passes when that interval includes 0 (within noise: the validation "
              "split cannot tell it from no drop) and it is at most `compress.guard.noise_cap_points`, or `noise_cap_images` validation images' worth where that is more.", "",
-             "| model | flavour | status | size MB | vs FP32 | calibration | float layers | attempts |",
-             "|---|---|---|---|---|---|---|---|"]
+             *table_head(["model", "flavour", "status", "size MB", "vs FP32", "calibration", "float layers",
+                          "attempts"])]
     for name, rep in reports.items():
         if "error" in rep:
-            lines.append(f"| {name} | — | failed: {_cell(rep['error'])} | | | | | |")
+            lines.append(table_row([name, "—", f"failed: {rep['error']}", "", "", "", "", ""]))
             continue
         for flavour, e in rep["flavours"].items():
             kept = e.get("kept", {})
@@ -168,9 +169,9 @@ def markdown(reports: dict) -> str:
             calib = f"{kept['method']}, {kept['images']} img" if kept else "—"
             crashed = sum(1 for a in e.get("attempts", []) if "error" in a.get("agreement", {}))
             status = e["status"] + (f" ({crashed} attempt(s) crashed, see below)" if crashed else "")
-            lines.append(f"| {name} | {flavour} | {status} | {e.get('size_mb', 0):.2f} | "
-                         + format_drops(drops, e.get("limits"), kept.get("intervals"))
-                         + f" | {calib} | {len(kept.get('float_layers', []))} | {len(e.get('attempts', []))} |")
+            lines.append(table_row([name, flavour, status, f"{e.get('size_mb', 0):.2f}",
+                                    format_drops(drops, e.get("limits"), kept.get("intervals")), calib,
+                                    len(kept.get("float_layers", [])), len(e.get("attempts", []))]))
     return "\n".join(lines) + "\n" + _placements(reports) + _failed_attempts(reports)
 
 
@@ -198,19 +199,14 @@ def _failed_attempts(reports: dict) -> str:
                 if a.get("passed"):
                     continue
                 error = a.get("agreement", {}).get("error")
-                outcome = f"**crashed**: {_cell(error)}" if error else f"over the limit: {format_drops(a.get('drops') or {}, None, a.get('intervals'))}"
+                outcome = f"**crashed**: {escape_cell(error)}" if error else f"over the limit: {format_drops(a.get('drops') or {}, None, a.get('intervals'))}"
                 lines.append(f"- {name} {flavour}, {a['step']} ({a['method']}, {a['images']} images, "
                              f"{len(a.get('float_layers', []))} float layers): {outcome}")
             if e.get("error"):
-                lines.append(f"- {name} {flavour}: {_cell(e['error'])}")
+                lines.append(f"- {name} {flavour}: {escape_cell(e['error'])}")
     if not lines:
         return ""
     return "\n## Attempts that did not pass\n\n" + "\n".join(lines) + "\n"
-
-
-def _cell(text: str) -> str:
-    """One Markdown line: newlines and pipes would break the table or the list."""
-    return str(text).replace("\n", " ").replace("|", "\\|")
 
 
 def main(argv: list[str] | None = None) -> int:

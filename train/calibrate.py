@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from deploy.fileio import atomic_write_text
+from deploy.markdown import table_head, table_row
 from deploy.vocab import PAD_ID
 from train.datasets import FundusImages, model_input
 from train.distributed import DistInfo
@@ -229,11 +230,11 @@ def format_report(combination: Combination, report: dict) -> str:
         lines += ["", f"{task} ({rep['validation_rows']} labelled validation {rep.get('unit', 'images')}; ensemble NLL "
                   f"{rep.get('ensemble_nll', float('nan')):.4f}, plain mean "
                   f"{rep.get('ensemble_nll_plain_mean', float('nan')):.4f})", "",
-                  "| teacher | temperature | weight | val acc | val NLL raw | val NLL calibrated |", "|---" * 6 + "|"]
+                  *table_head(["teacher", "temperature", "weight", "val acc", "val NLL raw", "val NLL calibrated"])]
         for i, name in enumerate(rep["teachers"]):
             cells = [f"{rep['temperature'][i]:.3f}", f"{rep['weight'][i]:.3f}"]
             cells += [f"{rep[k][i]:.4f}" if k in rep else "—" for k in ("accuracy", "nll_raw", "nll_calibrated")]
-            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+            lines.append(table_row([name, *cells]))
         lines += _shrinkage_lines(rep) + _below_best_lines(task, rep, combination.weighting)
     return "\n".join(lines)
 

@@ -25,6 +25,7 @@ import yaml
 from deploy.contract import TaskSpec
 from deploy.errors import cli
 from deploy.fileio import atomic_write_text
+from deploy.markdown import table_lines
 from train.config import flatten_mapping, to_dict
 from train.data.splits import PAPER_LABEL_FRACTIONS
 from train.distributed import init_distributed, shutdown_distributed
@@ -155,12 +156,9 @@ def fraction_columns(tasks: list[TaskSpec]) -> list[tuple[str, str]]:
 
 
 def table(rows: list[dict], keys: list[tuple[str, str]]) -> str:
-    lines = ["| labels | model | " + " | ".join(t for _, t in keys) + " |", "|---" * (len(keys) + 2) + "|"]
-    for r in rows:
-        cells = [("—" if r.get(k) is None else f"{to_points(k, r[k]):.1f}")
-                 for k, _ in keys]
-        lines.append(f"| {100 * r['fraction']:.0f}% | {r['model']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    body = ([f"{100 * r['fraction']:.0f}%", r["model"],
+             *("—" if r.get(k) is None else f"{to_points(k, r[k]):.1f}" for k, _ in keys)] for r in rows)
+    return "\n".join(table_lines(["labels", "model", *(t for _, t in keys)], body))
 
 
 def main(argv: list[str] | None = None) -> int:

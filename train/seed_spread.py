@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from statistics import mean, stdev
 
+from deploy.markdown import table_head, table_row
 from train.metrics import to_points
 
 
@@ -43,12 +44,12 @@ def _row(name: str, rs: list[dict], columns: list[tuple[str, str]], per_column, 
     for key, _ in columns:
         vals = [v for v in per_column(key) if v is not None]
         cells.append(_spread(vals, 1, signed) if vals else "—")
-    return "| " + " | ".join(cells) + " |"
+    return table_row(cells)
 
 
 def _table(title: str, first: str, columns: list[tuple[str, str]], rows: list[str]) -> list[str]:
     head = [first, "seeds", "val score", *[c for _, c in columns]]
-    return ["", title, "", "| " + " | ".join(head) + " |", "|---" * len(head) + "|", *rows]
+    return ["", title, "", *table_head(head), *rows]
 
 
 def over_seeds(records: list[dict], columns: list[tuple[str, str]]) -> list[dict]:

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 from deploy.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, cli
 from deploy.fileio import atomic_write_text, locked
+from deploy.markdown import table_lines, table_row
 from train.layout import RunLayout
 
 # The order of `make all`; stages not listed (none today) follow in the order they started.
@@ -158,7 +159,8 @@ def stage_table_markdown(stages: dict[str, dict]) -> str:
     table, total = stage_table(stages)
     if not table:
         return "No stage times recorded yet (each stage writes stage_times.json when it runs)."
-    lines = ["| stage | minutes | share | status |", "|---|---:|---:|---|"]
-    lines += [f"| {stage} | {minutes:.1f} | {share:.0%} | {status} |" for stage, minutes, share, status in table]
-    lines.append(f"| **total** | **{total:.1f}** | 100% | |")
+    lines = table_lines(["stage", "minutes", "share", "status"],
+                        ([stage, f"{minutes:.1f}", f"{share:.0%}", status] for stage, minutes, share, status in table),
+                        right=(1, 2))
+    lines.append(table_row(["**total**", f"**{total:.1f}**", "100%", ""]))
     return "\n".join(lines)

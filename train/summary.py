@@ -22,6 +22,7 @@ import torch
 
 from deploy.contract import TaskSpec
 from deploy.fileio import atomic_write_text
+from deploy.markdown import table_head, table_lines, table_row
 from train.calibrate import teacher_ensemble
 from train.clinical import ClinicalError, any_disease, one_vs_rest
 from train.datasets import FundusImages
@@ -60,10 +61,8 @@ def _fmt(key: str, value) -> str:
 
 def markdown_table(rows: dict[str, dict], tasks: list[TaskSpec], joint: list[tuple[str, ...]] | tuple = ()) -> str:
     cols = summary_columns(tasks, joint)
-    lines = ["| model | " + " | ".join(c for _, c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
-    for name, heads in rows.items():
-        lines.append(f"| {name} | " + " | ".join(_fmt(k, heads.get(k)) for k, _ in cols) + " |")
-    return "\n".join(lines)
+    body = ([name, *(_fmt(k, heads.get(k)) for k, _ in cols)] for name, heads in rows.items())
+    return "\n".join(table_lines(["model", *(c for _, c in cols)], body))
 
 
 CI_ROWS = ("ensemble", "student", "baseline")  # rows whose per-image outputs the summary keeps
@@ -269,9 +268,8 @@ def interval_lines(ci95: dict[str, dict], tasks: list[TaskSpec], joint, resample
     cols = summary_columns(tasks, joint)
     lines = [f"95 % confidence intervals on test (patient bootstrap, {resamples} resamples: patients drawn with "
              "replacement, all their images with them):", "",
-             "| model | " + " | ".join(c for _, c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
-    for row, cis in ci95.items():
-        lines.append(f"| {row} | " + " | ".join(_interval(cis.get(k)) for k, _ in cols) + " |")
+             *table_lines(["model", *(c for _, c in cols)],
+                          ([row, *(_interval(cis.get(k)) for k, _ in cols)] for row, cis in ci95.items()))]
     return lines
 
 
@@ -316,15 +314,14 @@ def any_disease_lines(any_disease_by_task: dict) -> list[str]:
                 if entry["operating_point"] == "sensitivity" else "Youden's J on validation")
         lines += ["", f"Any disease vs `{entry['normal']}` ({task}; score 1 - p({entry['normal']}); refer at score >= "
                       f"threshold, chosen as {rule}, then applied to test; %, 95 % interval in brackets):", "",
-                  "| model | threshold | sensitivity | specificity | AUROC | val. sens. / spec. |",
-                  "|---|---|---|---|---|---|"]
+                  *table_head(["model", "threshold", "sensitivity", "specificity", "AUROC", "val. sens. / spec."])]
         for row, r in entry["rows"].items():
             if "error" in r:
-                lines.append(f"| {row} | {r['error']} | | | | |")
+                lines.append(table_row([row, r["error"], "", "", "", ""]))
                 continue
             cells = [f"{_num(r[k])} [{_interval(r['ci95'].get(k))}]" for k in ("sensitivity", "specificity", "auroc")]
-            lines.append(f"| {row} | {r['threshold']:.3f} | " + " | ".join(cells)
-                         + f" | {_num(r['validation']['sensitivity'])} / {_num(r['validation']['specificity'])} |")
+            val = f"{_num(r['validation']['sensitivity'])} / {_num(r['validation']['specificity'])}"
+            lines.append(table_row([row, f"{r['threshold']:.3f}", *cells, val]))
     return lines
 
 

@@ -33,6 +33,7 @@ import time
 
 from deploy.errors import cli
 from deploy.fileio import atomic_write_text
+from deploy.markdown import table_head, table_row
 from train.budget import student_train_config
 from train.calibrate import load_calibrated_ensemble, teacher_paths
 from train.distributed import DistInfo, init_distributed, shutdown_distributed
@@ -191,7 +192,7 @@ def markdown(records: list[dict], columns: list[tuple[str, str]], title: str) ->
     seeded = any(r.get("seed") is not None for r in records)  # older sweep.json files have no seeds
     head = ["point", "alpha", "temperature", "schedule", "weighting", "labelled share", *["seed"] * seeded,
             "val score", *[c for _, c in columns], "steps"]
-    lines = [title, "", "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    lines = [title, "", *table_head(head)]
     for r in records:
         temp = CONFIGURED if r["temperature"] is None and r["alpha"] is not None else r["temperature"]
         share = r.get("labelled_share") or ("natural" if r["alpha"] is not None else None)
@@ -201,7 +202,7 @@ def markdown(records: list[dict], columns: list[tuple[str, str]], title: str) ->
         for key, _ in columns:
             v = r["val"].get(key)
             cells.append("—" if v is None else f"{to_points(key, v):.1f}")
-        lines.append("| " + " | ".join([*cells, str(r["steps"])]) + " |")
+        lines.append(table_row([*cells, r["steps"]]))
     return "\n".join(lines) + "\n" + seed_tables(records, columns)
 
 
