@@ -351,7 +351,7 @@ def test_an_ensemble_gap_within_one_paired_error_is_level_and_a_large_one_is_beh
     cfg = load(trained_run.config)
     splits = load_splits(cfg)
     tasks = splits.data.spec.tasks
-    _, ensemble = evaluate_ensemble(cfg, splits, torch.device("cpu"))
+    _, ensemble, _ = evaluate_ensemble(cfg, splits, torch.device("cpu"))
     teacher = next(s.name for s in teacher_specs(cfg, splits.data.spec.task_names) if "coarse" in s.tasks)
     test = image_set(splits, splits.test, tasks, role_preprocessing(cfg, "student"))
     behind = {"coarse/accuracy": (teacher, -1e-6), "coarse/balanced_accuracy": (teacher, -99.0)}

@@ -135,6 +135,11 @@ def calibrated_probs(logits: torch.Tensor, temps: list[float]) -> torch.Tensor:
     return torch.stack([(lg / t).softmax(-1) for lg, t in zip(logits, temps)])
 
 
+def combine_probs(probs: torch.Tensor, weights: torch.Tensor | list[float]) -> torch.Tensor:
+    """sum_i w_i p_i: the ensemble's probabilities [N, C] from each teacher's calibrated probs [T, N, C]."""
+    return (torch.as_tensor(weights, dtype=probs.dtype)[:, None, None] * probs).sum(0)
+
+
 def true_class_probs(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Each teacher's probability of the true class: [T, N] from probs [T, N, C]."""
     return probs.gather(2, labels[None, :, None].expand(probs.shape[0], -1, 1)).squeeze(2)
@@ -198,7 +203,7 @@ def fit_task(logits: torch.Tensor, labels: torch.Tensor, weighting: str, groups:
         weights = torch.full((n,), 1.0 / n)
     if len(labels):
         raw_mean = torch.stack([lg.softmax(-1) for lg in logits]).mean(0)
-        combined = (weights[:, None, None] * probs).sum(0)
+        combined = combine_probs(probs, weights)
         report |= {"nll_raw": [nll(lg.softmax(-1), labels) for lg in logits],
                    "nll_calibrated": [nll(p, labels) for p in probs],
                    "accuracy": [float((lg.argmax(-1) == labels).float().mean()) for lg in logits],
@@ -207,6 +212,26 @@ def fit_task(logits: torch.Tensor, labels: torch.Tensor, weighting: str, groups:
         # The ensemble is worth distilling only if it beats its best member: say so when it does not.
         report["below_best_teacher"] = report["ensemble_accuracy"] < max(report["accuracy"])
     return temps, weights.tolist(), report
+
+
+@torch.no_grad()
+def held_out_nll(ensemble: TeacherEnsemble, combination: Combination, data: FundusImages, device: torch.device,
+                 batch_size: int = 64) -> dict[str, dict]:
+    """task -> {"unit", "rows", "ensemble": NLL, "teachers": {name: NLL}} on the labelled rows of `data`
+    (the test split): the ensemble as the student's soft targets combine it, each teacher at its own
+    fitted temperature (the text task on its reference tokens). NLL is a proper score of the
+    probabilities the student learns from, where accuracy sees only their argmax."""
+    out = {}
+    for task, (logits, labels, _) in validation_logits(ensemble, data, device, batch_size).items():
+        if not len(labels):
+            continue
+        temps, weights = combination.for_task(task, logits.shape[0])
+        probs = calibrated_probs(logits, temps.tolist())
+        names = [combination.teachers[i] if combination.teachers else f"teacher {i}" for i in ensemble._members(task)]
+        out[task] = {"unit": "tokens" if task == ensemble.text_task else "images", "rows": len(labels),
+                     "ensemble": nll(combine_probs(probs, weights), labels),
+                     "teachers": {name: nll(p, labels) for name, p in zip(names, probs)}}
+    return out
 
 
 def fit_combination(ensemble: TeacherEnsemble, val: FundusImages, device: torch.device, weighting: str,

@@ -1,8 +1,9 @@
 """The experiment's test-split summary: every teacher, the ensemble, the student, the baseline and the
 linear probe (train.probe), with a flag per column where the KD student is below a floor or the
 ensemble behind a teacher; a gap within one paired standard error on test is listed as level instead.
-The ensemble is compared twice: with the best teacher on test (chosen after seeing test, which favours
-it) and with the teacher validation picks (the one a user without the ensemble would deploy).
+The ensemble is compared with the best teacher on test (chosen after seeing test, which favours it),
+with the teacher validation picks (the one a user without the ensemble would deploy), and with every
+teacher in test NLL, which scores the probabilities the student learns from and not only their argmax.
 
 Writes runs/<name>/summary.json and summary.md; the ensemble is evaluated here with the same metric code.
 From the kept per-image outputs it adds 95 % patient-bootstrap intervals of the headline columns
@@ -23,7 +24,7 @@ import torch
 from deploy.contract import TaskSpec
 from deploy.fileio import atomic_write_text
 from deploy.markdown import table_head, table_lines, table_row
-from train.calibrate import teacher_ensemble
+from train.calibrate import held_out_nll, teacher_ensemble
 from train.clinical import ClinicalError, any_disease, one_vs_rest
 from train.datasets import FundusImages
 from train.evaluate import (
@@ -82,15 +83,17 @@ def declares_normal(tasks: list[TaskSpec]) -> bool:
 
 
 @torch.no_grad()
-def evaluate_ensemble(cfg: ExperimentConfig, splits: Splits, device) -> tuple[dict, SplitOutputs]:
+def evaluate_ensemble(cfg: ExperimentConfig, splits: Splits, device) -> tuple[dict, SplitOutputs, dict]:
+    """(test metrics, per-image outputs, test NLL of the ensemble and of each teacher: `held_out_nll`)."""
     tasks = splits.data.spec.tasks
-    ensemble, _ = teacher_ensemble(cfg, splits, device)  # the combination the student learned from
+    ensemble, combination = teacher_ensemble(cfg, splits, device)  # the combination the student learned from
     spec, batch = role_preprocessing(cfg, "teachers"), cfg.teachers.train.eval_batch_size
     data = image_set(splits, splits.test, tasks, spec)
     outputs = collect_outputs(ensemble, data, device, batch)
     val = (collect_outputs(ensemble, image_set(splits, splits.val, tasks, spec), device, batch)
            if declares_normal(tasks) else None)
-    return score_outputs(outputs, data, tasks, splits.data.vocabulary), SplitOutputs(outputs, val)
+    return (score_outputs(outputs, data, tasks, splits.data.vocabulary), SplitOutputs(outputs, val),
+            held_out_nll(ensemble, combination, data, device, batch))
 
 
 def write_summary(cfg: ExperimentConfig, splits: Splits, results: dict[str, dict], device,
@@ -104,7 +107,7 @@ def write_summary(cfg: ExperimentConfig, splits: Splits, results: dict[str, dict
         final = cfg.layout.teacher_dir(spec.name) / FINAL
         if final.exists():
             rows[spec.name] = json.loads(final.read_text())["headline"]
-    ensemble_metrics, outputs["ensemble"] = evaluate_ensemble(cfg, splits, device)
+    ensemble_metrics, outputs["ensemble"], test_nll = evaluate_ensemble(cfg, splits, device)
     write_final(cfg.layout.model_dir("ensemble"), "ensemble", ensemble_metrics, tasks)
     rows["ensemble"] = headline(ensemble_metrics, tasks)
     for role, metrics in results.items():
@@ -135,7 +138,7 @@ def write_summary(cfg: ExperimentConfig, splits: Splits, results: dict[str, dict
                "test_images": len(splits.test), "tasks": [t.to_dict() for t in tasks],
                "joint": [list(g) for g in joint], "rows": rows, "deltas_points": deltas, "below_floor": below,
                "level_with_floor": ties, "paired_se_points": paired_se,
-               **versus_teachers, "ci95": ci95, "clinical": clinical,
+               **versus_teachers, "ensemble_test_nll": test_nll, "ci95": ci95, "clinical": clinical,
                "written": time.strftime("%Y-%m-%dT%H:%M:%S")}
     atomic_write_text(cfg.layout.summary("json"), json.dumps(summary, indent=1))
     md = [f"# {cfg.name}: test split ({len(splits.test)} images), label fraction "
@@ -228,7 +231,25 @@ def comparison_lines(summary: dict) -> list[str]:
            "of the paired difference on test"
            for key, teachers in summary.get("ensemble_level_with_teacher", {}).items()
            for teacher, (gap, se) in teachers.items()]
-    return md + validation_pick_lines(summary)
+    return md + validation_pick_lines(summary) + nll_lines(summary)
+
+
+def nll_lines(summary: dict) -> list[str]:
+    """Markdown: per task, the ensemble's test NLL against its teachers' (summary.json's `ensemble_test_nll`;
+    absent from summaries written before it). Accuracy sees only the argmax; the student learns the
+    probabilities, and NLL scores them."""
+    by_task = summary.get("ensemble_test_nll")
+    if not by_task:
+        return []
+    md = ["", "Ensemble against its teachers in test NLL (the probabilities the student learns from, each "
+          "teacher at its fitted temperature; lower is better):", ""]
+    for task, d in by_task.items():
+        best = min(d["teachers"], key=d["teachers"].get)
+        better = sorted(name for name, v in d["teachers"].items() if v < d["ensemble"])
+        line = (f"{task} ({d['rows']} {d['unit']}): ensemble {d['ensemble']:.4f}, best teacher {best} "
+                f"{d['teachers'][best]:.4f}")
+        md.append(f"- ENSEMBLE NLL ABOVE {', '.join(better)} on {line}" if better else f"- {line}")
+    return md
 
 
 def validation_pick_lines(summary: dict) -> list[str]:
