@@ -227,7 +227,7 @@ def held_out_nll(ensemble: TeacherEnsemble, combination: Combination, data: Fund
             continue
         temps, weights = combination.for_task(task, logits.shape[0])
         probs = calibrated_probs(logits, temps.tolist())
-        names = [combination.teachers[i] if combination.teachers else f"teacher {i}" for i in ensemble._members(task)]
+        names = [combination.teachers[i] for i in ensemble._members(task)]
         out[task] = {"unit": "tokens" if task == ensemble.text_task else "images", "rows": len(labels),
                      "ensemble": nll(combine_probs(probs, weights), labels),
                      "teachers": {name: nll(p, labels) for name, p in zip(names, probs)}}
